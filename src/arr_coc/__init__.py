@@ -1,0 +1,23 @@
+"""arr-coc: query-aware visual token budgets for Qwen2-VL-family models on Hugging Face transformers.
+
+``import arr_coc`` registers the model with AutoConfig, AutoModelForImageTextToText and AutoProcessor.
+"""
+
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from .assets import resolve_model_path
+from .configuration_arr_coc import ArrCocConfig
+from .modeling_arr_coc import ArrCocForConditionalGeneration, RelevanceRealization
+from .processing_arr_coc import ArrCocProcessor
+from .relevance import Allocation, Region
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ArrCocConfig.model_type, ArrCocConfig, exist_ok=True)
+AutoModelForImageTextToText.register(ArrCocConfig, ArrCocForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(ArrCocConfig, ArrCocProcessor, exist_ok=True)
+
+__all__ = [
+    "Allocation", "ArrCocConfig", "ArrCocForConditionalGeneration", "ArrCocProcessor", "Region",
+    "RelevanceRealization", "resolve_model_path",
+]  # fmt: skip

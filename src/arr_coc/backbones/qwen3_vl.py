@@ -1,0 +1,19 @@
+"""Qwen3-VL: deepstack features are compressed like the main tokens and passed to the LM explicitly."""
+
+from .base import BackboneAdapter
+
+
+class Qwen3VLAdapter(BackboneAdapter):
+    family = "qwen3_vl"
+
+    def _extra(self, encoder_output, index: int):
+        return [per_layer[index] for per_layer in encoder_output.deepstack_features]
+
+    def language_model(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, visual_mask=None,
+                       visual_extra=None, **kwargs):  # fmt: skip
+        # Bare inputs_embeds would silently drop deepstack: pass the compressed features and their positions.
+        return self.vlm.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=use_cache, visual_pos_masks=visual_mask if visual_extra else None,
+            deepstack_visual_embeds=visual_extra or None, **kwargs,
+        )  # fmt: skip

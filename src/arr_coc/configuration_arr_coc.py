@@ -1,0 +1,102 @@
+"""ArrCocConfig: a backbone VLM's config (``vlm_config``) plus the relevance realization's settings."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .backbones import SUPPORTED_FAMILIES
+
+ALLOCATORS = ("ladder", "quadtree")
+MODES = ("training_free", "trained")
+ENCODINGS = ("single",)
+POOLINGS = ("relevance", "mean")
+DEFAULT_LADDER = (1, 4, 16, 64, 100, 144, 196, 256, 400)
+
+
+def _fail(field: str, value, allowed: str) -> None:
+    raise ValueError(f"ArrCocConfig.{field}={value!r} is invalid: expected {allowed}")
+
+
+class ArrCocConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`ArrCocForConditionalGeneration`].
+
+    Args:
+        vlm_config (`dict` or `PreTrainedConfig`): the backbone's config (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+        min_tokens / max_tokens (`int`): range of the automatic budget per image (defaults 64 and 400).
+        allocator (`str`): `"ladder"` (fixed square regions at `lod_ladder` levels) or `"quadtree"`
+            (regions split where relevance is high, down to single tokens).
+        region_size (`int`): side of a ladder region, in visual tokens (20 = 560 px on Qwen2-VL).
+        lod_ladder (`list[int]`): ladder levels in tokens per region, perfect squares, increasing, each at
+            most `region_size**2`; a region's own size (full detail) is always the top level.
+        mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads).
+        encoding (`str`): `"single"` (encode once, compress after the encoder).
+        relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
+        coupling_size (`int`): width of the learned question/image coupling space.
+        pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
+        balance_weights (`list[float]`): training-free mix of (information, salience, coupling).
+    """
+
+    model_type = "arr_coc"
+    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_vl")}
+
+    vlm_config: dict | PreTrainedConfig | None = None
+    min_tokens: int = 64
+    max_tokens: int = 400
+    allocator: str = "ladder"
+    region_size: int = 20
+    lod_ladder: list[int] | tuple[int, ...] | None = None
+    mode: str = "training_free"
+    encoding: str = "single"
+    relevance_hidden_size: int = 128
+    coupling_size: int = 64
+    pooling: str = "relevance"
+    balance_weights: list[float] | tuple[float, ...] | None = None
+
+    def __post_init__(self, **kwargs):
+        self.lod_ladder = list(DEFAULT_LADDER if self.lod_ladder is None else self.lod_ladder)
+        self.balance_weights = list((0.25, 0.25, 0.5) if self.balance_weights is None else self.balance_weights)
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise `ValueError` naming the field, its value and the allowed range for every invalid setting."""
+        family = getattr(self.vlm_config, "model_type", None)
+        if family not in SUPPORTED_FAMILIES:
+            _fail("vlm_config.model_type", family, f"one of {sorted(SUPPORTED_FAMILIES)}")
+        for name in ("min_tokens", "max_tokens", "region_size", "relevance_hidden_size", "coupling_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "an integer >= 1")
+        if self.min_tokens > self.max_tokens:
+            _fail("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
+        if self.allocator not in ALLOCATORS:
+            _fail("allocator", self.allocator, f"one of {ALLOCATORS}")
+        if self.mode not in MODES:
+            _fail("mode", self.mode, f"one of {MODES}")
+        if self.encoding not in ENCODINGS:
+            _fail("encoding", self.encoding, f"one of {ENCODINGS} ('saccade' is planned, not built yet)")
+        if self.pooling not in POOLINGS:
+            _fail("pooling", self.pooling, f"one of {POOLINGS}")
+        ladder = self.lod_ladder
+        if not ladder:
+            _fail("lod_ladder", ladder, "a non-empty list of token counts")
+        for level in ladder:
+            if not isinstance(level, int) or isinstance(level, bool) or level < 1 or math.isqrt(level) ** 2 != level:
+                _fail("lod_ladder", ladder, "perfect squares >= 1 (a level is a k x k grid of pooled tokens)")
+            if level > self.region_size**2:
+                _fail("lod_ladder", ladder, f"levels at most region_size**2 = {self.region_size**2}")
+        if any(b <= a for a, b in zip(ladder, ladder[1:])):
+            _fail("lod_ladder", ladder, "strictly increasing levels")
+        weights = self.balance_weights
+        if len(weights) != 3 or any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            _fail("balance_weights", weights, "3 finite weights >= 0 (information, salience, coupling) with a positive sum")
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        return self.vlm_config.get_text_config(decoder=decoder, encoder=encoder)
+
+
+__all__ = ["ArrCocConfig"]

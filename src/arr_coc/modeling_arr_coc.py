@@ -1,0 +1,508 @@
+"""ArrCocForConditionalGeneration: a frozen Qwen2-VL-family backbone whose language model receives a
+budget of visual tokens chosen for the question.
+
+The whole forward pass, per image (DESIGN.md's data flow)::
+
+    pixels -> vision encoder -> visual tokens V [h*w, d]          (backbone adapter)
+    knowing:    information(V), salience(V), coupling(V, Q)        -> three maps [h*w]
+    balancing:  balancer(maps, Q)                                  -> relevance [h*w]
+    attending:  budget head(relevance, Q) -> T;  allocator(relevance, T) -> regions x output grids
+    realizing:  realizer(V, allocation, relevance)                 -> tokens [T', d] at centre positions
+    language model <- [text before | compressed tokens | text after] with M-RoPE positions
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForImageTextToText, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from .assets import resolve_model_path
+from .backbones import adapter_for
+from .backbones.base import VisionFeatures
+from .configuration_arr_coc import ArrCocConfig
+from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAllocator, resolve_budget
+from .relevance.knowing import CouplingScorer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RelevanceRealization:
+    """Why one image's tokens went where they went (all maps are [h, w] on the merged grid)."""
+
+    information: torch.Tensor
+    salience: torch.Tensor
+    coupling: torch.Tensor
+    relevance: torch.Tensor
+    balance_weights: torch.Tensor  # [3]: information, salience, coupling
+    allocation: Allocation
+    budget: int  # T after every budget rule
+    requested_budget: int  # before clipping to native
+    budget_clipped: bool
+    budget_source: str  # "auto", "budget", "compression" or "allocation"
+    expected_tokens: torch.Tensor  # the budget head's (differentiable) estimate
+    native_count: int
+    positions: torch.Tensor  # [T', 3] (t, y, x) relative to the image's first position
+    sample_index: int = 0
+    image_index: int = 0  # within its sample
+
+    @property
+    def tokens_used(self) -> int:
+        return self.allocation.tokens_used
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (maps as nested lists)."""
+        return {
+            "sample_index": self.sample_index,
+            "image_index": self.image_index,
+            "tokens_used": self.tokens_used,
+            "native_count": self.native_count,
+            "budget": self.budget,
+            "requested_budget": self.requested_budget,
+            "budget_clipped": self.budget_clipped,
+            "budget_source": self.budget_source,
+            "balance_weights": [round(float(w), 4) for w in self.balance_weights],
+            "allocation": self.allocation.to_dict(),
+            "relevance": [[round(float(v), 4) for v in row] for row in self.relevance],
+        }
+
+
+@dataclass
+class ArrCocCausalLMOutputWithPast(ModelOutput):
+    """Like `CausalLMOutputWithPast`, over the compressed sequence the language model saw.
+
+    attention_mask [B, L'], position_ids [3, B, L'] and labels [B, L'] are that sequence's (pass them
+    on for a manual decoding loop); tokens_used / native_tokens [B] count visual tokens per sample.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    tokens_used: torch.Tensor | None = None
+    native_tokens: torch.Tensor | None = None
+    realizations: list[RelevanceRealization] | None = None
+
+
+@dataclass
+class CompressedInputs:
+    """The language model's inputs after the relevance realization (left-padded)."""
+
+    inputs_embeds: torch.Tensor  # [B, L', d]
+    attention_mask: torch.Tensor  # [B, L']
+    position_ids: torch.Tensor  # [3, B, L'] float (pooled tokens sit at fractional centres)
+    labels: torch.Tensor | None  # [B, L']
+    visual_mask: torch.Tensor  # [B, L'] bool
+    visual_extra: list[torch.Tensor]  # per extra feature: [n_visual, d] in sequence order
+    realizations: list[RelevanceRealization] = field(default_factory=list)
+    tokens_used: torch.Tensor | None = None  # [B]
+    native_tokens: torch.Tensor | None = None  # [B]
+
+
+def _per_image(value, name: str, images_per_sample: list[int]) -> list:
+    """Broadcast a call argument to one value per image.
+
+    ``value``: None, a scalar (every image), one value per sample (each of its images), or per sample a
+    list with one value per image.
+    """
+    n_images = sum(images_per_sample)
+    if value is None or isinstance(value, (numbers.Number, Allocation)) or (torch.is_tensor(value) and value.ndim == 0):
+        value = value.item() if torch.is_tensor(value) else value
+        return [value] * n_images
+    values = value.tolist() if torch.is_tensor(value) else list(value)
+    if len(values) != len(images_per_sample):
+        raise ValueError(
+            f"{name} has {len(values)} entries for a batch of {len(images_per_sample)} samples: pass one value, "
+            f"one per sample, or per sample one per image"
+        )
+    out = []
+    for v, n in zip(values, images_per_sample):
+        if isinstance(v, (list, tuple)):
+            if len(v) != n:
+                raise ValueError(f"{name} gives {len(v)} values for a sample with {n} images")
+            out += list(v)
+        else:
+            out += [v] * n
+    return out
+
+
+class ArrCocPreTrainedModel(PreTrainedModel):
+    config: ArrCocConfig
+    config_class = ArrCocConfig
+    base_model_prefix = "arr_coc"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CouplingScorer):
+            torch.nn.init.zeros_(module.bias)
+
+
+class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
+    """A backbone VLM (``self.vlm``, a stock ``*ForConditionalGeneration``) plus the relevance heads.
+
+    Extra call arguments of `forward`, `generate` and `realize_relevance`:
+        question_mask ([B, L]): 1 on the question's tokens (the processor emits it).
+        budget / compression: explicit T or N/T ratio – one value, one per sample, or per image.
+        allocation: a fixed `Allocation` per image (bypasses the budget and the allocator).
+        pooling: "relevance" or "mean" for the pooled tokens (default: the config's).
+    """
+
+    def __init__(self, config: ArrCocConfig, vlm: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vlm = vlm if vlm is not None else AutoModelForImageTextToText.from_config(config.vlm_config)
+        visual_size = config.vlm_config.get_text_config().hidden_size
+        self.relevance = RelevanceHeads(
+            visual_size, visual_size, config.relevance_hidden_size, config.coupling_size, config.balance_weights
+        )
+        self.rope_deltas = None  # [B, 1] for manual decoding loops without position_ids, as in the stock model
+        self.post_init()
+
+    @property
+    def adapter(self):
+        return adapter_for(self.vlm)
+
+    @property
+    def allocator(self) -> TokenAllocator:
+        return TokenAllocator(self.config.allocator, self.config.region_size, self.config.lod_ladder)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name, ``"arr-coc-tiny"``."""
+        return super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), *args, **kwargs)
+
+    @classmethod
+    def from_backbone(cls, model_or_path, **overrides) -> ArrCocForConditionalGeneration:
+        """Wrap a loaded backbone (or load one by Hub id / local dir) with fresh relevance heads.
+
+        ``overrides`` are `ArrCocConfig` fields (min_tokens, allocator, ...); `from_pretrained` loading
+        options (dtype, device_map, quantization_config, revision, local_files_only, ...) apply to the
+        backbone only.
+        """
+        config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ArrCocConfig.__dataclass_fields__}
+        if isinstance(model_or_path, (str, os.PathLike)):
+            vlm = AutoModelForImageTextToText.from_pretrained(model_or_path, **overrides)
+        elif overrides:
+            raise ValueError(f"unknown options {sorted(overrides)} for an already loaded backbone")
+        else:
+            vlm = model_or_path
+        # A new config sets its attention implementation on every sub-config: keep the backbone's.
+        config = ArrCocConfig(vlm_config=vlm.config, attn_implementation=vlm.config._attn_implementation, **config_fields)
+        model = cls(config, vlm=vlm)
+        model.relevance.to(device=vlm.device)  # heads stay fp32 whatever the backbone's dtype
+        model.generation_config = GenerationConfig.from_dict(vlm.generation_config.to_dict())
+        return model
+
+    def get_input_embeddings(self):
+        return self.vlm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.vlm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.vlm.get_output_embeddings()
+
+    # ------------------------------------------------------------------ relevance realization
+
+    def _realize_image(self, features: VisionFeatures, question: torch.Tensor, budget, compression,
+                       allocation: Allocation | None, pooling: str | None) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
+        """One image: knowing -> balancing -> attending -> realizing."""
+        config, heads = self.config, self.relevance
+        trained = config.mode == "trained"
+        t, h, w = features.grid
+        if t != 1:
+            raise ValueError(f"an image must have one temporal patch, got a grid of {features.grid}; video is not supported")
+        head_dtype = heads.balancer.default_weights.dtype
+        tokens, question = features.tokens.to(head_dtype), question.to(head_dtype)
+        native = h * w
+        # knowing
+        info = heads.information(tokens, (h, w), trained)
+        salience = heads.salience(tokens, (h, w), trained)
+        coupling = heads.coupling(tokens, question, trained)
+        # balancing
+        relevance, weights = heads.balancer(torch.stack([info, salience, coupling]), question, trained)
+        # attending
+        expected = heads.budget(relevance, question, config.min_tokens, config.max_tokens, trained)
+        if allocation is not None:
+            if (allocation.height, allocation.width) != (h, w):
+                raise ValueError(f"allocation is for a {allocation.height}x{allocation.width} grid, the image has {h}x{w}")
+            decision = (allocation.tokens_used, allocation.tokens_used, False, "allocation")
+        else:
+            allocator = self.allocator
+            d = resolve_budget(native, allocator.floor(h, w), config.allocator, math.ceil(float(expected.detach())),
+                               config.min_tokens, config.max_tokens, budget, compression)  # fmt: skip
+            decision = (d.tokens, d.requested, d.clipped, d.source)
+            allocation = allocator(relevance, h, w, d.tokens)
+        # realizing
+        pooled, centres = RelevanceRealizer(config.pooling)([features.tokens, *features.extra], allocation, relevance, pooling)
+        positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
+        realization = RelevanceRealization(
+            information=info.view(h, w), salience=salience.view(h, w), coupling=coupling.view(h, w),
+            relevance=relevance.view(h, w), balance_weights=weights, allocation=allocation, budget=decision[0],
+            requested_budget=decision[1], budget_clipped=decision[2], budget_source=decision[3],
+            expected_tokens=expected, native_count=native, positions=positions,
+        )  # fmt: skip
+        return pooled, realization
+
+    def compress_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor,
+                        image_grid_thw: torch.Tensor, question_mask: torch.Tensor | None = None,
+                        labels: torch.Tensor | None = None, budget=None, compression=None, allocation=None,
+                        pooling: str | None = None) -> CompressedInputs:  # fmt: skip
+        """Encode the images, realize relevance per image and build the language model's inputs.
+
+        input_ids / attention_mask / question_mask / labels: [B, L] as the processor emits them
+        (each image as its native count of placeholder tokens). Returns left-padded [B, L'] inputs.
+        """
+        adapter = self.adapter
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_pixels(pixel_values, image_grid_thw)
+        features = adapter.encode_images(pixel_values, image_grid_thw)
+        text_embeds = adapter.embed_tokens(input_ids)
+
+        # Split each sample into text runs and image spans (runs of placeholders, cut by each image's count).
+        layouts, image_cursor = [], 0
+        for b in range(input_ids.shape[0]):
+            valid = attention_mask[b].bool()
+            ids = input_ids[b][valid]
+            is_image = (ids == adapter.image_token_id).tolist()
+            spans, i = [], 0
+            while i < len(is_image):
+                if not is_image[i]:
+                    i += 1
+                    continue
+                if image_cursor >= len(features):
+                    raise ValueError("input_ids hold more image placeholder tokens than image_grid_thw has images")
+                n = math.prod(features[image_cursor].grid)
+                if is_image[i : i + n] != [True] * n:
+                    raise ValueError(
+                        f"sample {b}: image {image_cursor} needs {n} placeholder tokens in a row "
+                        f"(its grid {features[image_cursor].grid}); process the text with the model's processor"
+                    )
+                spans.append((i, i + n, image_cursor))
+                image_cursor, i = image_cursor + 1, i + n
+            layouts.append((valid, spans))
+        if image_cursor != len(features):
+            raise ValueError(f"image_grid_thw has {len(features)} images but input_ids hold placeholders for {image_cursor}")
+
+        per_sample = [len(spans) for _, spans in layouts]
+        budgets = _per_image(budget, "budget", per_sample)
+        ratios = _per_image(compression, "compression", per_sample)
+        fixed = _per_image(allocation, "allocation", per_sample)
+
+        rows, realizations = [], []
+        for b, (valid, spans) in enumerate(layouts):
+            embeds, ids = text_embeds[b][valid], input_ids[b][valid]
+            lab = labels[b][valid] if labels is not None else None
+            question = embeds[self._question_positions(ids, question_mask[b][valid] if question_mask is not None else None, spans)]
+            pieces, positions, piece_labels, is_visual, extras = [], [], [], [], []
+            pos, cursor = 0.0, 0
+            for image_index, (start, stop, k) in enumerate(spans):
+                n_text = start - cursor
+                pieces.append(embeds[cursor:start])
+                positions.append(pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3))
+                pos += n_text
+                pooled, realization = self._realize_image(features[k], question, budgets[k], ratios[k], fixed[k], pooling)
+                realization.sample_index, realization.image_index = b, image_index
+                realizations.append(realization)
+                pieces.append(pooled[0].to(embeds.dtype))
+                positions.append(pos + realization.positions.to(embeds.device))
+                extras.append(pooled[1:])
+                pos += adapter.image_position_span(features[k].grid)
+                if lab is not None:
+                    piece_labels += [lab[cursor:start], lab.new_full((pooled[0].shape[0],), IGNORE_INDEX)]
+                is_visual += [torch.zeros(n_text, dtype=torch.bool), torch.ones(pooled[0].shape[0], dtype=torch.bool)]
+                cursor = stop
+            n_text = len(ids) - cursor
+            pieces.append(embeds[cursor:])
+            positions.append(pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3))
+            if lab is not None:
+                piece_labels.append(lab[cursor:])
+            is_visual.append(torch.zeros(n_text, dtype=torch.bool))
+            rows.append((torch.cat(pieces), torch.cat(positions), torch.cat(piece_labels) if lab is not None else None,
+                         torch.cat(is_visual), extras))  # fmt: skip
+
+        # Left-pad to the longest compressed sample.
+        batch, length = len(rows), max(r[0].shape[0] for r in rows)
+        d, device, dtype = text_embeds.shape[-1], text_embeds.device, text_embeds.dtype
+        pad_embed = text_embeds.new_zeros(d)
+        inputs_embeds = pad_embed.expand(batch, length, d).clone()
+        mask = torch.zeros(batch, length, dtype=attention_mask.dtype, device=device)
+        position_ids = torch.zeros(3, batch, length, dtype=torch.float32, device=device)
+        new_labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
+        visual_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        for b, (emb, pos, lab, vis, _) in enumerate(rows):
+            n = emb.shape[0]
+            inputs_embeds[b, length - n :] = emb.to(dtype)
+            mask[b, length - n :] = 1
+            position_ids[:, b, length - n :] = pos.T
+            visual_mask[b, length - n :] = vis.to(device)
+            if lab is not None:
+                new_labels[b, length - n :] = lab
+        n_extra = len(features[0].extra) if features else 0
+        visual_extra = [torch.cat([e[j] for r in rows for e in r[4]]) for j in range(n_extra)]
+        tokens_used = torch.tensor([sum(r.tokens_used for r in realizations if r.sample_index == b) for b in range(batch)])
+        native = torch.tensor([sum(r.native_count for r in realizations if r.sample_index == b) for b in range(batch)])
+        return CompressedInputs(inputs_embeds, mask, position_ids, new_labels, visual_mask, visual_extra,
+                                realizations, tokens_used, native)  # fmt: skip
+
+    def _question_positions(self, ids: torch.Tensor, question_mask: torch.Tensor | None, spans) -> torch.Tensor:
+        """Where the question's tokens are: the processor's question_mask, else the text after the last image."""
+        if question_mask is not None:
+            return question_mask.bool()
+        after = torch.zeros_like(ids, dtype=torch.bool)
+        after[(spans[-1][1] if spans else 0) :] = True
+        return after
+
+    @staticmethod
+    def _check_pixels(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> None:
+        if image_grid_thw is None:
+            raise ValueError("pixel_values need image_grid_thw (the processor emits both)")
+        if not torch.is_floating_point(pixel_values):
+            raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values")
+        expected = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_grid_thw ({expected} patches)")
+
+    @torch.no_grad()
+    def realize_relevance(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                          budget=None, compression=None, allocation=None, pooling=None, **_) -> list[RelevanceRealization]:  # fmt: skip
+        """The relevance realization of every image, in input order (no language model run)."""
+        return self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
+                                    budget, compression, allocation, pooling).realizations  # fmt: skip
+
+    # ------------------------------------------------------------------ forward / generate
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        question_mask: torch.Tensor | None = None,
+        budget=None,
+        compression=None,
+        allocation=None,
+        pooling: str | None = None,
+        visual_pos_masks: torch.Tensor | None = None,
+        deepstack_visual_embeds: list[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ArrCocCausalLMOutputWithPast:
+        r"""
+        With ``pixel_values``: the prefill over the processor's ``input_ids`` (images compressed, labels
+        remapped). Without: the language model over ``inputs_embeds`` / ``input_ids`` as given (decoding
+        steps, text-only prompts) – pass the previous output's attention_mask/position_ids extended.
+        """
+        if pixel_values_videos is not None or video_grid_thw is not None:
+            raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
+        compressed = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
+            compressed = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask,
+                                              labels, budget, compression, allocation, pooling)  # fmt: skip
+            inputs_embeds, attention_mask, position_ids = compressed.inputs_embeds, compressed.attention_mask, compressed.position_ids
+            labels, visual_pos_masks, deepstack_visual_embeds = compressed.labels, compressed.visual_mask, compressed.visual_extra
+            self.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).view(-1, 1)
+        elif inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids, inputs_embeds, or input_ids with pixel_values")
+            inputs_embeds = self.adapter.embed_tokens(input_ids)
+        if visual_pos_masks is not None and visual_pos_masks.shape[1] != inputs_embeds.shape[1]:
+            visual_pos_masks, deepstack_visual_embeds = None, None  # prefill-only features on a decoding step
+        if position_ids is None:
+            position_ids = self._text_positions(inputs_embeds, attention_mask, cache)
+
+        outputs = self.adapter.language_model(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache, visual_mask=visual_pos_masks,
+            visual_extra=deepstack_visual_embeds, **kwargs,
+        )  # fmt: skip
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif torch.is_tensor(logits_to_keep):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.adapter.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        return ArrCocCausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+            tokens_used=compressed.tokens_used if compressed else None,
+            native_tokens=compressed.native_tokens if compressed else None,
+            realizations=compressed.realizations if compressed else None,
+        )  # fmt: skip
+
+    def _text_positions(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """[3, B, n] positions when none were given: after an image prefill, continue from it (stock rule)."""
+        batch, n = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
+        else:
+            pos = torch.arange(past, past + n, device=inputs_embeds.device).expand(batch, n)
+        if past > 0 and self.rope_deltas is not None and self.rope_deltas.shape[0] == batch:
+            pos = pos + self.rope_deltas.to(pos.device)
+        return pos.to(torch.float32).unsqueeze(0).expand(3, batch, n)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                 budget=None, compression=None, allocation=None, pooling: str | None = None, **kwargs):  # fmt: skip
+        """Like the stock `generate` (returns ``input_ids`` followed by the new tokens, KV cache, left-padded
+        batches), with each image compressed to its budget first.
+
+        With ``return_dict_in_generate=True`` the output also carries ``tokens_used``, ``native_tokens``
+        ([B]) and ``realizations``.
+        """
+        if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
+            raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
+        if pixel_values is None:
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        c = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
+                                 budget, compression, allocation, pooling)  # fmt: skip
+        if c.visual_extra:
+            kwargs.update(visual_pos_masks=c.visual_mask, deepstack_visual_embeds=c.visual_extra)
+        out = super().generate(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask,
+                               position_ids=c.position_ids, **kwargs)  # fmt: skip
+        sequences = out if torch.is_tensor(out) else out.sequences
+        repeat = sequences.shape[0] // input_ids.shape[0]
+        sequences = torch.cat([input_ids.repeat_interleave(repeat, dim=0).to(sequences.device), sequences], dim=-1)
+        if torch.is_tensor(out):
+            return sequences
+        out["sequences"] = sequences
+        out["tokens_used"], out["native_tokens"], out["realizations"] = c.tokens_used, c.native_tokens, c.realizations
+        return out
+
+
+__all__ = ["ArrCocForConditionalGeneration", "ArrCocPreTrainedModel", "RelevanceRealization"]

@@ -1,0 +1,85 @@
+"""Knowing: three scores per visual token, each in [0, 1].
+
+InformationScorer – what is there; SalienceScorer – what stands out; CouplingScorer – what the
+question needs. Each has a training-free rule and a learnable head (used when ``trained``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """Rescale to [0, 1] (a constant map becomes all zeros)."""
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def local_mean(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Mean of each token's 3 x 3 neighbourhood on the grid: [h*w, d] -> [h*w, d]."""
+    h, w = grid
+    maps = tokens.T.reshape(1, -1, h, w)
+    pooled = F.avg_pool2d(maps, 3, stride=1, padding=1, count_include_pad=False)
+    return pooled.reshape(-1, h * w).T
+
+
+def _mlp(d_in: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+
+class InformationScorer(nn.Module):
+    """Training-free: distance of each token from the image's median token (the background)."""
+
+    def __init__(self, visual_size: int, hidden_size: int):
+        super().__init__()
+        self.head = _mlp(visual_size, hidden_size)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], trained: bool) -> torch.Tensor:
+        """tokens [h*w, d] -> info [h*w]."""
+        if trained:
+            return torch.sigmoid(self.head(tokens).squeeze(-1))
+        return min_max((tokens - tokens.median(dim=0).values).norm(dim=-1))
+
+
+class SalienceScorer(nn.Module):
+    """Training-free: centre-surround contrast, the distance of a token from its 3 x 3 neighbourhood."""
+
+    def __init__(self, visual_size: int, hidden_size: int):
+        super().__init__()
+        self.head = _mlp(2 * visual_size, hidden_size)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], trained: bool) -> torch.Tensor:
+        """tokens [h*w, d] -> salience [h*w]."""
+        contrast = tokens - local_mean(tokens, grid)
+        if trained:
+            return torch.sigmoid(self.head(torch.cat([tokens, contrast], dim=-1)).squeeze(-1))
+        return min_max(contrast.norm(dim=-1))
+
+
+class CouplingScorer(nn.Module):
+    """Training-free: the best cosine similarity between a token and any question token.
+
+    Learned: a bilinear match in a shared space of ``coupling_size``, smooth-maxed over the
+    question's tokens. With no question tokens every token gets the same score.
+    """
+
+    def __init__(self, visual_size: int, text_size: int, coupling_size: int):
+        super().__init__()
+        self.visual_proj = nn.Sequential(nn.LayerNorm(visual_size), nn.Linear(visual_size, coupling_size))
+        self.text_proj = nn.Sequential(nn.LayerNorm(text_size), nn.Linear(text_size, coupling_size))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens: torch.Tensor, question: torch.Tensor, trained: bool) -> torch.Tensor:
+        """tokens [h*w, d], question [m, d_text] -> coupling [h*w]."""
+        if question.shape[0] == 0:
+            return (torch.sigmoid(self.bias) if trained else tokens.new_zeros(())).expand(tokens.shape[0])
+        if trained:
+            keys, queries = self.visual_proj(tokens), self.text_proj(question)
+            logits = queries @ keys.T / math.sqrt(keys.shape[-1])  # [m, n]
+            return torch.sigmoid(torch.logsumexp(logits, dim=0) - math.log(question.shape[0]) + self.bias)
+        similarity = F.normalize(question, dim=-1) @ F.normalize(tokens, dim=-1).T
+        return min_max(similarity.max(dim=0).values)

@@ -1,0 +1,544 @@
+"""Train arr-coc-tiny's backbone from scratch: tokenizer, Qwen2-VL-architecture VLM, recipe.
+
+One command per stage (see ``python -m arr_coc.training.tiny_backbone --help``)::
+
+    python -m arr_coc.training.tiny_backbone init     --run runs/tiny
+    python -m arr_coc.training.tiny_backbone train    --run runs/tiny --stage glyphs --steps 3000
+    python -m arr_coc.training.tiny_backbone train    --run runs/tiny --stage crops  --steps 6000
+    python -m arr_coc.training.tiny_backbone train    --run runs/tiny --stage full   --steps 20000
+    python -m arr_coc.training.tiny_backbone evaluate --run runs/tiny --n 200
+
+The recipe, designed around what failed before (answer loss alone from scratch stays at
+chance): a dense per-token head on the vision encoder's merged tokens learns, for each
+of 2 x 4 sub-cells of a token, which character is drawn there, which box/line it belongs
+to and its index inside the code/value (the renderer knows every glyph's box); the
+answer's language-model loss trains beside it. A curriculum crops the canvas around the
+answer's box, from tight crops (glyph reading) to whole images (finding the named box or
+line). Every stage is seeded and resumable (``--resume`` picks up the last checkpoint
+with the optimizer and the data position), runs on CPU or ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..data.synthetic import CHARSET, LABELS, PALETTE, TASKS, generate, normalize_answer
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# Qwen2-VL's chat template without the default system prompt (short sequences for a tiny model).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Dense targets: each merged token (28 x 28 px) has 2 x 4 sub-cells of 14 x 7 px.
+SLOT_ROWS, SLOT_COLS = 2, 4
+GLYPH_CHARS = sorted(set(CHARSET) | set("".join(LABELS)) | {":"})
+GROUPS = list(PALETTE) + list(LABELS)
+MAX_INDEX = 6  # code/value characters 0..5; 6 = label text
+IGNORE = -100
+
+
+def prompt_text(question: str) -> str:
+    """The tiny model's prompt for one image and one question (before image-pad expansion)."""
+    return (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Text the tokenizer learns from: rendered prompts, answers and document lines."""
+    texts = []
+    for i in range(n):
+        task = TASKS[i % 2]
+        s = generate(task, seed + i, layout=True)
+        texts.append(prompt_text(s["question"]) + s["answer"] + "<|im_end|>")
+        if task == "doc-fields":
+            label_lines = {}
+            for ch, *_box, group, index in s["glyphs"]:
+                label_lines.setdefault(group, []).append(ch)
+            texts += ["".join(chars) for chars in label_lines.values()]
+    texts.append(CHAT_TEMPLATE)
+    return texts
+
+
+def train_tokenizer(vocab_size: int = 512, n: int = 3000):
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained on the tasks' text.
+
+    Runs of capitals/digits (codes and values) are split into single characters before
+    BPE, so an answer is always one token per character.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qwen_split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[A-Z0-9](?=[A-Z0-9])"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(n), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=32768,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def tiny_vlm_config(tokenizer):
+    """Qwen2-VL architecture at tiny widths (the real config classes)."""
+    from transformers import Qwen2VLConfig
+
+    vocab = int(math.ceil(len(tokenizer) / 64) * 64)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen2VLConfig(
+        vision_config=dict(
+            depth=4, embed_dim=96, hidden_size=192, num_heads=3, mlp_ratio=2,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        ),
+        text_config=dict(
+            hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
+            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+    )  # fmt: skip
+
+
+def tiny_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+
+
+class DenseGlyphHead(nn.Module):
+    """Per merged token: char / index / group logits for each of the 2 x 4 sub-cells."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.sizes = (len(GLYPH_CHARS) + 1, MAX_INDEX + 2, len(GROUPS) + 1)
+        self.proj = nn.Linear(hidden_size, SLOT_ROWS * SLOT_COLS * sum(self.sizes))
+
+    def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """tokens [n, d] -> [char [n, 8, C], index [n, 8, I], group [n, 8, G]]."""
+        logits = self.proj(tokens).view(tokens.shape[0], SLOT_ROWS * SLOT_COLS, sum(self.sizes))
+        return list(logits.split(self.sizes, dim=-1))
+
+
+# ----------------------------------------------------------------------------- data
+
+STAGES = {
+    # name: (probability of the whole canvas, max crop margin in px, batch size)
+    "glyphs": (0.0, 28, 32),
+    "crops": (0.1, 224, 16),
+    "full": (0.6, 448, 8),
+}
+
+
+def crop_sample(sample: dict, rng: np.random.Generator, p_full: float, max_margin: int) -> dict:
+    """Crop the canvas around the answer box with random margins (or keep it whole)."""
+    image: Image.Image = sample["image"]
+    if rng.random() < p_full:
+        return sample
+    W, H = image.size
+    x0, y0, x1, y1 = sample["answer_box"]
+    m = rng.integers(0, max_margin + 1, size=4)
+    cx0, cy0 = max(0, x0 - int(m[0])), max(0, y0 - int(m[1]))
+    cx1, cy1 = min(W, x1 + int(m[2])), min(H, y1 + int(m[3]))
+    # At least 56 px each way (the processor's minimum), grown inside the canvas.
+    for lo, hi, size in ((0, 2, W), (1, 3, H)):
+        box = [cx0, cy0, cx1, cy1]
+        short = 56 - (box[hi] - box[lo])
+        if short > 0:
+            box[lo] = max(0, box[lo] - short // 2 - 1)
+            box[hi] = min(size, box[lo] + 56)
+            box[lo] = box[hi] - 56
+        cx0, cy0, cx1, cy1 = box
+    out = dict(sample)
+    out["image"] = image.crop((cx0, cy0, cx1, cy1))
+    out["answer_box"] = (x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0)
+    glyphs = []
+    for ch, gx0, gy0, gx1, gy1, group, index in sample["glyphs"]:
+        inside = gx0 >= cx0 and gy0 >= cy0 and gx1 <= cx1 and gy1 <= cy1
+        touches = gx1 > cx0 and gy1 > cy0 and gx0 < cx1 and gy0 < cy1
+        if touches:
+            glyphs.append((ch, gx0 - cx0, gy0 - cy0, gx1 - cx0, gy1 - cy0, group, index if inside else None))
+    out["glyphs"] = glyphs
+    return out
+
+
+def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """[h*w, 8, 3] (char, index, group) class targets; a glyph cut by a crop is ignored."""
+    W, H = size
+    gh, gw = grid_hw  # patch grid (14 px)
+    sx, sy = gw * 14 / W, gh * 14 / H
+    th, tw = gh // 2, gw // 2
+    targets = torch.empty(th * tw, SLOT_ROWS * SLOT_COLS, 3, dtype=torch.long)
+    targets[..., 0] = len(GLYPH_CHARS)
+    targets[..., 1] = MAX_INDEX + 1
+    targets[..., 2] = len(GROUPS)
+    for ch, x0, y0, x1, y1, group, index in sorted(glyphs, key=lambda g: (g[6] is not None and g[6] >= 0)):
+        cx, cy = (x0 + x1) / 2 * sx, (y0 + y1) / 2 * sy
+        r, c = min(int(cy // 28), th - 1), min(int(cx // 28), tw - 1)
+        slot = min(int((cy % 28) // 14), SLOT_ROWS - 1) * SLOT_COLS + min(int((cx % 28) // 7), SLOT_COLS - 1)
+        if index is None:
+            targets[r * tw + c, slot] = IGNORE
+        else:
+            targets[r * tw + c, slot, 0] = GLYPH_CHARS.index(ch)
+            targets[r * tw + c, slot, 1] = index if index >= 0 else MAX_INDEX
+            targets[r * tw + c, slot, 2] = GROUPS.index(group)
+    return targets
+
+
+def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool = True) -> dict:
+    """Right-padded (left-padded when ``with_answers`` is False, for generation) batch."""
+    vis = image_processor([s["image"] for s in samples], return_tensors="pt")
+    grid = vis["image_grid_thw"]
+    pad_id = tokenizer.pad_token_id
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rows, labels, dense = [], [], []
+    for s, (_, gh, gw) in zip(samples, grid.tolist()):
+        n = gh * gw // 4
+        prompt = prompt_text(s["question"]).replace("<|image_pad|>", "<|image_pad|>" * n)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        lab = [IGNORE] * len(ids)
+        if with_answers:
+            ans = tokenizer(s["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            ids, lab = ids + ans, lab + ans
+        rows.append(ids)
+        labels.append(lab)
+        if "glyphs" in s:
+            dense.append(dense_targets(s["glyphs"], s["image"].size, (gh, gw)))
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), pad_id)
+    label_t = torch.full((len(rows), length), IGNORE)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, labels)):
+        sl = slice(0, len(ids)) if with_answers else slice(length - len(ids), length)
+        input_ids[i, sl], label_t[i, sl], mask[i, sl] = torch.tensor(ids), torch.tensor(lab), 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (input_ids == image_id).int(),
+        "pixel_values": vis["pixel_values"],
+        "image_grid_thw": grid,
+        "labels": label_t,
+    }
+    if dense:
+        batch["dense_targets"] = torch.cat(dense)
+    return batch
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class RunState:
+    stage: str = ""
+    step: int = 0
+    seen: int = 0
+    wall_s: float = 0.0
+    total_steps: int = 0  # over all stages, for the LR schedule
+
+
+def _paths(run: str) -> dict:
+    return {k: os.path.join(run, k) for k in ("base", "checkpoint", "log.jsonl", "eval.jsonl")}
+
+
+def init_run(run: str, seed: int = 0) -> None:
+    """Train the tokenizer and write the untrained model, processor and dense head."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    config = tiny_vlm_config(tokenizer)
+    model = Qwen2VLForConditionalGeneration(config)
+    head = DenseGlyphHead(config.text_config.hidden_size)
+    base = _paths(run)["base"]
+    os.makedirs(base, exist_ok=True)
+    tokenizer.save_pretrained(base)
+    tiny_image_processor().save_pretrained(base)
+    _save_checkpoint(run, model, head, None, RunState())
+    print(f"initialised {run}: vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+
+def _save_checkpoint(run: str, model, head, optimizer, state: RunState) -> None:
+    """Write the checkpoint into a sibling folder, then swap it in by rename."""
+    final = _paths(run)["checkpoint"]
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    save_file(head.state_dict(), os.path.join(tmp, "dense_head.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(asdict(state), f)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_run(run: str, device: str = "cpu"):
+    """(model, head, tokenizer, image_processor, state, optimizer_state or None)."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    paths = _paths(run)
+    ckpt = paths["checkpoint"]
+    if not os.path.exists(ckpt) and os.path.exists(ckpt + ".old"):
+        os.replace(ckpt + ".old", ckpt)  # a swap was cut short
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device)
+    head = DenseGlyphHead(model.config.text_config.hidden_size).to(device)
+    head.load_state_dict(load_file(os.path.join(ckpt, "dense_head.safetensors")))
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = RunState(**json.load(f))
+    opt_path = os.path.join(ckpt, "optimizer.pt")
+    opt_state = torch.load(opt_path, weights_only=True, map_location=device) if os.path.exists(opt_path) else None
+    tokenizer = AutoTokenizer.from_pretrained(paths["base"])
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(paths["base"])
+    return model, head, tokenizer, image_processor, state, opt_state
+
+
+def _batch_samples(stage: str, step: int, batch_size: int, seed: int) -> list[dict]:
+    """The samples of one step: deterministic by (stage, step, seed), tasks alternating."""
+    p_full, max_margin, _ = STAGES[stage]
+    rng = np.random.default_rng([seed, list(STAGES).index(stage), step])
+    samples = []
+    for i in range(batch_size):
+        task = TASKS[(step * batch_size + i) % 2]
+        sample_seed = int(rng.integers(0, 500_000_000))
+        samples.append(crop_sample(generate(task, sample_seed, layout=True), rng, p_full, max_margin))
+    return samples
+
+
+class _StepBatches(torch.utils.data.IterableDataset):
+    """Collated batches of steps ``[start, stop)``, built in a worker process ahead of the model."""
+
+    def __init__(self, stage: str, start: int, stop: int, batch_size: int, seed: int, tokenizer, image_processor):
+        super().__init__()
+        self.args = (stage, start, stop, batch_size, seed)
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def __iter__(self):
+        stage, start, stop, batch_size, seed = self.args
+        for step in range(start, stop):
+            yield collate(_batch_samples(stage, step, batch_size, seed), self.tokenizer, self.image_processor)
+
+
+def _lr(total_step: int, peak: float, warmup: int) -> float:
+    return peak * min(1.0, (total_step + 1) / warmup)
+
+
+def dense_loss(head: DenseGlyphHead, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Weighted CE over the sub-cells (empty cells count 0.2); returns (loss, char accuracy on glyph cells)."""
+    logits = head(tokens)
+    total = 0.0
+    for k, lg in enumerate(logits):
+        t = targets[..., k]
+        empty = t == (lg.shape[-1] - 1)
+        w = torch.where(empty, 0.2, 1.0) * (t != IGNORE)
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1).clamp_min(0), reduction="none")
+        total = total + (ce * w.reshape(-1)).sum() / w.sum().clamp_min(1.0)
+    glyph = (targets[..., 0] >= 0) & (targets[..., 0] < len(GLYPH_CHARS))
+    acc = (logits[0].argmax(-1) == targets[..., 0])[glyph].float().mean().item() if glyph.any() else float("nan")
+    return total, acc
+
+
+def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300, seed: int = 0,
+          device: str = "cpu", save_every: int = 200, eval_every: int = 1000, decay: bool = False,
+          batch_size: int | None = None, threads: int | None = None) -> RunState:  # fmt: skip
+    """Run ``steps`` optimizer steps of ``stage``, resuming from the run's checkpoint."""
+    from tqdm.auto import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, head, tokenizer, image_processor, state, opt_state = load_run(run, device)
+    if state.stage != stage:
+        state.stage, state.step = stage, 0
+    batch_size = batch_size or STAGES[stage][2]
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    model.train()
+    log = open(_paths(run)["log.jsonl"], "a")
+    start_step = state.step
+    batches = torch.utils.data.DataLoader(
+        _StepBatches(stage, start_step, steps, batch_size, seed, tokenizer, image_processor),
+        batch_size=None, num_workers=1, prefetch_factor=4,
+    )  # fmt: skip
+    bar = tqdm(zip(range(start_step, steps), batches), initial=start_step, total=steps, desc=f"{stage}")
+    t_last = time.time()
+    for step, batch in bar:
+        scale = 1.0
+        if decay:
+            scale = max(0.0, 1.0 - step / steps)
+        for g in optimizer.param_groups:
+            g["lr"] = _lr(state.total_steps, lr, warmup) * scale
+        batch = {k: v.to(device) for k, v in batch.items()}
+        vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        d_loss, d_acc = dense_loss(head, torch.cat(vision.pooler_output), batch["dense_targets"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+            mm_encoder_outputs={"image": vision}, labels=batch["labels"],
+        )  # fmt: skip
+        loss = out.loss + d_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        now = time.time()
+        state.wall_s += now - t_last
+        t_last = now
+        state.step, state.total_steps, state.seen = step + 1, state.total_steps + 1, state.seen + batch_size
+        with torch.no_grad():
+            mask = batch["labels"][:, 1:] != IGNORE
+            tok_acc = (out.logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[mask].float().mean().item()
+        rec = {"stage": stage, "step": state.step, "total_steps": state.total_steps, "seen": state.seen,
+               "wall_s": round(state.wall_s, 1), "lm_loss": round(out.loss.item(), 4),
+               "dense_loss": round(d_loss.item(), 4), "char_acc": round(d_acc, 4), "answer_tok_acc": round(tok_acc, 4),
+               "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+        log.write(json.dumps(rec) + "\n")
+        bar.set_postfix(lm=f"{rec['lm_loss']:.3f}", dense=f"{rec['dense_loss']:.3f}", char=f"{d_acc:.2f}", ans=f"{tok_acc:.2f}")
+        if state.step % save_every == 0 or state.step == steps:
+            log.flush()
+            _save_checkpoint(run, model, head, optimizer, state)
+        if eval_every and state.step % eval_every == 0:
+            result = evaluate_model(model, tokenizer, image_processor, n=40, device=device)
+            result.update(stage=stage, step=state.step, total_steps=state.total_steps, wall_s=round(state.wall_s, 1))
+            with open(_paths(run)["eval.jsonl"], "a") as f:
+                f.write(json.dumps(result) + "\n")
+            bar.write(json.dumps(result))
+            model.train()
+    log.close()
+    return state
+
+
+VALID_SEED_START = 900_000_000  # validation during training: never trained on, not the held-out test seeds
+
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, image_processor, n: int = 100, seeds_from: int = VALID_SEED_START,
+                   device: str = "cpu", batch_size: int = 8) -> dict:  # fmt: skip
+    """Exact match per task with all visual tokens (greedy decoding)."""
+    model.eval()
+    result = {}
+    for task in TASKS:
+        correct = 0
+        for start in range(0, n, batch_size):
+            samples = [generate(task, seeds_from + i) for i in range(start, min(n, start + batch_size))]
+            batch = collate(samples, tokenizer, image_processor, with_answers=False)
+            batch.pop("labels")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += sum(normalize_answer(t) == normalize_answer(s["answer"]) for t, s in zip(texts, samples))
+        result[task] = correct / n
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m arr_coc.training.tiny_backbone", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("init", help="train the tokenizer and write an untrained model")
+    p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train one curriculum stage (resumes from the run's checkpoint)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--stage", choices=list(STAGES), required=True)
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps of this stage in total")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--decay", action="store_true", help="decay the learning rate linearly to 0 over the stage")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p = sub.add_parser("evaluate", help="exact match per task on validation or held-out seeds")
+    p.add_argument("--run", required=True)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--held-out", action="store_true", help="use the held-out evaluation seeds")
+    p.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.cmd == "init":
+        init_run(args.run, args.seed)
+    elif args.cmd == "train":
+        train(args.run, args.stage, args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, device=args.device,
+              save_every=args.save_every, eval_every=args.eval_every, decay=args.decay,
+              batch_size=args.batch_size, threads=args.threads)  # fmt: skip
+    else:
+        from ..data.synthetic import EVAL_SEED_START
+
+        model, _, tokenizer, image_processor, _, _ = load_run(args.run, args.device)
+        start = EVAL_SEED_START if args.held_out else VALID_SEED_START
+        print(json.dumps(evaluate_model(model, tokenizer, image_processor, n=args.n, seeds_from=start, device=args.device)))
+
+
+if __name__ == "__main__":
+    main()
