@@ -92,8 +92,16 @@ class ArrCocConfig(PreTrainedConfig):
         if any(b <= a for a, b in zip(ladder, ladder[1:])):
             _fail("lod_ladder", ladder, "strictly increasing levels")
         weights = self.balance_weights
-        if len(weights) != 3 or any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            _fail("balance_weights", weights, "3 finite weights >= 0 (information, salience, coupling) with a positive sum")
+        if (
+            len(weights) != 3
+            or any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights)
+            or sum(weights) <= 0
+        ):
+            _fail(
+                "balance_weights",
+                weights,
+                "3 finite weights >= 0 (information, salience, coupling) with a positive sum",
+            )
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.vlm_config.get_text_config(decoder=decoder, encoder=encoder)

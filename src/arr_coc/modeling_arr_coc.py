@@ -203,11 +203,21 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         else:
             vlm = model_or_path
         # A new config sets its attention implementation on every sub-config: keep the backbone's.
-        config = ArrCocConfig(vlm_config=vlm.config, attn_implementation=vlm.config._attn_implementation, **config_fields)
+        config = ArrCocConfig(
+            vlm_config=vlm.config, attn_implementation=vlm.config._attn_implementation, **config_fields
+        )
         model = cls(config, vlm=vlm)
         model.relevance.to(device=vlm.device)  # heads stay fp32 whatever the backbone's dtype
         model.generation_config = GenerationConfig.from_dict(vlm.generation_config.to_dict())
         return model
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Saves under this model's own parameter names (``vlm.model.language_model...``).
+
+        transformers would otherwise write the nested backbone under its legacy checkpoint names, which
+        ``from_pretrained`` maps back but a plain ``load_state_dict`` (the Trainer's resume) silently skips.
+        """
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()
@@ -227,7 +237,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         trained = config.mode == "trained"
         t, h, w = features.grid
         if t != 1:
-            raise ValueError(f"an image must have one temporal patch, got a grid of {features.grid}; video is not supported")
+            raise ValueError(
+                f"an image must have one temporal patch, got a grid of {features.grid}; video is not supported"
+            )
         head_dtype = heads.balancer.default_weights.dtype
         tokens, question = features.tokens.to(head_dtype), question.to(head_dtype)
         native = h * w
@@ -241,7 +253,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         expected = heads.budget(relevance, question, config.min_tokens, config.max_tokens, trained)
         if allocation is not None:
             if (allocation.height, allocation.width) != (h, w):
-                raise ValueError(f"allocation is for a {allocation.height}x{allocation.width} grid, the image has {h}x{w}")
+                raise ValueError(
+                    f"allocation is for a {allocation.height}x{allocation.width} grid, the image has {h}x{w}"
+                )
             decision = (allocation.tokens_used, allocation.tokens_used, False, "allocation")
         else:
             allocator = self.allocator
@@ -250,7 +264,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             decision = (d.tokens, d.requested, d.clipped, d.source)
             allocation = allocator(relevance, h, w, d.tokens)
         # realizing
-        pooled, centres = RelevanceRealizer(config.pooling)([features.tokens, *features.extra], allocation, relevance, pooling)
+        pooled, centres = RelevanceRealizer(config.pooling)(
+            [features.tokens, *features.extra], allocation, relevance, pooling
+        )
         positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
         realization = RelevanceRealization(
             information=info.view(h, w), salience=salience.view(h, w), coupling=coupling.view(h, w),
@@ -299,7 +315,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 image_cursor, i = image_cursor + 1, i + n
             layouts.append((valid, spans))
         if image_cursor != len(features):
-            raise ValueError(f"image_grid_thw has {len(features)} images but input_ids hold placeholders for {image_cursor}")
+            raise ValueError(
+                f"image_grid_thw has {len(features)} images but input_ids hold placeholders for {image_cursor}"
+            )
 
         per_sample = [len(spans) for _, spans in layouts]
         budgets = _per_image(budget, "budget", per_sample)
@@ -310,15 +328,21 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         for b, (valid, spans) in enumerate(layouts):
             embeds, ids = text_embeds[b][valid], input_ids[b][valid]
             lab = labels[b][valid] if labels is not None else None
-            question = embeds[self._question_positions(ids, question_mask[b][valid] if question_mask is not None else None, spans)]
+            question = embeds[
+                self._question_positions(ids, question_mask[b][valid] if question_mask is not None else None, spans)
+            ]
             pieces, positions, piece_labels, is_visual, extras = [], [], [], [], []
             pos, cursor = 0.0, 0
             for image_index, (start, stop, k) in enumerate(spans):
                 n_text = start - cursor
                 pieces.append(embeds[cursor:start])
-                positions.append(pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3))
+                positions.append(
+                    pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3)
+                )
                 pos += n_text
-                pooled, realization = self._realize_image(features[k], question, budgets[k], ratios[k], fixed[k], pooling)
+                pooled, realization = self._realize_image(
+                    features[k], question, budgets[k], ratios[k], fixed[k], pooling
+                )
                 realization.sample_index, realization.image_index = b, image_index
                 realizations.append(realization)
                 pieces.append(pooled[0].to(embeds.dtype))
@@ -331,7 +355,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 cursor = stop
             n_text = len(ids) - cursor
             pieces.append(embeds[cursor:])
-            positions.append(pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3))
+            positions.append(
+                pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3)
+            )
             if lab is not None:
                 piece_labels.append(lab[cursor:])
             is_visual.append(torch.zeros(n_text, dtype=torch.bool))
@@ -345,7 +371,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         inputs_embeds = pad_embed.expand(batch, length, d).clone()
         mask = torch.zeros(batch, length, dtype=attention_mask.dtype, device=device)
         position_ids = torch.zeros(3, batch, length, dtype=torch.float32, device=device)
-        new_labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
+        new_labels = (
+            torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
+        )
         visual_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
         for b, (emb, pos, lab, vis, _) in enumerate(rows):
             n = emb.shape[0]
@@ -357,7 +385,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 new_labels[b, length - n :] = lab
         n_extra = len(features[0].extra) if features else 0
         visual_extra = [torch.cat([e[j] for r in rows for e in r[4]]) for j in range(n_extra)]
-        tokens_used = torch.tensor([sum(r.tokens_used for r in realizations if r.sample_index == b) for b in range(batch)])
+        tokens_used = torch.tensor(
+            [sum(r.tokens_used for r in realizations if r.sample_index == b) for b in range(batch)]
+        )
         native = torch.tensor([sum(r.native_count for r in realizations if r.sample_index == b) for b in range(batch)])
         return CompressedInputs(inputs_embeds, mask, position_ids, new_labels, visual_mask, visual_extra,
                                 realizations, tokens_used, native)  # fmt: skip
@@ -380,7 +410,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError("pixel_values contain NaN or infinite values")
         expected = int(image_grid_thw.prod(-1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_grid_thw ({expected} patches)")
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_grid_thw ({expected} patches)"
+            )
 
     @torch.no_grad()
     def realize_relevance(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
@@ -429,8 +461,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
             compressed = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask,
                                               labels, budget, compression, allocation, pooling)  # fmt: skip
-            inputs_embeds, attention_mask, position_ids = compressed.inputs_embeds, compressed.attention_mask, compressed.position_ids
-            labels, visual_pos_masks, deepstack_visual_embeds = compressed.labels, compressed.visual_mask, compressed.visual_extra
+            inputs_embeds, attention_mask, position_ids = (
+                compressed.inputs_embeds,
+                compressed.attention_mask,
+                compressed.position_ids,
+            )
+            labels, visual_pos_masks, deepstack_visual_embeds = (
+                compressed.labels,
+                compressed.visual_mask,
+                compressed.visual_extra,
+            )
             self.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).view(-1, 1)
         elif inputs_embeds is None:
             if input_ids is None:

@@ -33,7 +33,9 @@ class ArrCocProcessor(ProcessorMixin):
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None))
+        super().__init__(
+            image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None)
+        )
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
 
@@ -51,7 +53,10 @@ class ArrCocProcessor(ProcessorMixin):
     def merge_size(self) -> int:
         return self.image_processor.merge_size
 
-    def __call__(self, images=None, text=None, videos=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, answers=None, return_tensors: str | None = "pt",
+                 **kwargs) -> BatchFeature:  # fmt: skip
+        """``answers`` (training): one target string per sample, appended after the prompt with the end-of-turn
+        token; ``labels`` then mark those tokens (-100 elsewhere)."""
         if videos is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         for key in ("padding_side",):
@@ -65,28 +70,42 @@ class ArrCocProcessor(ProcessorMixin):
         prompts = [t if self.image_token in t else self._wrap(t, len(imgs)) for t, imgs in zip(texts, per_sample)]
         for i, (p, imgs) in enumerate(zip(prompts, per_sample)):
             if p.count(self.image_token) != len(imgs):
-                raise ValueError(f"sample {i} has {len(imgs)} images but its prompt has {p.count(self.image_token)} image slots")
+                raise ValueError(
+                    f"sample {i} has {len(imgs)} images but its prompt has {p.count(self.image_token)} image slots"
+                )
         flat = [img for imgs in per_sample for img in imgs]
         vision = {}
         if flat:
             vision = dict(self.image_processor(flat, return_tensors="pt"))
             counts = iter((vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist())
-            prompts = [re.sub(re.escape(self.image_token), lambda _: self.image_token * next(counts), p) for p in prompts]
+            prompts = [
+                re.sub(re.escape(self.image_token), lambda _: self.image_token * next(counts), p) for p in prompts
+            ]
         encoded = self.tokenizer(prompts, return_offsets_mapping=True, add_special_tokens=False, padding=False)
+        if answers is not None and len(answers) != len(prompts):
+            raise ValueError(f"got {len(answers)} answers for {len(prompts)} texts")
+        end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
+        targets = (
+            self.tokenizer([a + end_of_turn for a in answers], add_special_tokens=False)["input_ids"]
+            if answers is not None
+            else [[] for _ in prompts]
+        )
         rows = []
-        for prompt, ids, offsets in zip(prompts, encoded["input_ids"], encoded["offset_mapping"]):
+        for prompt, ids, offsets, target in zip(prompts, encoded["input_ids"], encoded["offset_mapping"], targets):
             spans = _question_spans(prompt)
             q = [int(any(a >= s and b <= e and b > a for s, e in spans)) for a, b in offsets]
-            rows.append((ids, q))
-        length = max(len(ids) for ids, _ in rows)
+            rows.append((ids + target, q + [0] * len(target), [-100] * len(ids) + target))
+        length = max(len(ids) for ids, _, _ in rows)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         question_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, q) in enumerate(rows):  # left padding
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for i, (ids, q, lab) in enumerate(rows):  # left padding
             input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, length - len(ids) :] = 1
             question_mask[i, length - len(ids) :] = torch.tensor(q, dtype=torch.long)
+            labels[i, length - len(ids) :] = torch.tensor(lab, dtype=torch.long)
         data = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -94,6 +113,8 @@ class ArrCocProcessor(ProcessorMixin):
             "question_mask": question_mask,
             **vision,
         }
+        if answers is not None:
+            data["labels"] = labels
         features = BatchFeature(data=data)
         return features if return_tensors == "pt" else features.convert_to_tensors(return_tensors)
 
@@ -152,7 +173,9 @@ def _images_per_sample(images, n_samples: int) -> list[list]:
         if n_samples == 1:
             return [images]
         raise ValueError(f"got {len(images)} images for {n_samples} texts: pass one image per text, or a list per text")
-    if len(images) != n_samples or not all(isinstance(x, (list, tuple)) and all(_is_image(i) for i in x) for x in images):
+    if len(images) != n_samples or not all(
+        isinstance(x, (list, tuple)) and all(_is_image(i) for i in x) for x in images
+    ):
         raise ValueError(f"images must be one image per text or one list of images per text ({n_samples} texts)")
     return [list(x) for x in images]
 

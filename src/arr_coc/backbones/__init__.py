@@ -19,6 +19,8 @@ def adapter_for(vlm):
     """The adapter of ``vlm``'s family (by its config's ``model_type``)."""
     family = vlm.config.model_type
     if family not in SUPPORTED_FAMILIES:
-        raise ValueError(f"backbone model_type={family!r} is not supported; expected one of {sorted(SUPPORTED_FAMILIES)}")
+        raise ValueError(
+            f"backbone model_type={family!r} is not supported; expected one of {sorted(SUPPORTED_FAMILIES)}"
+        )
     module, name = SUPPORTED_FAMILIES[family].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)(vlm)

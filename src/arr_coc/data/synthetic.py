@@ -88,7 +88,9 @@ def _draw_text(
         draw.text((x, y), ch, font=font, fill=fill)
         if not ch.isspace():
             bx0, by0, bx1, by1 = font.getbbox(ch)
-            glyphs.append(Glyph(ch, (x + bx0, y + by0, x + bx1, y + by1), group, -1 if index_from is None else i - index_from))
+            glyphs.append(
+                Glyph(ch, (x + bx0, y + by0, x + bx1, y + by1), group, -1 if index_from is None else i - index_from)
+            )
         x += font.getlength(ch)
     return glyphs
 
@@ -146,7 +148,9 @@ def _box_codes(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple, 
                 continue
             x0, y0 = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
             box = (x0, y0, x0 + bw, y0 + bh)
-            if all(box[2] + 8 <= p[0] or p[2] + 8 <= box[0] or box[3] + 8 <= p[1] or p[3] + 8 <= box[1] for p in placed):
+            if all(
+                box[2] + 8 <= p[0] or p[2] + 8 <= box[0] or box[3] + 8 <= p[1] or p[3] + 8 <= box[1] for p in placed
+            ):
                 placed.append(box)
                 specs.append((colour, code, size, box, (ix0, iy0, ix1, iy1)))
                 break
@@ -212,7 +216,13 @@ _GENERATORS = {"box-codes": _box_codes, "doc-fields": _doc_fields}
 def generate(task: str, seed: int, layout: bool = False) -> dict:
     """One sample of ``task`` (``"box-codes"`` or ``"doc-fields"``), deterministic by ``seed``."""
     image, question, answer, box, glyphs = _GENERATORS[task](_rng(task, seed))
-    sample = {"image": image, "question": question, "answer": answer, "answer_box": tuple(int(v) for v in box), "task": task}
+    sample = {
+        "image": image,
+        "question": question,
+        "answer": answer,
+        "answer_box": tuple(int(v) for v in box),
+        "task": task,
+    }
     if layout:
         sample["glyphs"] = [(g.char, *(int(round(v)) for v in g.box), g.group, g.index) for g in glyphs]
     return sample

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
-
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -172,7 +171,11 @@ class BudgetCalculator(nn.Module):
         """relevance [n], question [m, d_text] -> expected tokens (scalar tensor, in [min_tokens, max_tokens])."""
         n = relevance.shape[0]
         if trained:
-            q = self.norm(question).mean(dim=0) if question.shape[0] else relevance.new_zeros(self.norm.normalized_shape)
+            q = (
+                self.norm(question).mean(dim=0)
+                if question.shape[0]
+                else relevance.new_zeros(self.norm.normalized_shape)
+            )
             stats = torch.stack([
                 relevance.mean(), relevance.std(unbiased=False), relevance.max(),
                 (relevance >= 0.5).float().mean(), relevance.new_tensor(math.log(n)),
@@ -227,7 +230,11 @@ class TokenAllocator:
     def __call__(self, relevance: torch.Tensor, height: int, width: int, budget: int) -> Allocation:
         """relevance [h*w] in [0, 1], budget T >= floor -> Allocation using at most T tokens."""
         if budget >= height * width:
-            return Allocation.full(height, width) if self.allocator == "quadtree" else self._ladder(None, height, width, budget)
+            return (
+                Allocation.full(height, width)
+                if self.allocator == "quadtree"
+                else self._ladder(None, height, width, budget)
+            )
         r = _prepare(relevance, height, width)
         if self.allocator == "quadtree":
             return self._quadtree(r, height, width, budget)
@@ -240,7 +247,9 @@ class TokenAllocator:
         return [(min(s, height - y), min(s, width - x)) for y in range(0, height, s) for x in range(0, width, s)]
 
     def _levels(self, rh: int, rw: int) -> list[int]:
-        return sorted({min(math.isqrt(level), rh) * min(math.isqrt(level), rw) for level in self.lod_ladder} | {rh * rw})
+        return sorted(
+            {min(math.isqrt(level), rh) * min(math.isqrt(level), rw) for level in self.lod_ladder} | {rh * rw}
+        )
 
     def _level_grid(self, rh: int, rw: int, tokens: int) -> tuple[int, int]:
         if tokens == rh * rw:
@@ -326,8 +335,10 @@ class TokenAllocator:
 def _best_splits(s: np.ndarray, y0: int, x0: int, y1: int, x1: int, mass: float):
     """The best 2-way and 4-way split points of a leaf, each as (n_children, (ratio, (ys, xs))).
 
-    A split's ratio is the utility gained per token spent, looking one step ahead: the split alone,
-    or the split followed by opening its best child, whichever pays more per token.
+    The point is the one that best separates relevance, maximising the between-children sum of
+    squares (sum of M_c^2 / A_c), so a relevant box comes out as one homogeneous child. The ratio
+    is the utility gained per token spent, looking one step ahead: the split alone, or the split
+    followed by opening one child, whichever pays most per token.
     """
     ys = np.arange(y0, y1 + 1)[:, None]
     xs = np.arange(x0, x1 + 1)[None, :]
@@ -338,20 +349,19 @@ def _best_splits(s: np.ndarray, y0: int, x0: int, y1: int, x1: int, mass: float)
             areas.append(np.broadcast_to((cy1 - cy0) * (cx1 - cx0), shape).astype(float))
             masses.append(np.broadcast_to(s[cy1, cx1] - s[cy0, cx1] - s[cy1, cx0] + s[cy0, cx0], shape))
     area, child_mass = np.stack(areas), np.stack(masses)  # [4, ny, nx]: the four quadrants of each point
-    present = area > 0
+    present, safe_area = area > 0, np.maximum(area, 1)
     n_children = present.sum(axis=0)
-    gain = np.where(present, child_mass / np.maximum(area, 1), 0.0).sum(axis=0) - mass / ((y1 - y0) * (x1 - x0))
-    open_gain = np.where(area > 1, child_mass * (1 - 1 / np.maximum(area, 1)), 0.0)
-    best = open_gain.argmax(axis=0)[None]
-    ahead_gain = np.take_along_axis(open_gain, best, 0)[0]
-    ahead_cost = np.take_along_axis(np.maximum(area - 1, 0), best, 0)[0]
+    separation = np.where(present, child_mass**2 / safe_area, 0.0).sum(axis=0)
+    gain = np.where(present, child_mass / safe_area, 0.0).sum(axis=0) - mass / ((y1 - y0) * (x1 - x0))
+    open_gain = np.where(area > 1, child_mass * (1 - 1 / safe_area), 0.0)
     splits = np.maximum(n_children - 1, 1)
-    ratio = np.maximum(gain / splits, (gain + ahead_gain) / (splits + ahead_cost))
+    ahead = ((gain + open_gain) / (splits + np.maximum(area - 1, 0))).max(axis=0)
+    ratio = np.maximum(gain / splits, ahead)
     out = []
     for k in (2, 4):
-        candidates = np.where(n_children == k, ratio, -np.inf)
+        candidates = np.where(n_children == k, separation, -np.inf)
         flat = int(np.argmax(candidates))  # first index on ties
         if np.isfinite(candidates.flat[flat]):
             iy, ix = divmod(flat, shape[1])
-            out.append((k, (float(candidates.flat[flat]), (y0 + iy, x0 + ix))))
+            out.append((k, (float(ratio.flat[flat]), (y0 + iy, x0 + ix))))
     return out

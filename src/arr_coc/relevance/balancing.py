@@ -17,7 +17,9 @@ class TensionBalancer(nn.Module):
     def __init__(self, text_size: int, hidden_size: int, default_weights: list[float]):
         super().__init__()
         self.register_buffer("default_weights", torch.tensor(default_weights, dtype=torch.float32), persistent=False)
-        self.head = nn.Sequential(nn.LayerNorm(text_size), nn.Linear(text_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 3))
+        self.head = nn.Sequential(
+            nn.LayerNorm(text_size), nn.Linear(text_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 3)
+        )
 
     def forward(self, scores: torch.Tensor, question: torch.Tensor, trained: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """scores [3, n] (info, salience, coupling), question [m, d_text] -> (relevance [n], weights [3])."""

@@ -10,8 +10,8 @@ One command per stage (see ``python -m arr_coc.training.tiny_backbone --help``):
 
 The recipe, designed around what failed before (answer loss alone from scratch stays at
 chance): a dense per-token head on the vision encoder's merged tokens learns, for each
-of 2 x 4 sub-cells of a token, which character is drawn there, which box/line it belongs
-to and its index inside the code/value (the renderer knows every glyph's box); the
+of the 2 x 4 character slots of a token (up to 4 characters per half, in reading order),
+which character is drawn there, which box/line it belongs to and its index inside the code/value (the renderer knows every glyph's box); the
 answer's language-model loss trains beside it. A curriculum crops the canvas around the
 answer's box, from tight crops (glyph reading) to whole images (finding the named box or
 line). Every stage is seeded and resumable (``--resume`` picks up the last checkpoint
@@ -61,7 +61,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Dense targets: each merged token (28 x 28 px) has 2 x 4 sub-cells of 14 x 7 px.
+# Dense targets: each merged token (28 x 28 px) has 2 halves of up to 4 characters each.
 SLOT_ROWS, SLOT_COLS = 2, 4
 GLYPH_CHARS = sorted(set(CHARSET) | set("".join(LABELS)) | {":"})
 GROUPS = list(PALETTE) + list(LABELS)
@@ -71,10 +71,7 @@ IGNORE = -100
 
 def prompt_text(question: str) -> str:
     """The tiny model's prompt for one image and one question (before image-pad expansion)."""
-    return (
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-        f"{question}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    return f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -89,7 +86,7 @@ def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
         texts.append(prompt_text(s["question"]) + s["answer"] + "<|im_end|>")
         if task == "doc-fields":
             label_lines = {}
-            for ch, *_box, group, index in s["glyphs"]:
+            for ch, *_box, group, _index in s["glyphs"]:
                 label_lines.setdefault(group, []).append(ch)
             texts += ["".join(chars) for chars in label_lines.values()]
     texts.append(CHAT_TEMPLATE)
@@ -105,9 +102,7 @@ def train_tokenizer(vocab_size: int = 512, n: int = 3000):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    qwen_split = (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    )
+    qwen_split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -172,7 +167,7 @@ def tiny_image_processor():
 
 
 class DenseGlyphHead(nn.Module):
-    """Per merged token: char / index / group logits for each of the 2 x 4 sub-cells."""
+    """Per merged token: char / index / group logits for each of its 2 x 4 character slots."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -228,7 +223,12 @@ def crop_sample(sample: dict, rng: np.random.Generator, p_full: float, max_margi
 
 
 def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """[h*w, 8, 3] (char, index, group) class targets; a glyph cut by a crop is ignored."""
+    """[h*w, 8, 3] (char, index, group) class targets per merged token.
+
+    A token's slots are its upper and lower half, each holding up to 4 characters in left-to-right
+    order (those whose ink centre falls there): reading order, not sub-pixel position. A half that
+    touches a glyph cut by a crop is ignored.
+    """
     W, H = size
     gh, gw = grid_hw  # patch grid (14 px)
     sx, sy = gw * 14 / W, gh * 14 / H
@@ -237,16 +237,21 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
     targets[..., 0] = len(GLYPH_CHARS)
     targets[..., 1] = MAX_INDEX + 1
     targets[..., 2] = len(GROUPS)
-    for ch, x0, y0, x1, y1, group, index in sorted(glyphs, key=lambda g: (g[6] is not None and g[6] >= 0)):
+    halves: dict[tuple[int, int], list] = {}
+    for ch, x0, y0, x1, y1, group, index in glyphs:
         cx, cy = (x0 + x1) / 2 * sx, (y0 + y1) / 2 * sy
-        r, c = min(int(cy // 28), th - 1), min(int(cx // 28), tw - 1)
-        slot = min(int((cy % 28) // 14), SLOT_ROWS - 1) * SLOT_COLS + min(int((cx % 28) // 7), SLOT_COLS - 1)
-        if index is None:
-            targets[r * tw + c, slot] = IGNORE
-        else:
-            targets[r * tw + c, slot, 0] = GLYPH_CHARS.index(ch)
-            targets[r * tw + c, slot, 1] = index if index >= 0 else MAX_INDEX
-            targets[r * tw + c, slot, 2] = GROUPS.index(group)
+        token = min(int(cy // 28), th - 1) * tw + min(int(cx // 28), tw - 1)
+        half = min(int((cy % 28) // 14), SLOT_ROWS - 1)
+        halves.setdefault((token, half), []).append((cx, ch, group, index))
+    for (token, half), chars in halves.items():
+        slots = slice(half * SLOT_COLS, (half + 1) * SLOT_COLS)
+        if len(chars) > SLOT_COLS or any(index is None for *_, index in chars):
+            targets[token, slots] = IGNORE
+            continue
+        for k, (_, ch, group, index) in enumerate(sorted(chars, key=lambda c: c[0])):
+            targets[token, half * SLOT_COLS + k] = torch.tensor(
+                [GLYPH_CHARS.index(ch), index if index >= 0 else MAX_INDEX, GROUPS.index(group)]
+            )
     return targets
 
 
@@ -319,7 +324,9 @@ def init_run(run: str, seed: int = 0) -> None:
     tokenizer.save_pretrained(base)
     tiny_image_processor().save_pretrained(base)
     _save_checkpoint(run, model, head, None, RunState())
-    print(f"initialised {run}: vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    print(
+        f"initialised {run}: vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+    )
 
 
 def _save_checkpoint(run: str, model, head, optimizer, state: RunState) -> None:
@@ -392,7 +399,7 @@ def _lr(total_step: int, peak: float, warmup: int) -> float:
 
 
 def dense_loss(head: DenseGlyphHead, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Weighted CE over the sub-cells (empty cells count 0.2); returns (loss, char accuracy on glyph cells)."""
+    """Weighted CE over the slots (empty slots count 0.2); returns (loss, char accuracy on glyph slots)."""
     logits = head(tokens)
     total = 0.0
     for k, lg in enumerate(logits):
@@ -462,7 +469,9 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
                "dense_loss": round(d_loss.item(), 4), "char_acc": round(d_acc, 4), "answer_tok_acc": round(tok_acc, 4),
                "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
         log.write(json.dumps(rec) + "\n")
-        bar.set_postfix(lm=f"{rec['lm_loss']:.3f}", dense=f"{rec['dense_loss']:.3f}", char=f"{d_acc:.2f}", ans=f"{tok_acc:.2f}")
+        bar.set_postfix(
+            lm=f"{rec['lm_loss']:.3f}", dense=f"{rec['dense_loss']:.3f}", char=f"{d_acc:.2f}", ans=f"{tok_acc:.2f}"
+        )
         if state.step % save_every == 0 or state.step == steps:
             log.flush()
             _save_checkpoint(run, model, head, optimizer, state)
@@ -537,7 +546,11 @@ def main(argv: list[str] | None = None) -> None:
 
         model, _, tokenizer, image_processor, _, _ = load_run(args.run, args.device)
         start = EVAL_SEED_START if args.held_out else VALID_SEED_START
-        print(json.dumps(evaluate_model(model, tokenizer, image_processor, n=args.n, seeds_from=start, device=args.device)))
+        print(
+            json.dumps(
+                evaluate_model(model, tokenizer, image_processor, n=args.n, seeds_from=start, device=args.device)
+            )
+        )
 
 
 if __name__ == "__main__":

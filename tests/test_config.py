@@ -1,0 +1,59 @@
+"""ArrCocConfig: defaults, validation errors that name field, value and range, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from arr_coc import ArrCocConfig
+from arr_coc.configuration_arr_coc import DEFAULT_LADDER
+
+
+def test_defaults_follow_the_design():
+    config = ArrCocConfig()
+    assert (config.min_tokens, config.max_tokens) == (64, 400)
+    assert config.allocator == "ladder" and config.region_size == 20
+    assert config.lod_ladder == list(DEFAULT_LADDER)
+    assert config.mode == "training_free" and config.encoding == "single"
+    assert config.vlm_config.model_type == "qwen2_vl"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "allowed"),
+    [
+        ({"min_tokens": 500, "max_tokens": 400}, "min_tokens", "at most max_tokens=400"),
+        ({"min_tokens": 0}, "min_tokens", ">= 1"),
+        ({"max_tokens": -1}, "max_tokens", ">= 1"),
+        ({"max_tokens": 2.5}, "max_tokens", "integer"),
+        ({"region_size": 0}, "region_size", ">= 1"),
+        ({"lod_ladder": []}, "lod_ladder", "non-empty"),
+        ({"lod_ladder": [16, 4]}, "lod_ladder", "strictly increasing"),
+        ({"lod_ladder": [4, 4]}, "lod_ladder", "strictly increasing"),
+        ({"lod_ladder": [1, 5]}, "lod_ladder", "perfect squares"),
+        ({"region_size": 4, "lod_ladder": [1, 4, 25]}, "lod_ladder", "at most region_size\\*\\*2 = 16"),
+        ({"allocator": "pyramid"}, "allocator", "ladder"),
+        ({"mode": "magic"}, "mode", "training_free"),
+        ({"encoding": "saccade"}, "encoding", "planned"),
+        ({"pooling": "max"}, "pooling", "relevance"),
+        ({"balance_weights": [1, 1]}, "balance_weights", "3 finite weights"),
+        ({"balance_weights": [-1, 1, 1]}, "balance_weights", "3 finite weights"),
+        ({"vlm_config": {"model_type": "llava"}}, "vlm_config.model_type", "qwen2_vl"),
+        ({"relevance_hidden_size": 0}, "relevance_hidden_size", ">= 1"),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_field_value_and_range(overrides, field, allowed):
+    with pytest.raises(ValueError, match=rf"ArrCocConfig\.{field}=.*invalid: expected .*{allowed}"):
+        ArrCocConfig(**overrides)
+
+
+def test_json_round_trip_and_corrupted_file(tmp_path):
+    config = ArrCocConfig(allocator="quadtree", min_tokens=8, max_tokens=96, lod_ladder=[1, 4, 16], mode="trained")
+    config.save_pretrained(tmp_path)
+    loaded = ArrCocConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["lod_ladder"] = [16, 1]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="lod_ladder"):
+        ArrCocConfig.from_pretrained(tmp_path)
