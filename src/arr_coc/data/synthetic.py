@@ -245,3 +245,55 @@ def check_training_seed(seed: int) -> int:
 def normalize_answer(text: str) -> str:
     """How answers are compared: ``strip()`` and upper-case (exact match)."""
     return text.strip().upper()
+
+
+def dataset(tasks=TASKS, seeds=range(1000), streaming: bool = False):
+    """The tasks as a `datasets.Dataset` (or `IterableDataset`) with an ``Image`` feature.
+
+    Rows interleave the tasks: for each seed, one sample per task. ``seeds`` must all be training
+    seeds or all held-out evaluation seeds (`eval_seeds`).
+    """
+    import datasets
+
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    for task in tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    seeds = list(seeds)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "answer_box": datasets.Sequence(datasets.Value("int32"), length=4),
+            "task": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+        }
+    )
+    kwargs = {"tasks": tuple(tasks), "seeds": seeds}  # shards split the seeds list
+    if streaming:
+        return datasets.IterableDataset.from_generator(_rows, features=features, gen_kwargs=kwargs)
+    return datasets.Dataset.from_generator(_rows, features=features, gen_kwargs=kwargs)
+
+
+def _rows(tasks: list[str], seeds: list[int]):
+    for seed in seeds:
+        for task in tasks:
+            yield dict(generate(task, seed), seed=seed)
+
+
+def write_samples(out_dir: str, tasks=TASKS, n: int = 20, seed_start: int = 0) -> str:
+    """Write ``n`` samples per task as PNG files plus ``samples.jsonl``; returns the JSONL path."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "samples.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for seed in range(seed_start, seed_start + n):
+            for task in [tasks] if isinstance(tasks, str) else tasks:
+                sample = generate(task, seed)
+                name = f"{task}-{seed}.png"
+                sample["image"].save(os.path.join(out_dir, name))
+                row = {k: v for k, v in sample.items() if k != "image"}
+                f.write(json.dumps({"image": name, **row, "answer_box": list(row["answer_box"]), "seed": seed}) + "\n")
+    return path

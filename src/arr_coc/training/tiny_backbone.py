@@ -509,6 +509,32 @@ def evaluate_model(model, tokenizer, image_processor, n: int = 100, seeds_from: 
     return result
 
 
+# arr-coc settings of the embedded model (why: see the model card, assets/arr-coc-tiny/README.md).
+TINY_SETTINGS = dict(allocator="quadtree", min_tokens=16, max_tokens=256, region_size=8, lod_ladder=[1, 4, 16, 64])
+
+
+def export_model(run: str, out: str, heads: str | None = None) -> str:
+    """Write the run's backbone as an arr-coc model folder (model + processor), optionally with trained heads."""
+    from safetensors.torch import load_file
+
+    from ..modeling_arr_coc import ArrCocForConditionalGeneration
+    from ..processing_arr_coc import ArrCocProcessor
+
+    backbone, _, tokenizer, image_processor, _, _ = load_run(run)
+    model = ArrCocForConditionalGeneration.from_backbone(backbone.eval(), **TINY_SETTINGS)
+    if heads:
+        state = load_file(os.path.join(heads, "model.safetensors"))
+        model.relevance.load_state_dict(
+            {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
+        )
+        model.config.mode = "trained"
+    model.save_pretrained(out)
+    ArrCocProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(
+        out
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m arr_coc.training.tiny_backbone", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -529,6 +555,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=1000)
+    p = sub.add_parser("export", help="write the backbone as an arr-coc model folder (model + processor)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--heads", default=None, help="an arr-coc checkpoint folder whose trained relevance heads to include"
+    )
     p = sub.add_parser("evaluate", help="exact match per task on validation or held-out seeds")
     p.add_argument("--run", required=True)
     p.add_argument("--n", type=int, default=200)
@@ -537,6 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cmd == "init":
         init_run(args.run, args.seed)
+    elif args.cmd == "export":
+        print(export_model(args.run, args.out, args.heads))
     elif args.cmd == "train":
         train(args.run, args.stage, args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, device=args.device,
               save_every=args.save_every, eval_every=args.eval_every, decay=args.decay,
