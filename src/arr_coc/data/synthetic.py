@@ -3,8 +3,9 @@
 Each sample is ``{"image", "question", "answer", "answer_box", "task"}``; with
 ``layout=True`` it also carries ``"glyphs"``: one ``(char, x0, y0, x1, y1, group, index)``
 per drawn character (ink box in pixels, the box colour or line label it belongs to, its
-index inside the code/value or -1 for label text). The renderer knows where every
-character is, and the embedded model's training uses that for dense supervision.
+index inside the code/value or -1 for label text), and ``"items"``: the drawn boxes or lines
+with their properties. The renderer knows where every character is, and the embedded
+model's training uses that for dense supervision.
 
 Samples are deterministic by ``(task, seed)``. Seeds at or above ``EVAL_SEED_START``
 are held out for evaluation and never used by training.
@@ -164,8 +165,10 @@ def _box_codes(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple, 
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     glyphs: list[Glyph] = []
+    items = []
     for colour, code, size, box, (ix0, iy0, ix1, iy1) in specs:
         thickness = int(rng.integers(3, 6))
+        items.append({"colour": colour, "code": code, "font_size": size, "box": box, "thickness": thickness})
         draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=_jitter(rng, PALETTE[colour]), width=thickness)
         # Centre the ink box of the code inside the box.
         ox = (box[0] + box[2]) / 2 - (ix0 + ix1) / 2
@@ -173,7 +176,7 @@ def _box_codes(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple, 
         glyphs += _draw_text(draw, (round(ox), round(oy)), code, size, _dark(rng), colour, 0)
     target = int(rng.integers(0, len(specs)))
     colour, code, _, box, _ = specs[target]
-    return image, f"What is the code in the {colour} box?", code, box, glyphs
+    return image, f"What is the code in the {colour} box?", code, box, glyphs, items
 
 
 def _doc_fields(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple, list[Glyph]]:
@@ -195,7 +198,7 @@ def _doc_fields(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple,
     image = Image.new("RGB", (width, height), page)
     draw = ImageDraw.Draw(image)
     glyphs: list[Glyph] = []
-    boxes = []
+    boxes, items = [], []
     top = 0
     for i, ((label, value, size, (x0, y0, x1, y1)), gap) in enumerate(zip(lines, extra)):
         top += int(gap) + (6 if i else 0)
@@ -205,9 +208,10 @@ def _doc_fields(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple,
         text = f"{label}: {value}"
         glyphs += _draw_text(draw, origin, text, size, _dark(rng), label, len(label) + 2)
         boxes.append((int(np.floor(left + x0)), top, int(np.ceil(left + x1)), top + (y1 - y0)))
+        items.append({"label": label, "value": value, "font_size": size, "box": boxes[-1]})
         top += y1 - y0
     target = int(rng.integers(0, n_lines))
-    return image, f"What is the {labels[target]}?", lines[target][1], boxes[target], glyphs
+    return image, f"What is the {labels[target]}?", lines[target][1], boxes[target], glyphs, items
 
 
 _GENERATORS = {"box-codes": _box_codes, "doc-fields": _doc_fields}
@@ -215,7 +219,8 @@ _GENERATORS = {"box-codes": _box_codes, "doc-fields": _doc_fields}
 
 def generate(task: str, seed: int, layout: bool = False) -> dict:
     """One sample of ``task`` (``"box-codes"`` or ``"doc-fields"``), deterministic by ``seed``."""
-    image, question, answer, box, glyphs = _GENERATORS[task](_rng(task, seed))
+    rng = _rng(task, seed)
+    image, question, answer, box, glyphs, items = _GENERATORS[task](rng)
     sample = {
         "image": image,
         "question": question,
@@ -225,6 +230,7 @@ def generate(task: str, seed: int, layout: bool = False) -> dict:
     }
     if layout:
         sample["glyphs"] = [(g.char, *(int(round(v)) for v in g.box), g.group, g.index) for g in glyphs]
+        sample["items"] = items
     return sample
 
 
