@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_demo)
 
+    from .training.run import __doc__ as train_doc
+    from .training.run import add_arguments, main_from_args
+
+    p = sub.add_parser("train", help="train the relevance heads (transformers.Trainer; torchrun/accelerate ready)",
+                       description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(func=main_from_args)
+
     p = sub.add_parser("data", help="write synthetic task samples (PNG + JSONL)", description=cmd_data.__doc__)
     p.add_argument("--task", default="all", choices=["all", "box-codes", "doc-fields"])
     p.add_argument("--n", type=int, default=10, help="samples per task")

@@ -13,6 +13,7 @@ The whole forward pass, per image (DESIGN.md's data flow)::
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -30,6 +31,10 @@ from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAlloc
 from .relevance.knowing import CouplingScorer
 
 IGNORE_INDEX = -100
+ARR_COC_FIELDS = (
+    "min_tokens", "max_tokens", "allocator", "region_size", "lod_ladder", "mode", "encoding",
+    "relevance_hidden_size", "coupling_size", "pooling", "balance_weights",
+)  # fmt: skip
 
 
 @dataclass
@@ -184,8 +189,21 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name, ``"arr-coc-tiny"``."""
-        return super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), *args, **kwargs)
+        """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)
+        and heads-only folders (`training.save_heads`), whose backbone is loaded by the name they carry."""
+        path = resolve_model_path(pretrained_model_name_or_path)
+        heads_config = os.path.join(str(path), "arr_coc_heads.json")
+        if os.path.isfile(heads_config):
+            from .training.trainer import load_heads_into
+
+            with open(heads_config) as f:
+                info = json.load(f)
+            kwargs.pop("config", None)
+            fields = {k: v for k, v in info["arr_coc"].items() if k in ARR_COC_FIELDS}
+            model = cls.from_backbone(info["base_model_name_or_path"], **fields, **kwargs)
+            load_heads_into(model, str(path))
+            return model
+        return super().from_pretrained(path, *args, **kwargs)
 
     @classmethod
     def from_backbone(cls, model_or_path, **overrides) -> ArrCocForConditionalGeneration:
@@ -197,7 +215,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """
         config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ArrCocConfig.__dataclass_fields__}
         if isinstance(model_or_path, (str, os.PathLike)):
-            vlm = AutoModelForImageTextToText.from_pretrained(model_or_path, **overrides)
+            vlm = AutoModelForImageTextToText.from_pretrained(resolve_model_path(model_or_path), **overrides)
+            vlm = vlm.vlm if isinstance(vlm, ArrCocForConditionalGeneration) else vlm  # an arr-coc model's backbone
         elif overrides:
             raise ValueError(f"unknown options {sorted(overrides)} for an already loaded backbone")
         else:

@@ -1,0 +1,154 @@
+"""Training objectives for the relevance heads, each selectable and weighted (`ObjectiveWeights`).
+
+(a) answer    the answer's language-model loss with the compressed tokens (relevance-weighted pooling
+              carries it back to the heads);
+(b) distill   relevance distillation: the full-token backbone's own gradient attribution
+              (|grad x input| of the answer loss per visual token) as the target distribution;
+(c) budget    a differentiable expected-token term: the budget head's expected tokens, pushed down
+              where the answer survives at the budget it chose and up where it does not;
+(d) localise  when a sample has an ``answer_box``: the relevance map should cover the box
+              (binary cross-entropy against each token's overlap with the box, plus the mass inside).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ObjectiveWeights:
+    answer: float = 1.0
+    distill: float = 0.0
+    budget: float = 0.0
+    localise: float = 0.0
+    survive_nll: float = 0.5  # (c): an answer "survives" when its mean token NLL is below this
+
+    @classmethod
+    def parse(cls, spec: str | dict | None) -> ObjectiveWeights:
+        """``"answer=1,localise=0.5"`` or a dict -> weights (unnamed objectives are off)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, str):
+            items = [kv.split("=") for kv in spec.split(",") if kv.strip()]
+            try:
+                spec = {k.strip(): float(v) for k, v in items}
+            except ValueError as error:
+                raise ValueError(f"objectives {spec!r}: expected name=weight pairs separated by commas") from error
+        known = set(cls.__dataclass_fields__)
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(
+                f"unknown objectives {sorted(unknown)}; expected some of {sorted(known - {'survive_nll'})}"
+            )
+        values = {"answer": 0.0, **spec}
+        return cls(**values)
+
+
+def box_overlap_map(box, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """[h, w]: the fraction of each merged-grid token's cell covered by ``box`` (x0, y0, x1, y1 in image pixels)."""
+    width, height = image_size
+    h, w = grid
+    x0, y0, x1, y1 = (float(v) for v in box)
+    xs = torch.arange(w + 1, dtype=torch.float32) * width / w
+    ys = torch.arange(h + 1, dtype=torch.float32) * height / h
+    ox = (torch.minimum(xs[1:], torch.tensor(x1)) - torch.maximum(xs[:-1], torch.tensor(x0))).clamp_min(0) / (width / w)
+    oy = (torch.minimum(ys[1:], torch.tensor(y1)) - torch.maximum(ys[:-1], torch.tensor(y0))).clamp_min(0) / (
+        height / h
+    )
+    return (oy[:, None] * ox[None, :]).clamp(0.0, 1.0)
+
+
+def mass_inside(relevance: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """Share of the relevance mass on the box (token masses weighted by their overlap)."""
+    return (relevance * overlap).sum() / relevance.sum().clamp_min(1e-6)
+
+
+def localisation_loss(realizations, boxes, image_sizes) -> torch.Tensor:
+    """(d): mean over images with a box of BCE(relevance, overlap) - log(mass inside)."""
+    terms = []
+    for r in realizations:
+        box = boxes[r.sample_index]
+        if box is None or (torch.is_tensor(box) and bool((box < 0).any())):
+            continue
+        overlap = box_overlap_map(box, tuple(int(v) for v in image_sizes[r.sample_index]), r.relevance.shape).to(
+            r.relevance.device
+        )
+        positive = overlap.sum().clamp_min(1e-3)
+        pos_weight = (overlap.numel() - positive) / positive
+        bce = F.binary_cross_entropy(r.relevance.clamp(1e-5, 1 - 1e-5), overlap, reduction="none")
+        bce = (bce * (1 + (pos_weight - 1) * overlap)).mean()
+        terms.append(bce - torch.log(mass_inside(r.relevance, overlap) + 1e-6))
+    return torch.stack(terms).mean() if terms else _zero(realizations)
+
+
+def distillation_loss(realizations, targets: list[torch.Tensor]) -> torch.Tensor:
+    """(b): cross-entropy of the relevance distribution against the target distribution, per image."""
+    terms = []
+    for r, target in zip(realizations, targets):
+        q = r.relevance.flatten() / r.relevance.sum().clamp_min(1e-6)
+        p = target.flatten().to(q) / target.sum().clamp_min(1e-12)
+        terms.append(-(p * torch.log(q + 1e-8)).sum() - (-(p * torch.log(p + 1e-12)).sum()))  # KL(p || q)
+    return torch.stack(terms).mean() if terms else _zero(realizations)
+
+
+def per_sample_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B]: mean next-token NLL over each sample's labelled tokens."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels.clamp_min(0), reduction="none")
+    mask = (shift_labels != IGNORE_INDEX).float()
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def budget_loss(realizations, answer_nll: torch.Tensor, survive_nll: float) -> torch.Tensor:
+    """(c): expected tokens as a share of native, signed by whether the sample's answer survived."""
+    terms = []
+    for r in realizations:
+        survived = float(answer_nll[r.sample_index]) < survive_nll
+        share = r.expected_tokens / r.native_count
+        terms.append(share if survived else -share)
+    return torch.stack(terms).mean() if terms else _zero(realizations)
+
+
+@torch.enable_grad()
+def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
+    """(b)'s targets: |grad x input| of the answer loss for every visual token of the full-token model.
+
+    Returns one [h, w] map per image (input order). The backbone's weights get no gradient.
+    """
+    c = model.compress_inputs(
+        inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"], inputs["image_grid_thw"],
+        inputs.get("question_mask"), inputs["labels"], budget=10**9,
+    )  # fmt: skip
+    embeds = c.inputs_embeds.detach().requires_grad_(True)
+    extra = [e.detach() for e in c.visual_extra]
+    out = model.adapter.language_model(embeds, c.attention_mask, c.position_ids, None, False, c.visual_mask, extra)
+    logits = model.adapter.lm_head(out.last_hidden_state)
+    loss = per_sample_answer_nll(logits, c.labels).sum()
+    (grad,) = torch.autograd.grad(loss, embeds)
+    saliency = (grad * embeds).sum(-1).abs().detach()  # [B, L']
+    maps = []
+    for r in c.realizations:
+        row = saliency[r.sample_index][c.visual_mask[r.sample_index]]
+        before = sum(
+            x.native_count for x in c.realizations if x.sample_index == r.sample_index and x.image_index < r.image_index
+        )
+        maps.append(row[before : before + r.native_count].view(r.relevance.shape))
+    return maps
+
+
+def _zero(realizations) -> torch.Tensor:
+    for r in realizations:
+        return r.relevance.sum() * 0.0
+    return torch.zeros(())
+
+
+def expected_budget_share(realizations) -> float:
+    """Mean expected tokens / native over images (for logging)."""
+    values = [float(r.expected_tokens.detach()) / r.native_count for r in realizations]
+    return sum(values) / max(len(values), 1) if values else math.nan

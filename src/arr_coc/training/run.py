@@ -1,0 +1,216 @@
+"""``arr-coc train``: one command over `transformers.Trainer` for the relevance heads (and whatever else you
+unfreeze). Options come from the command line and/or a YAML file (same names, dashes or underscores).
+
+Runs as it is on one process, or under ``torchrun --nproc_per_node N`` / ``accelerate launch`` (DDP):
+each rank reads its own shard of every batch, as `Trainer` arranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+
+TEST_KILL_ENV = "ARR_COC_TEST_KILL_AFTER_CHECKPOINT"  # test hook: SIGKILL this process right after checkpoint k
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a YAML file with any of these options (the command line wins)")
+    p.add_argument("--model", default=None, help="an arr-coc model (folder, Hub id or 'arr-coc-tiny') to train")
+    p.add_argument("--backbone", default=None, help="or a stock Qwen2-VL-family backbone to wrap with fresh heads")
+    p.add_argument("--output-dir", default=None, help="checkpoints, logs and the final model")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'synthetic' (both tasks), 'synthetic:box-codes', or SCHEMA:SOURCE with SCHEMA in vqav2/textvqa/docvqa/chartqa",
+    )
+    p.add_argument(
+        "--train-samples", type=int, default=None, help="training examples (synthetic: per task; VQA: a limit)"
+    )
+    p.add_argument("--eval-samples", type=int, default=None, help="evaluation examples (0: no evaluation)")
+    p.add_argument("--objectives", default=None, help="weights, e.g. 'answer=1,localise=1,distill=0.5,budget=0.1'")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="training budgets: 'random' (ratios in --compression-range), 'auto', an int, or '1/8'",
+    )
+    p.add_argument(
+        "--compression-range", default=None, help="'2,16': log-uniform compression ratios for --budget random"
+    )
+    p.add_argument(
+        "--train-parts",
+        default=None,
+        help="comma-separated parts to train (default: relevance); see training/surgery.py",
+    )
+    p.add_argument("--part-lr", default=None, help="per-part learning rates, e.g. 'relevance=1e-3,language_model=1e-5'")
+    p.add_argument(
+        "--layer-decay", type=float, default=None, help="layer-wise learning-rate decay for the language model"
+    )
+    p.add_argument(
+        "--lora-r", type=int, default=None, help="add LoRA of this rank to the language model's q/v projections"
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--per-device-train-batch-size", type=int, default=None)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=None)
+    p.add_argument("--save-steps", type=int, default=None)
+    p.add_argument("--eval-steps", type=int, default=None)
+    p.add_argument("--logging-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--resume", default=None, help="'auto' (the latest checkpoint in --output-dir) or a checkpoint folder"
+    )
+    p.add_argument(
+        "--save-heads-only",
+        action="store_true",
+        default=None,
+        help="also write only the heads (small, names the backbone)",
+    )
+    p.add_argument("--report-to", default=None, help="'none', 'tensorboard', 'wandb' (when installed)")
+    p.add_argument("--push-to-hub", action="store_true", default=None)
+    p.add_argument("--hub-model-id", default=None)
+    p.add_argument("--use-cpu", action="store_true", default=None, help="train on the CPU even where a GPU is present")
+
+
+DEFAULTS = {
+    "data": "synthetic", "train_samples": 512, "eval_samples": 32, "objectives": "answer=1,localise=1",
+    "budget": "random", "compression_range": "2,16", "train_parts": "relevance", "learning_rate": 1e-3,
+    "max_steps": 200, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "save_steps": 50,
+    "eval_steps": 100, "logging_steps": 10, "seed": 0, "report_to": "none", "output_dir": "arr-coc-train",
+}  # fmt: skip
+
+
+def resolve_options(args: argparse.Namespace) -> dict:
+    options = dict(DEFAULTS)
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        unknown = {k.replace("-", "_") for k in loaded} - set(vars(args))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown options {sorted(unknown)}")
+        options.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    options.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "func", "command")})
+    if not options.get("model") and not options.get("backbone"):
+        options["model"] = "arr-coc-tiny"
+    return options
+
+
+def _datasets(options: dict):
+    from ..data import synthetic
+
+    data = options["data"]
+    n_train, n_eval = int(options["train_samples"]), int(options["eval_samples"])
+    if data.startswith("synthetic"):
+        tasks = data.split(":", 1)[1].split(",") if ":" in data else list(synthetic.TASKS)
+        start = int(options["seed"]) * 1_000_000
+        train = synthetic.dataset(tasks, range(start, start + n_train))
+        valid = (
+            synthetic.dataset(tasks, range(synthetic.EVAL_SEED_START - n_eval, synthetic.EVAL_SEED_START))
+            if n_eval
+            else None
+        )
+        return train, valid
+    from ..data.vqa import load_vqa
+
+    schema, _, source = data.partition(":")
+    train = load_vqa(schema, source or None, split="train", limit=n_train)
+    valid = load_vqa(schema, source or None, split="validation", limit=n_eval) if n_eval else None
+    return train, valid
+
+
+def _kill_hook():
+    from transformers import TrainerCallback
+
+    target = int(os.environ[TEST_KILL_ENV])
+
+    class KillAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == target and state.is_world_process_zero:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAfterCheckpoint()
+
+
+def train(options: dict) -> dict:
+    """Run one training job; returns a summary (paths, steps, final metrics)."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..modeling_arr_coc import ArrCocForConditionalGeneration
+    from ..processing_arr_coc import ArrCocProcessor
+    from . import surgery
+    from .data import VQACollator
+    from .trainer import ArrCocTrainer
+
+    if options.get("backbone"):
+        model = ArrCocForConditionalGeneration.from_backbone(options["backbone"], mode="trained")
+        processor = ArrCocProcessor.from_pretrained(options["backbone"])
+    else:
+        model = ArrCocForConditionalGeneration.from_pretrained(options["model"])
+        processor = ArrCocProcessor.from_pretrained(options["model"])
+    model.config.mode = "trained"
+    surgery.freeze(model, "all")
+    surgery.unfreeze(model, *[p.strip() for p in str(options["train_parts"]).split(",") if p.strip()])
+    if options.get("lora_r"):
+        surgery.add_lora(model, r=int(options["lora_r"]), alpha=2 * int(options["lora_r"]))
+    if options.get("gradient_checkpointing"):
+        surgery.set_gradient_checkpointing(model, True)
+    summary = surgery.report(model)
+
+    train_data, valid_data = _datasets(options)
+    out = options["output_dir"]
+    report_to = [] if options["report_to"] in (None, "none") else str(options["report_to"]).split(",")
+    args = TrainingArguments(
+        output_dir=out, max_steps=int(options["max_steps"]), learning_rate=float(options["learning_rate"]),
+        per_device_train_batch_size=int(options["per_device_train_batch_size"]),
+        per_device_eval_batch_size=int(options["per_device_train_batch_size"]),
+        gradient_accumulation_steps=int(options["gradient_accumulation_steps"]), save_steps=int(options["save_steps"]),
+        eval_strategy="steps" if valid_data is not None else "no", eval_steps=int(options["eval_steps"]),
+        logging_steps=int(options["logging_steps"]), seed=int(options["seed"]), data_seed=int(options["seed"]),
+        report_to=report_to, remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
+        push_to_hub=bool(options.get("push_to_hub")), hub_model_id=options.get("hub_model_id"),
+        use_cpu=bool(options.get("use_cpu")), ddp_find_unused_parameters=True, disable_tqdm=False,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, dataloader_pin_memory=False,
+    )  # fmt: skip
+    part_lr = None
+    if options.get("part_lr"):
+        part_lr = {k.strip(): float(v) for k, v in (kv.split("=") for kv in str(options["part_lr"]).split(","))}
+    low, high = (float(v) for v in str(options["compression_range"]).split(","))
+    trainer = ArrCocTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=valid_data, data_collator=VQACollator(processor),
+        objectives=options["objectives"], budget=options["budget"], compression_range=(low, high),
+        part_learning_rates=part_lr, layer_decay=options.get("layer_decay"),
+        callbacks=[_kill_hook()] if os.environ.get(TEST_KILL_ENV) else None,
+    )  # fmt: skip
+    resume = options.get("resume")
+    if resume == "auto":
+        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
+    if trainer.is_world_process_zero():
+        print(surgery.format_report(summary))
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(out)
+        if options.get("save_heads_only"):
+            base = options.get("backbone") or options.get("model")
+            from .trainer import save_heads
+
+            save_heads(trainer.accelerator.unwrap_model(trainer.model), os.path.join(out, "heads"), base_model=base)
+    metrics = dict(result.metrics)
+    if valid_data is not None:
+        metrics.update(trainer.evaluate())
+    summary = {"output_dir": out, "global_step": trainer.state.global_step, "metrics": metrics, "resumed_from": resume}
+    if trainer.is_world_process_zero():
+        with open(os.path.join(out, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    summary = train(resolve_options(args))
+    print(json.dumps({k: summary[k] for k in ("output_dir", "global_step", "resumed_from")}))
+    return 0

@@ -1,0 +1,149 @@
+"""ArrCocTrainer: `transformers.Trainer` with arr-coc's objectives, budget sampling and strict resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from .objectives import (
+    ObjectiveWeights,
+    attribution_targets,
+    budget_loss,
+    distillation_loss,
+    expected_budget_share,
+    localisation_loss,
+    per_sample_answer_nll,
+)
+
+HEADS_CONFIG = "arr_coc_heads.json"
+HEADS_WEIGHTS = "arr_coc_heads.safetensors"
+
+
+class ArrCocTrainer(Trainer):
+    """Trains an `ArrCocForConditionalGeneration` with `ObjectiveWeights`.
+
+    ``budget``: how each training sample's budget is chosen – ``"auto"`` (the budget head's own
+    choice, needed for the expected-token term), ``"random"`` (a compression ratio drawn per sample
+    from ``compression_range``, log-uniform and seeded by the step), or a fixed int / ratio string
+    like ``"1/8"``. Batches may carry ``answer_box`` [B, 4] and ``image_size`` [B, 2] for the
+    localisation term; they never reach the model.
+
+    Resuming is strict: a checkpoint whose weights do not all match the model's names raises instead
+    of loading silently with some weights left at their initial values.
+    """
+
+    def __init__(self, *args, objectives: ObjectiveWeights | str | dict | None = None, budget="random",
+                 compression_range: tuple[float, float] = (2.0, 16.0), part_learning_rates: dict | None = None,
+                 layer_decay: float | None = None, **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.part_learning_rates, self.layer_decay = part_learning_rates, layer_decay
+        self.objectives = objectives if isinstance(objectives, ObjectiveWeights) else ObjectiveWeights.parse(objectives)
+        self.budget = budget
+        self.compression_range = compression_range
+        self._terms: dict[str, list[float]] = {}
+
+    def create_optimizer(self, model=None):
+        """Per-part learning rates and layer-wise decay (`surgery.parameter_groups`) when asked for."""
+        if self.optimizer is None and self.part_learning_rates:
+            from .surgery import parameter_groups
+
+            opt_model = self.model if model is None else model
+            groups = parameter_groups(opt_model, self.part_learning_rates, self.layer_decay, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def _budget_kwargs(self, batch_size: int) -> dict:
+        if self.budget == "auto":
+            return {}
+        if self.budget == "random":
+            g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
+            lo, hi = (torch.log(torch.tensor(float(v))) for v in self.compression_range)
+            ratios = torch.exp(lo + (hi - lo) * torch.rand(batch_size, generator=g))
+            return {"compression": [float(r) for r in ratios]}
+        if isinstance(self.budget, str) and self.budget.startswith("1/"):
+            return {"compression": float(self.budget[2:])}
+        return {"budget": int(self.budget)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        boxes, sizes = inputs.pop("answer_box", None), inputs.pop("image_size", None)
+        w = self.objectives
+        core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        targets = attribution_targets(core, inputs) if w.distill else None
+        outputs = model(**inputs, **self._budget_kwargs(inputs["input_ids"].shape[0]))
+        realizations = outputs.realizations
+        loss = outputs.loss * w.answer if w.answer else outputs.logits.sum() * 0.0
+        terms = {"answer": outputs.loss.detach()}
+        if w.localise and boxes is not None:
+            term = localisation_loss(realizations, boxes, sizes)
+            loss, terms["localise"] = loss + w.localise * term, term.detach()
+        if w.distill:
+            term = distillation_loss(realizations, targets)
+            loss, terms["distill"] = loss + w.distill * term, term.detach()
+        if w.budget:
+            nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
+            term = budget_loss(realizations, nll, w.survive_nll)
+            loss, terms["budget"] = loss + w.budget * term, term.detach()
+        terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
+        terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
+        for k, v in terms.items():
+            self._terms.setdefault(k, []).append(float(v))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        for k, values in self._terms.items():
+            if values:
+                logs[f"{k}"] = round(sum(values) / len(values), 4)
+        self._terms = {}
+        super().log(logs, *args, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        if missing or load_result.unexpected_keys:
+            raise RuntimeError(
+                f"the checkpoint does not match the model: missing {missing[:8]}, unexpected "
+                f"{list(load_result.unexpected_keys)[:8]} – it was written under other parameter names (e.g. by "
+                "save_pretrained(save_original_format=True)); load it with from_pretrained instead"
+            )
+        if load_result.missing_keys:
+            self.model.tie_weights()
+
+    def save_heads(self, output_dir: str | None = None) -> str:
+        """Write only the relevance heads (PEFT-style, small), naming the backbone they belong to."""
+        return save_heads(
+            self.accelerator.unwrap_model(self.model), output_dir or os.path.join(self.args.output_dir, "heads")
+        )
+
+
+def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
+    """``arr_coc_heads.safetensors`` + ``arr_coc_heads.json`` (the arr-coc config and the backbone's name)
+    + ``config.json``, so `ArrCocForConditionalGeneration.from_pretrained(output_dir)` and the Auto
+    classes load the backbone by name and put these heads on it."""
+    os.makedirs(output_dir, exist_ok=True)
+    state = {f"relevance.{k}": v.detach().contiguous().cpu() for k, v in model.relevance.state_dict().items()}
+    save_file(state, os.path.join(output_dir, HEADS_WEIGHTS), metadata={"format": "pt"})
+    base = base_model or model.config.vlm_config.name_or_path or model.vlm.name_or_path
+    if not base:
+        raise ValueError("the backbone has no name or path to refer to; pass base_model=")
+    config = model.config.to_dict()
+    with open(os.path.join(output_dir, HEADS_CONFIG), "w") as f:
+        json.dump(
+            {"base_model_name_or_path": str(base), "arr_coc": {k: v for k, v in config.items() if k != "vlm_config"}},
+            f,
+            indent=2,
+        )
+    model.config.save_pretrained(output_dir)
+    return output_dir
+
+
+def load_heads_into(model, heads_dir: str) -> None:
+    state = load_file(os.path.join(heads_dir, HEADS_WEIGHTS))
+    model.relevance.load_state_dict({k.removeprefix("relevance."): v for k, v in state.items()})
