@@ -70,5 +70,6 @@ def samples():
         s = generate(task, 10 + i)
         w, h = s["image"].size
         s["image"] = s["image"].resize((w * 3 // 5, h * 3 // 5), Image.BICUBIC)
+        s["answer_box"] = tuple(v * 3 // 5 for v in s["answer_box"])
         out.append(s)
     return out

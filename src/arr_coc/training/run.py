@@ -137,7 +137,7 @@ def _kill_hook():
 
 def train(options: dict) -> dict:
     """Run one training job; returns a summary (paths, steps, final metrics)."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
@@ -146,6 +146,7 @@ def train(options: dict) -> dict:
     from .data import VQACollator
     from .trainer import ArrCocTrainer
 
+    set_seed(int(options["seed"]))  # fresh heads and LoRA matrices start the same in every run
     if options.get("backbone"):
         model = ArrCocForConditionalGeneration.from_backbone(options["backbone"], mode="trained")
         processor = ArrCocProcessor.from_pretrained(options["backbone"])

@@ -138,8 +138,8 @@ def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_mo
              layers: list[int] | None = None):  # fmt: skip
     """LoRA adapters (PEFT) on the language model's attention projections; returns the PEFT config.
 
-    The arr-coc model stays the object you train and save; only the LoRA matrices (and whatever else
-    you unfreeze) train.
+    The arr-coc model stays the object you train and save; the LoRA matrices train, and so does
+    whatever was trainable before.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -153,7 +153,11 @@ def add_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_mo
             + r")"
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
     inject_adapter_in_model(config, model)
+    for p in model.parameters():  # PEFT freezes everything but the adapters: keep what was trainable
+        if id(p) in trainable:
+            p.requires_grad_(True)
     return config
 
 

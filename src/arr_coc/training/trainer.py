@@ -41,6 +41,8 @@ class ArrCocTrainer(Trainer):
                  layer_decay: float | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.part_learning_rates, self.layer_decay = part_learning_rates, layer_decay
+        # the loss is a mean per batch; DDP averages it over processes (no token-count rescaling)
+        self.model_accepts_loss_kwargs = False
         self.objectives = objectives if isinstance(objectives, ObjectiveWeights) else ObjectiveWeights.parse(objectives)
         self.budget = budget
         self.compression_range = compression_range
@@ -63,9 +65,11 @@ class ArrCocTrainer(Trainer):
         if self.budget == "auto":
             return {}
         if self.budget == "random":
+            # one ratio per sample of the global batch, so every process of a DDP run draws the same ones
             g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
             lo, hi = (torch.log(torch.tensor(float(v))) for v in self.compression_range)
-            ratios = torch.exp(lo + (hi - lo) * torch.rand(batch_size, generator=g))
+            offset = self.args.process_index * batch_size
+            ratios = torch.exp(lo + (hi - lo) * torch.rand(offset + batch_size, generator=g))[offset:]
             return {"compression": [float(r) for r in ratios]}
         if isinstance(self.budget, str) and self.budget.startswith("1/"):
             return {"compression": float(self.budget[2:])}
@@ -91,6 +95,8 @@ class ArrCocTrainer(Trainer):
             nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
             term = budget_loss(realizations, nll, w.survive_nll)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
+        else:  # DDP expects every tensor the model returned to reach the loss: the budget head's at weight 0
+            loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
         terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
         for k, v in terms.items():
