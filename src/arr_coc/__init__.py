@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from .assets import resolve_model_path
 from .configuration_arr_coc import ArrCocConfig
 from .modeling_arr_coc import ArrCocForConditionalGeneration, RelevanceRealization
+from .pipeline import register as register_pipeline
 from .processing_arr_coc import ArrCocProcessor
 from .relevance import Allocation, Region
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 AutoConfig.register(ArrCocConfig.model_type, ArrCocConfig, exist_ok=True)
 AutoModelForImageTextToText.register(ArrCocConfig, ArrCocForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(ArrCocConfig, ArrCocProcessor, exist_ok=True)
+register_pipeline()
 
 __all__ = [
     "Allocation", "ArrCocConfig", "ArrCocForConditionalGeneration", "ArrCocProcessor", "Region",

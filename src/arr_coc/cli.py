@@ -80,6 +80,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Methods x budgets x tasks on the same held-out samples: JSON, a markdown table and plots."""
+    from .evaluation.harness import BUDGETS, METHODS, evaluate, synthetic_samples, write_outputs
+
+    model, processor = _load(args.model)
+    methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
+    budgets = BUDGETS if args.budgets == "all" else tuple(b.strip() for b in args.budgets.split(","))
+    if args.data.startswith("synthetic"):
+        tasks = args.data.split(":", 1)[1].split(",") if ":" in args.data else ["box-codes", "doc-fields"]
+        samples = synthetic_samples(tasks, args.n)
+    else:
+        from .data.vqa import load_vqa
+
+        schema, _, source = args.data.partition(":")
+        rows = load_vqa(schema, source or None, split=args.split, limit=args.n)
+        samples = [dict(r, task=schema, answer_box=None, id=i) for i, r in enumerate(rows)]
+    result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer)  # fmt: skip
+    paths = write_outputs(result, args.out, title=f"{args.model} on {args.data} (n={args.n} per task)")
+    print(open(paths["markdown"]).read() if not args.json else json.dumps(paths))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Write synthetic samples (PNG + JSONL) for people to look at."""
     from .data.synthetic import EVAL_SEED_START, TASKS, write_samples
@@ -120,6 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(p)
     p.set_defaults(func=main_from_args)
+
+    p = sub.add_parser("eval", help="accuracy kept per token budget, arr-coc against every baseline, in one run",
+                       description=cmd_eval.__doc__)  # fmt: skip
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
+    )
+    p.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic', 'synthetic:box-codes', or SCHEMA:SOURCE (vqav2/textvqa/docvqa/chartqa)",
+    )
+    p.add_argument("--split", default="validation", help="the split of a VQA data set")
+    p.add_argument("--n", type=int, default=50, help="samples per task (held-out seeds for the synthetic tasks)")
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="comma-separated: full, downsample, uniform-pool, random, query-agnostic, text-attention, arr-coc-free, arr-coc",
+    )
+    p.add_argument(
+        "--budgets", default="all", help="comma-separated: fractions like 1/8 of native and/or token counts like 64"
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--fastv-layer", type=int, default=2, help="the language-model layer where text-attention prunes")
+    p.add_argument("--out", default="eval-results", help="output folder (results.json, results.md, plots)")
+    p.add_argument("--json", action="store_true", help="print the output paths as JSON instead of the table")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="write synthetic task samples (PNG + JSONL)", description=cmd_data.__doc__)
     p.add_argument("--task", default="all", choices=["all", "box-codes", "doc-fields"])

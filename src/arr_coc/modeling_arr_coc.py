@@ -298,17 +298,20 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     def compress_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor,
                         image_grid_thw: torch.Tensor, question_mask: torch.Tensor | None = None,
                         labels: torch.Tensor | None = None, budget=None, compression=None, allocation=None,
-                        pooling: str | None = None) -> CompressedInputs:  # fmt: skip
+                        pooling: str | None = None, image_tokens=None,
+                        vision_features: list[VisionFeatures] | None = None) -> CompressedInputs:  # fmt: skip
         """Encode the images, realize relevance per image and build the language model's inputs.
 
         input_ids / attention_mask / question_mask / labels: [B, L] as the processor emits them
         (each image as its native count of placeholder tokens). Returns left-padded [B, L'] inputs.
+        ``image_tokens``: another way to turn one image's features into tokens (the evaluation
+        harness's baselines), called like `_realize_image`. ``vision_features``: the encoder's output
+        for these images from an earlier call (`encode_images`), to compare budgets without re-encoding.
         """
         adapter = self.adapter
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._check_pixels(pixel_values, image_grid_thw)
-        features = adapter.encode_images(pixel_values, image_grid_thw)
+        features = vision_features if vision_features is not None else self.encode_images(pixel_values, image_grid_thw)
         text_embeds = adapter.embed_tokens(input_ids)
 
         # Split each sample into text runs and image spans (runs of placeholders, cut by each image's count).
@@ -359,7 +362,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                     pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3)
                 )
                 pos += n_text
-                pooled, realization = self._realize_image(
+                pooled, realization = (image_tokens or self._realize_image)(
                     features[k], question, budgets[k], ratios[k], fixed[k], pooling
                 )
                 realization.sample_index, realization.image_index = b, image_index
@@ -411,6 +414,11 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return CompressedInputs(inputs_embeds, mask, position_ids, new_labels, visual_mask, visual_extra,
                                 realizations, tokens_used, native)  # fmt: skip
 
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[VisionFeatures]:
+        """The backbone's vision encoder on every image (``VisionFeatures`` per image)."""
+        self._check_pixels(pixel_values, image_grid_thw)
+        return self.adapter.encode_images(pixel_values, image_grid_thw)
+
     def _question_positions(self, ids: torch.Tensor, question_mask: torch.Tensor | None, spans) -> torch.Tensor:
         """Where the question's tokens are: the processor's question_mask, else the text after the last image."""
         if question_mask is not None:
@@ -460,6 +468,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         compression=None,
         allocation=None,
         pooling: str | None = None,
+        image_tokens=None,
+        vision_features=None,
         visual_pos_masks: torch.Tensor | None = None,
         deepstack_visual_embeds: list[torch.Tensor] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
@@ -479,7 +489,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
             compressed = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask,
-                                              labels, budget, compression, allocation, pooling)  # fmt: skip
+                                              labels, budget, compression, allocation, pooling, image_tokens,
+                                              vision_features)  # fmt: skip
             inputs_embeds, attention_mask, position_ids = (
                 compressed.inputs_embeds,
                 compressed.attention_mask,
@@ -537,7 +548,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
-                 budget=None, compression=None, allocation=None, pooling: str | None = None, **kwargs):  # fmt: skip
+                 budget=None, compression=None, allocation=None, pooling: str | None = None, image_tokens=None,
+                 vision_features=None, **kwargs):  # fmt: skip
         """Like the stock `generate` (returns ``input_ids`` followed by the new tokens, KV cache, left-padded
         batches), with each image compressed to its budget first.
 
@@ -549,7 +561,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         if pixel_values is None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         c = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
-                                 budget, compression, allocation, pooling)  # fmt: skip
+                                 budget, compression, allocation, pooling, image_tokens, vision_features)  # fmt: skip
         if c.visual_extra:
             kwargs.update(visual_pos_masks=c.visual_mask, deepstack_visual_embeds=c.visual_extra)
         out = super().generate(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask,

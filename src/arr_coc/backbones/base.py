@@ -77,3 +77,81 @@ class BackboneAdapter:
 
     def lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.vlm.lm_head(hidden_states)
+
+    # ------------------------------------------------------------------ attention read-outs (baselines)
+
+    def _vision_rotary(self):
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        return apply_rotary_pos_emb_vision
+
+    def _vision_block_index(self, block: int) -> int:
+        return block % len(self.vlm.model.visual.blocks)
+
+    def _to_raster(self, per_patch: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Patch order inside the encoder's blocks -> the processor's order (merge windows in raster)."""
+        return per_patch
+
+    @torch.no_grad()
+    def vision_attention_received(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, block: int = -2):
+        """Per image: (attention each merged token receives in a late vision block [h*w], its keys [h*w, d]).
+
+        Qwen-VL encoders have no CLS token, so "attention received" is the mean over queries and heads
+        of one block's attention, summed over each token's merged patches; computed directly from that
+        block's query/key projections (no eager attention switch).
+        """
+        visual = self.vlm.model.visual
+        attn = visual.blocks[self._vision_block_index(block)].attn
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured.update(hidden=args[0] if args else kwargs["hidden_states"], **kwargs)
+
+        handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.vlm.model.get_image_features(pixel_values, image_grid_thw)
+        finally:
+            handle.remove()
+        hidden, (cos, sin) = captured["hidden"], captured["position_embeddings"]
+        n = hidden.shape[0]
+        q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = self._vision_rotary()(q, k, cos, sin)
+        q, k = self._to_raster(q, image_grid_thw), self._to_raster(k, image_grid_thw)
+        unit = self.merge_size**2
+        out, start = [], 0
+        for thw in image_grid_thw.tolist():
+            m = thw[0] * thw[1] * thw[2]
+            qi, ki = q[start : start + m].transpose(0, 1), k[start : start + m].transpose(0, 1)  # [heads, m, d]
+            probs = torch.softmax((qi @ ki.transpose(1, 2)) * attn.scaling, dim=-1)
+            received = probs.mean(dim=(0, 1))  # [m]
+            keys = ki.transpose(0, 1).reshape(m, -1)
+            out.append((received.view(-1, unit).sum(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)))
+            start += m
+        return out
+
+    def decoder_layers(self):
+        return self.vlm.model.language_model.layers
+
+    def text_attention_from_last(self, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """[B, L]: attention of each sample's last token over all tokens at decoder layer ``layer_index``
+        (mean over heads), from that layer's input ``hidden`` [B, L, d]."""
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, repeat_kv
+
+        lm = self.vlm.model.language_model
+        layer = lm.layers[layer_index]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        b, length, _ = x.shape
+        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, attn.head_dim)
+        k = attn.k_proj(x).view(b, length, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = lm.rotary_emb(x, position_ids)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k = repeat_kv(k, attn.num_key_value_groups)
+        scores = (q @ k.transpose(2, 3)) * attn.scaling  # [B, heads, 1, L]
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).mean(dim=1)[:, 0]

@@ -17,3 +17,8 @@ class Qwen3VLAdapter(BackboneAdapter):
             cache=cache, use_cache=use_cache, visual_pos_masks=visual_mask if visual_extra else None,
             deepstack_visual_embeds=visual_extra or None, **kwargs,
         )  # fmt: skip
+
+    def _vision_rotary(self):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+        return apply_rotary_pos_emb_vision

@@ -167,12 +167,14 @@ def tiny_image_processor():
 
 
 class DenseGlyphHead(nn.Module):
-    """Per merged token: char / index / group logits for each of its 2 x 4 character slots."""
+    """Dense reading targets: per 14-px patch of the vision tower (before the merge) the character there;
+    per merged token the char / index / group of each of its 2 x 4 character slots."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, patch_size: int):
         super().__init__()
         self.sizes = (len(GLYPH_CHARS) + 1, MAX_INDEX + 2, len(GROUPS) + 1)
         self.proj = nn.Linear(hidden_size, SLOT_ROWS * SLOT_COLS * sum(self.sizes))
+        self.patch = nn.Linear(patch_size, len(GLYPH_CHARS) + 1)
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """tokens [n, d] -> [char [n, 8, C], index [n, 8, I], group [n, 8, G]]."""
@@ -182,11 +184,20 @@ class DenseGlyphHead(nn.Module):
 
 # ----------------------------------------------------------------------------- data
 
+
+@dataclass(frozen=True)
+class Stage:
+    p_full: float  # probability of the whole canvas (else a crop around the answer box)
+    max_margin: int  # largest crop margin in px
+    batch_size: int
+    lm_weight: float  # the answer's language-model loss (0: vision only)
+
+
 STAGES = {
-    # name: (probability of the whole canvas, max crop margin in px, batch size)
-    "glyphs": (0.0, 28, 32),
-    "crops": (0.1, 224, 16),
-    "full": (0.6, 448, 8),
+    "sheets": Stage(0.0, 0, 8, 0.0),  # pages of random words: dense glyph reading before any question
+    "glyphs": Stage(0.0, 28, 32, 1.0),  # tight crops around the answer box
+    "crops": Stage(0.1, 224, 16, 1.0),
+    "full": Stage(0.6, 448, 8, 1.0),
 }
 
 
@@ -249,8 +260,9 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
             targets[token, slots] = IGNORE
             continue
         for k, (_, ch, group, index) in enumerate(sorted(chars, key=lambda c: c[0])):
+            group_class = GROUPS.index(group) if group is not None else len(GROUPS)
             targets[token, half * SLOT_COLS + k] = torch.tensor(
-                [GLYPH_CHARS.index(ch), index if index >= 0 else MAX_INDEX, GROUPS.index(group)]
+                [GLYPH_CHARS.index(ch), index if index >= 0 else MAX_INDEX, group_class]
             )
     return targets
 
@@ -261,7 +273,7 @@ def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool 
     grid = vis["image_grid_thw"]
     pad_id = tokenizer.pad_token_id
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    rows, labels, dense = [], [], []
+    rows, labels, dense, patches = [], [], [], []
     for s, (_, gh, gw) in zip(samples, grid.tolist()):
         n = gh * gw // 4
         prompt = prompt_text(s["question"]).replace("<|image_pad|>", "<|image_pad|>" * n)
@@ -274,6 +286,7 @@ def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool 
         labels.append(lab)
         if "glyphs" in s:
             dense.append(dense_targets(s["glyphs"], s["image"].size, (gh, gw)))
+            patches.append(patch_targets(s["glyphs"], s["image"].size, (gh, gw)))
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), pad_id)
     label_t = torch.full((len(rows), length), IGNORE)
@@ -290,7 +303,7 @@ def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool 
         "labels": label_t,
     }
     if dense:
-        batch["dense_targets"] = torch.cat(dense)
+        batch["dense_targets"], batch["patch_targets"] = torch.cat(dense), torch.cat(patches)
     return batch
 
 
@@ -318,7 +331,7 @@ def init_run(run: str, seed: int = 0) -> None:
     tokenizer = train_tokenizer()
     config = tiny_vlm_config(tokenizer)
     model = Qwen2VLForConditionalGeneration(config)
-    head = DenseGlyphHead(config.text_config.hidden_size)
+    head = DenseGlyphHead(config.text_config.hidden_size, config.vision_config.embed_dim)
     base = _paths(run)["base"]
     os.makedirs(base, exist_ok=True)
     tokenizer.save_pretrained(base)
@@ -355,7 +368,7 @@ def load_run(run: str, device: str = "cpu"):
     if not os.path.exists(ckpt) and os.path.exists(ckpt + ".old"):
         os.replace(ckpt + ".old", ckpt)  # a swap was cut short
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device)
-    head = DenseGlyphHead(model.config.text_config.hidden_size).to(device)
+    head = DenseGlyphHead(model.config.text_config.hidden_size, model.config.vision_config.embed_dim).to(device)
     head.load_state_dict(load_file(os.path.join(ckpt, "dense_head.safetensors")))
     with open(os.path.join(ckpt, "state.json")) as f:
         state = RunState(**json.load(f))
@@ -368,15 +381,68 @@ def load_run(run: str, device: str = "cpu"):
     return model, head, tokenizer, image_processor, state, opt_state
 
 
+def glyph_sheet(rng: np.random.Generator) -> dict:
+    """A page of random words from the tasks' glyph set (rows of 16-26 px text), for learning to read."""
+    from PIL import ImageDraw
+
+    from ..data.synthetic import _dark, _draw_text, _font
+
+    width, height = (int(v) for v in rng.integers(224, 449, size=2))
+    image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(225, 256, size=3)))
+    draw = ImageDraw.Draw(image)
+    glyphs, y = [], int(rng.integers(2, 12))
+    while True:
+        size = int(rng.integers(16, 27))
+        font = _font(size)
+        top, bottom = font.getbbox("Ag")[1], font.getbbox("Ag")[3]
+        if y + bottom - top + 2 > height:
+            break
+        x = int(rng.integers(0, 20))
+        while x < width - 30:
+            word = "".join(GLYPH_CHARS[i] for i in rng.integers(0, len(GLYPH_CHARS), size=int(rng.integers(2, 9))))
+            advance = font.getlength(word)
+            if x + advance > width - 2:
+                break
+            glyphs += _draw_text(draw, (x, y - top), word, size, _dark(rng), None, 0)
+            x += int(advance) + int(rng.integers(6, 40))
+        y += bottom - top + int(rng.integers(6, 20))
+    return {"image": image, "question": "What is written?", "answer": "", "answer_box": None, "task": "sheet",
+            "glyphs": [(g.char, *(int(round(v)) for v in g.box), g.group, g.index) for g in glyphs]}  # fmt: skip
+
+
+def patch_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """[gh*gw] per 14-px patch, in the processor's patch order: the character covering most of the patch
+    (at least a quarter of its ink box inside the patch), else "none"; a glyph cut by a crop: ignored."""
+    W, H = size
+    gh, gw = grid_hw
+    sx, sy = gw * 14 / W, gh * 14 / H
+    best = torch.zeros(gh, gw)
+    labels = torch.full((gh, gw), len(GLYPH_CHARS), dtype=torch.long)
+    for ch, x0, y0, x1, y1, _, index in glyphs:
+        X0, X1, Y0, Y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+        area = max((X1 - X0) * (Y1 - Y0), 1.0)
+        for r in range(max(0, int(Y0 // 14)), min(gh, int(Y1 // 14) + 1)):
+            for c in range(max(0, int(X0 // 14)), min(gw, int(X1 // 14) + 1)):
+                overlap = max(0.0, min(X1, (c + 1) * 14) - max(X0, c * 14)) * max(
+                    0.0, min(Y1, (r + 1) * 14) - max(Y0, r * 14)
+                )
+                if overlap / area >= 0.25 and overlap > best[r, c]:
+                    best[r, c] = overlap
+                    labels[r, c] = IGNORE if index is None else GLYPH_CHARS.index(ch)
+    return labels.view(gh // 2, 2, gw // 2, 2).permute(0, 2, 1, 3).reshape(-1)
+
+
 def _batch_samples(stage: str, step: int, batch_size: int, seed: int) -> list[dict]:
     """The samples of one step: deterministic by (stage, step, seed), tasks alternating."""
-    p_full, max_margin, _ = STAGES[stage]
+    spec = STAGES[stage]
     rng = np.random.default_rng([seed, list(STAGES).index(stage), step])
+    if stage == "sheets":
+        return [glyph_sheet(rng) for _ in range(batch_size)]
     samples = []
     for i in range(batch_size):
         task = TASKS[(step * batch_size + i) % 2]
         sample_seed = int(rng.integers(0, 500_000_000))
-        samples.append(crop_sample(generate(task, sample_seed, layout=True), rng, p_full, max_margin))
+        samples.append(crop_sample(generate(task, sample_seed, layout=True), rng, spec.p_full, spec.max_margin))
     return samples
 
 
@@ -398,19 +464,28 @@ def _lr(total_step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (total_step + 1) / warmup)
 
 
-def dense_loss(head: DenseGlyphHead, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Weighted CE over the slots (empty slots count 0.2); returns (loss, char accuracy on glyph slots)."""
-    logits = head(tokens)
-    total = 0.0
+def dense_loss(head: DenseGlyphHead, vision, batch: dict) -> tuple[torch.Tensor, float, float]:
+    """CE on the patch characters and on the token slots (empty ones count 0.2).
+
+    Returns (loss, patch char accuracy, slot char accuracy), accuracies on cells holding a glyph."""
+    none = len(GLYPH_CHARS)
+    patch_logits = head.patch(vision.last_hidden_state)
+    pt = batch["patch_targets"]
+    w = torch.where(pt == none, 0.2, 1.0) * (pt != IGNORE)
+    total = (F.cross_entropy(patch_logits, pt.clamp_min(0), reduction="none") * w).sum() / w.sum().clamp_min(1.0)
+    logits = head(torch.cat(vision.pooler_output))
+    targets = batch["dense_targets"]
     for k, lg in enumerate(logits):
         t = targets[..., k]
-        empty = t == (lg.shape[-1] - 1)
-        w = torch.where(empty, 0.2, 1.0) * (t != IGNORE)
+        w = torch.where(t == (lg.shape[-1] - 1), 0.2, 1.0) * (t != IGNORE)
         ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1).clamp_min(0), reduction="none")
         total = total + (ce * w.reshape(-1)).sum() / w.sum().clamp_min(1.0)
-    glyph = (targets[..., 0] >= 0) & (targets[..., 0] < len(GLYPH_CHARS))
-    acc = (logits[0].argmax(-1) == targets[..., 0])[glyph].float().mean().item() if glyph.any() else float("nan")
-    return total, acc
+
+    def accuracy(pred, target):
+        glyph = (target >= 0) & (target < none)
+        return (pred == target)[glyph].float().mean().item() if glyph.any() else float("nan")
+
+    return total, accuracy(patch_logits.argmax(-1), pt), accuracy(logits[0].argmax(-1), targets[..., 0])
 
 
 def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300, seed: int = 0,
@@ -424,7 +499,8 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
     model, head, tokenizer, image_processor, state, opt_state = load_run(run, device)
     if state.stage != stage:
         state.stage, state.step = stage, 0
-    batch_size = batch_size or STAGES[stage][2]
+    spec = STAGES[stage]
+    batch_size = batch_size or spec.batch_size
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     if opt_state is not None:
@@ -446,13 +522,19 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
             g["lr"] = _lr(state.total_steps, lr, warmup) * scale
         batch = {k: v.to(device) for k, v in batch.items()}
         vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-        d_loss, d_acc = dense_loss(head, torch.cat(vision.pooler_output), batch["dense_targets"])
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-            mm_encoder_outputs={"image": vision}, labels=batch["labels"],
-        )  # fmt: skip
-        loss = out.loss + d_loss
+        d_loss, patch_acc, slot_acc = dense_loss(head, vision, batch)
+        loss, lm_loss, tok_acc = d_loss, float("nan"), float("nan")
+        if spec.lm_weight:
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+                mm_encoder_outputs={"image": vision}, labels=batch["labels"],
+            )  # fmt: skip
+            loss = loss + spec.lm_weight * out.loss
+            lm_loss = out.loss.item()
+            with torch.no_grad():
+                mask = batch["labels"][:, 1:] != IGNORE
+                tok_acc = (out.logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[mask].float().mean().item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -461,21 +543,22 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
         state.wall_s += now - t_last
         t_last = now
         state.step, state.total_steps, state.seen = step + 1, state.total_steps + 1, state.seen + batch_size
-        with torch.no_grad():
-            mask = batch["labels"][:, 1:] != IGNORE
-            tok_acc = (out.logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[mask].float().mean().item()
         rec = {"stage": stage, "step": state.step, "total_steps": state.total_steps, "seen": state.seen,
-               "wall_s": round(state.wall_s, 1), "lm_loss": round(out.loss.item(), 4),
-               "dense_loss": round(d_loss.item(), 4), "char_acc": round(d_acc, 4), "answer_tok_acc": round(tok_acc, 4),
+               "wall_s": round(state.wall_s, 1), "lm_loss": round(lm_loss, 4), "dense_loss": round(d_loss.item(), 4),
+               "patch_acc": round(patch_acc, 4), "slot_acc": round(slot_acc, 4), "answer_tok_acc": round(tok_acc, 4),
                "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(
-            lm=f"{rec['lm_loss']:.3f}", dense=f"{rec['dense_loss']:.3f}", char=f"{d_acc:.2f}", ans=f"{tok_acc:.2f}"
+            lm=f"{lm_loss:.3f}",
+            dense=f"{d_loss.item():.3f}",
+            patch=f"{patch_acc:.2f}",
+            slot=f"{slot_acc:.2f}",
+            ans=f"{tok_acc:.2f}",
         )
         if state.step % save_every == 0 or state.step == steps:
             log.flush()
             _save_checkpoint(run, model, head, optimizer, state)
-        if eval_every and state.step % eval_every == 0:
+        if eval_every and spec.lm_weight and state.step % eval_every == 0:
             result = evaluate_model(model, tokenizer, image_processor, n=40, device=device)
             result.update(stage=stage, step=state.step, total_steps=state.total_steps, wall_s=round(state.wall_s, 1))
             with open(_paths(run)["eval.jsonl"], "a") as f:

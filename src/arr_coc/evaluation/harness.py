@@ -1,0 +1,363 @@
+"""``arr-coc eval``: methods x budgets x tasks on the same samples, in one run.
+
+Budgets: fractions of each image's native count ("1/2" ... "1/16", T = ceil(N * f)) and fixed counts
+(64, 100, 256, 400, clipped to native). Every method stays within T and the harness records the
+tokens it really used. Metrics per (task, method, budget): exact match and ANLS, accuracy kept
+(method / full), mean tokens used, and localisation – the share of samples whose ``answer_box`` is
+entirely covered by tokens passed at full detail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.synthetic import normalize_answer
+from .baselines import (
+    downsample_image,
+    fastv_generate,
+    random_selector,
+    uniform_allocation,
+    visionzip_selector,
+)
+
+METHODS = (
+    "full",
+    "downsample",
+    "uniform-pool",
+    "random",
+    "query-agnostic",
+    "text-attention",
+    "arr-coc-free",
+    "arr-coc",
+)
+BUDGETS = ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400")
+
+
+@dataclass
+class Record:
+    """One method's answer for one sample at one budget."""
+
+    task: str
+    method: str
+    budget: str
+    sample: int
+    prediction: str
+    exact: bool
+    anls: float
+    tokens_used: int
+    budget_tokens: int
+    native_tokens: int
+    localised: bool | None
+
+
+@dataclass
+class EvalResult:
+    records: list[Record] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> list[dict]:
+        """Aggregates per (task, method, budget), with accuracy kept relative to ``full``."""
+        groups: dict[tuple, list[Record]] = {}
+        for r in self.records:
+            groups.setdefault((r.task, r.method, r.budget), []).append(r)
+        full = {task: _mean([r.exact for r in rs]) for (task, method, _), rs in groups.items() if method == "full"}
+        rows = []
+        for (task, method, budget), rs in groups.items():
+            em = _mean([r.exact for r in rs])
+            loc = [r.localised for r in rs if r.localised is not None]
+            rows.append({
+                "task": task, "method": method, "budget": budget, "n": len(rs), "exact_match": em,
+                "anls": _mean([r.anls for r in rs]), "kept": em / full[task] if full.get(task) else math.nan,
+                "tokens_used": _mean([r.tokens_used for r in rs]), "budget_tokens": _mean([r.budget_tokens for r in rs]),
+                "native_tokens": _mean([r.native_tokens for r in rs]), "localisation": _mean(loc) if loc else math.nan,
+                "within_budget": all(r.tokens_used <= r.budget_tokens for r in rs),
+            })  # fmt: skip
+        return rows
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else math.nan
+
+
+def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
+    """Average normalized Levenshtein similarity (the DocVQA metric), best over the references."""
+    best = 0.0
+    p = prediction.strip().lower()
+    for answer in answers:
+        a = answer.strip().lower()
+        distance = _levenshtein(p, a) / max(len(p), len(a), 1)
+        best = max(best, 1 - distance if distance < threshold else 0.0)
+    return best
+
+
+def _levenshtein(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def budget_tokens(spec: str, native: int) -> int:
+    """T for a budget spec: "1/8" -> ceil(N / 8); "64" -> min(64, N)."""
+    if spec.startswith("1/"):
+        return math.ceil(native / float(spec[2:]))
+    return min(int(spec), native)
+
+
+def box_covered(detail: torch.Tensor, box, image_size: tuple[int, int]) -> bool:
+    """Every merged-grid token that overlaps ``box`` (pixels of the original image) is at full detail."""
+    from ..training.objectives import box_overlap_map
+
+    overlap = box_overlap_map(box, image_size, tuple(detail.shape))
+    return bool(detail[overlap > 0].all())
+
+
+class Harness:
+    """Runs the methods on one backbone (an arr-coc model) over samples ``{"image", "question", "answers",
+    "answer_box" (optional), "task"}``."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 8, fastv_layer: int = 2, seed: int = 0):
+        self.model, self.processor = model.eval(), processor
+        self.max_new_tokens, self.fastv_layer, self.seed = max_new_tokens, fastv_layer, seed
+        self.eos = (
+            processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
+            if processor.tokenizer.eos_token
+            else None
+        )
+
+    def _generate(self, inputs, **kwargs) -> tuple[list[str], object]:
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  return_dict_in_generate=True, **kwargs)  # fmt: skip
+        texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return texts, out
+
+    @torch.no_grad()
+    def run_batch(self, samples: list[dict], methods, budgets) -> list[Record]:
+        inputs = dict(self.processor(images=[s["image"] for s in samples], text=[s["question"] for s in samples]))
+        features = self.model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
+        grids = [f.grid[1:] for f in features]
+        natives = [h * w for h, w in grids]
+        records: list[Record] = []
+        readouts = None
+
+        def add(method, budget, texts, used, targets, detail_maps):
+            for i, s in enumerate(samples):
+                answers = s.get("answers") or [s["answer"]]
+                loc = None
+                if s.get("answer_box") is not None and detail_maps[i] is not None:
+                    loc = box_covered(detail_maps[i], s["answer_box"], s["image"].size)
+                pred = texts[i].strip()
+                records.append(Record(s["task"], method, budget, s.get("id", i), pred,
+                                      any(normalize_answer(pred) == normalize_answer(a) for a in answers),
+                                      anls(pred, answers), int(used[i]), int(targets[i]), natives[i], loc))  # fmt: skip
+
+        mode = self.model.config.mode
+        try:
+            if "full" in methods:
+                texts, out = self._generate(inputs, budget=10**9, vision_features=features)
+                add(
+                    "full",
+                    "all",
+                    texts,
+                    out.tokens_used.tolist(),
+                    natives,
+                    [torch.ones(g, dtype=torch.bool) for g in grids],
+                )
+            for budget in budgets:
+                targets = [budget_tokens(budget, n) for n in natives]
+                for method in methods:
+                    if method == "full":
+                        continue
+                    if method in ("arr-coc", "arr-coc-free"):
+                        self.model.config.mode = "trained" if method == "arr-coc" else "training_free"
+                        texts, out = self._generate(inputs, budget=targets, vision_features=features)
+                        maps = [r.allocation.detail_map() for r in out.realizations]
+                        add(method, budget, texts, out.tokens_used.tolist(), targets, maps)
+                    elif method == "uniform-pool":
+                        allocations = [uniform_allocation(h, w, t) for (h, w), t in zip(grids, targets)]
+                        texts, out = self._generate(
+                            inputs, allocation=allocations, pooling="mean", vision_features=features
+                        )
+                        add(
+                            method,
+                            budget,
+                            texts,
+                            out.tokens_used.tolist(),
+                            targets,
+                            [a.detail_map() for a in allocations],
+                        )
+                    elif method == "random":
+                        texts, out = self._generate(
+                            inputs, budget=targets, image_tokens=random_selector(self.seed), vision_features=features
+                        )
+                        add(
+                            method,
+                            budget,
+                            texts,
+                            out.tokens_used.tolist(),
+                            targets,
+                            [r.detail_map() for r in out.realizations],
+                        )
+                    elif method == "query-agnostic":
+                        if readouts is None:
+                            readouts = self.model.adapter.vision_attention_received(
+                                inputs["pixel_values"], inputs["image_grid_thw"]
+                            )
+                        texts, out = self._generate(
+                            inputs, budget=targets, image_tokens=visionzip_selector(readouts), vision_features=features
+                        )
+                        add(
+                            method,
+                            budget,
+                            texts,
+                            out.tokens_used.tolist(),
+                            targets,
+                            [r.detail_map() for r in out.realizations],
+                        )
+                    elif method == "text-attention":
+                        tokens, selections = fastv_generate(
+                            self.model, inputs, targets, self.fastv_layer, self.max_new_tokens, self.eos
+                        )
+                        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
+                        add(
+                            method,
+                            budget,
+                            texts,
+                            [s.tokens_used for s in selections],
+                            targets,
+                            [s.detail_map() for s in selections],
+                        )
+                    elif method == "downsample":
+                        small = [
+                            downsample_image(s["image"], self.processor.image_processor, t)
+                            for s, t in zip(samples, targets)
+                        ]
+                        small_inputs = dict(self.processor(images=small, text=[s["question"] for s in samples]))
+                        texts, out = self._generate(small_inputs, budget=10**9)
+                        full_detail = [
+                            torch.full(g, bool(n_used == n), dtype=torch.bool)
+                            for g, n_used, n in zip(grids, out.tokens_used.tolist(), natives)
+                        ]
+                        add(method, budget, texts, out.tokens_used.tolist(), targets, full_detail)
+                    else:
+                        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        finally:
+            self.model.config.mode = mode
+        return records
+
+
+def evaluate(model, processor, samples: list[dict], methods=METHODS, budgets=BUDGETS, batch_size: int = 4,
+             progress: bool = True, **harness_kwargs) -> EvalResult:  # fmt: skip
+    """Every method at every budget on the same ``samples``."""
+    from tqdm.auto import tqdm
+
+    harness = Harness(model, processor, **harness_kwargs)
+    result = EvalResult()
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    offset = 0
+    for batch in tqdm(batches, desc="eval", disable=not progress):
+        batch = [dict(s, id=s.get("id", offset + i)) for i, s in enumerate(batch)]
+        result.records += harness.run_batch(batch, list(methods), list(budgets))
+        offset += len(batch)
+    if "text-attention" in methods:
+        result.notes.append(
+            f"text-attention (FastV) keeps every visual token through language-model layers 0..{harness.fastv_layer - 1}; "
+            "its budget counts the tokens after that layer"
+        )
+    if "downsample" in methods:
+        result.notes.append("downsample re-encodes a smaller image; its tokens are that image's native count")
+    return result
+
+
+def write_outputs(result: EvalResult, out_dir: str, title: str = "arr-coc evaluation") -> dict:
+    """``results.json``, ``results.md`` and ``accuracy_vs_tokens.png`` in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = result.table()
+    paths = {
+        k: os.path.join(out_dir, v)
+        for k, v in (("json", "results.json"), ("markdown", "results.md"), ("plot", "accuracy_vs_tokens.png"))
+    }
+    with open(paths["json"], "w") as f:
+        json.dump({"table": rows, "notes": result.notes, "records": [r.__dict__ for r in result.records]}, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(rows, title, result.notes))
+    plot_accuracy(rows, paths["plot"])
+    return paths
+
+
+def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
+    tasks = sorted({r["task"] for r in rows})
+    budgets = [b for b in BUDGETS if any(r["budget"] == b for r in rows)]
+    lines = [f"## {title}", ""]
+    for task in tasks:
+        full = next((r for r in rows if r["task"] == task and r["method"] == "full"), None)
+        if full:
+            lines.append(
+                f"**{task}** – full: exact match {full['exact_match']:.3f}, {full['tokens_used']:.0f} tokens (n={full['n']})"
+            )
+        lines.append("")
+        lines.append("| method | " + " | ".join(budgets) + " |")
+        lines.append("|---|" + "---|" * len(budgets))
+        for method in [m for m in METHODS if m != "full"]:
+            cells = []
+            for b in budgets:
+                r = next((r for r in rows if r["task"] == task and r["method"] == method and r["budget"] == b), None)
+                cells.append(
+                    "" if r is None else f"{r['kept']:.2f} ({r['tokens_used']:.0f} tok, loc {r['localisation']:.2f})"
+                )
+            if any(cells):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Cells: accuracy kept (exact match / full's), mean visual tokens really used, localisation.")
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(rows: list[dict], path: str) -> None:
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in METHODS:
+            pts = sorted(
+                (r["tokens_used"], r["exact_match"]) for r in rows if r["task"] == task and r["method"] == method
+            )
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if method != "full" else "*", markersize=8 if method == "full" else 4,
+                        linestyle="-" if method != "full" else "none", label=method)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("visual tokens used (mean)")
+        ax.set_ylabel("exact match")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def synthetic_samples(tasks, n: int, offset: int = 0) -> list[dict]:
+    """Held-out samples of the synthetic tasks (never used in training)."""
+    from ..data.synthetic import eval_seeds, generate
+
+    out = []
+    for task in tasks:
+        for seed in eval_seeds(n, offset):
+            s = generate(task, seed)
+            out.append(dict(s, answers=[s["answer"]], id=seed))
+    return out
+
+
+__all__ = ["BUDGETS", "METHODS", "EvalResult", "Harness", "anls", "budget_tokens", "evaluate", "write_outputs"]
