@@ -167,7 +167,7 @@ def fastv_generate(model, inputs: dict, keep: list[int], layer: int = 2, max_new
     selections: list[TokenSelection] = []
     drop = None
     new_tokens = []
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         hidden = embeds
         cos_sin = lm.rotary_emb(hidden, positions)
         causal = create_causal_mask(
