@@ -169,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--fastv-layer", type=int, default=2, help="the language-model layer where text-attention prunes")
+    p.add_argument(
+        "--fastv-layer",
+        type=int,
+        default=None,
+        help="the language-model layer where text-attention prunes (default 2; 1 for 2-3 layer models)",
+    )
     p.add_argument("--out", default="eval-results", help="output folder (results.json, results.md, plots)")
     p.add_argument("--json", action="store_true", help="print the output paths as JSON instead of the table")
     p.set_defaults(func=cmd_eval)

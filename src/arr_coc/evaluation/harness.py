@@ -125,9 +125,16 @@ class Harness:
     """Runs the methods on one backbone (an arr-coc model) over samples ``{"image", "question", "answers",
     "answer_box" (optional), "task"}``."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 8, fastv_layer: int = 2, seed: int = 0):
+    def __init__(self, model, processor, max_new_tokens: int = 8, fastv_layer: int | None = None, seed: int = 0):
         self.model, self.processor = model.eval(), processor
-        self.max_new_tokens, self.fastv_layer, self.seed = max_new_tokens, fastv_layer, seed
+        n_layers = len(model.adapter.decoder_layers())
+        # FastV prunes at K = 2-3 of 32 layers; small models: K = 2, or half the layers if they have fewer than 4
+        self.fastv_layer = fastv_layer if fastv_layer is not None else max(1, min(2, n_layers // 2))
+        if not 0 < self.fastv_layer < n_layers:
+            raise ValueError(
+                f"fastv_layer={self.fastv_layer} must lie in [1, {n_layers - 1}] for a {n_layers}-layer language model"
+            )
+        self.max_new_tokens, self.seed = max_new_tokens, seed
         self.eos = (
             processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
             if processor.tokenizer.eos_token

@@ -1,0 +1,162 @@
+"""The evaluation harness: budgets respected and reported, baselines computed as published, outputs written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from arr_coc.evaluation.baselines import downsample_image, native_tokens, uniform_allocation
+from arr_coc.evaluation.harness import METHODS, anls, budget_tokens, evaluate, write_outputs
+from conftest import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def eval_samples(samples):
+    return [dict(s, answers=[s["answer"]], id=i) for i, s in enumerate(samples)]
+
+
+def test_every_method_stays_within_its_budget_and_reports_its_real_count(
+    make_model, make_processor, eval_samples, tmp_path
+):
+    model = make_model("qwen2_vl", allocator="quadtree", min_tokens=8, max_tokens=64)
+    processor = make_processor("qwen2_vl")
+    result = evaluate(
+        model, processor, eval_samples, METHODS, ("1/4", "1/16", "64"), batch_size=2, progress=False, max_new_tokens=3
+    )
+    rows = result.table()
+    assert {r["method"] for r in rows} == set(METHODS)
+    for record in result.records:
+        assert record.tokens_used <= record.budget_tokens, record
+        assert record.tokens_used >= 1
+    native = {r.sample: r.native_tokens for r in result.records}
+    for record in result.records:
+        if record.method in ("random", "query-agnostic", "text-attention", "arr-coc", "arr-coc-free"):
+            assert record.tokens_used == record.budget_tokens  # these methods reach any budget exactly
+        if record.budget.startswith("1/"):
+            assert record.budget_tokens == math.ceil(native[record.sample] / int(record.budget[2:]))
+    paths = write_outputs(result, str(tmp_path))
+    table = json.loads(open(paths["json"]).read())["table"]
+    assert len(table) == len(rows) and all(r["within_budget"] for r in table)
+    assert "accuracy kept" in open(paths["markdown"]).read()
+    assert Image.open(paths["plot"]).size[0] > 100
+    assert any("layers 0..0" in n for n in result.notes)  # FastV's full-token layers (K=1 of 2) are reported
+
+
+def test_full_equals_a_direct_generate_loop(make_model, make_processor, eval_samples):
+    model, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
+    result = evaluate(model, processor, eval_samples[:2], ("full",), (), batch_size=2, progress=False, max_new_tokens=4)
+    with torch.no_grad():
+        for record, s in zip(result.records, eval_samples[:2]):
+            stock_inputs = processor(images=[s["image"]], text=[s["question"]])
+            stock_inputs.pop("question_mask")
+            ids = model.vlm.generate(**stock_inputs, max_new_tokens=4, do_sample=False)
+            text = processor.decode(ids[0, stock_inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            assert record.prediction == text
+            assert record.tokens_used == record.native_tokens
+
+
+@pytest.mark.parametrize("budget", [4, 17, 60, 150, 10_000])
+def test_downsample_gives_the_largest_token_count_that_fits(make_processor, budget):
+    image_processor = make_processor("qwen2_vl").image_processor
+    image = Image.new("RGB", (531, 389), "white")
+    small = downsample_image(image, image_processor, budget)
+    used = native_tokens(image_processor, *small.size)
+    assert used <= budget
+    if small.size != image.size:  # any larger resize would not fit
+        w, h = small.size
+        assert (
+            native_tokens(image_processor, w + 6, round((w + 6) * 389 / 531)) > budget
+            or native_tokens(image_processor, w + 14, h + 10) > budget
+        )
+    else:
+        assert used == native_tokens(image_processor, 531, 389)
+
+
+def test_uniform_pool_uses_the_finest_uniform_grid_that_fits():
+    for h, w, t in [(16, 20, 80), (23, 16, 92), (8, 8, 64), (9, 9, 1)]:
+        a = uniform_allocation(h, w, t)
+        assert a.tokens_used <= t and all(not r.full_detail or (r.y1 - r.y0) * (r.x1 - r.x0) == 1 for r in a.regions)
+        f = a.regions[0].y1 - a.regions[0].y0
+        if f > 1:
+            assert math.ceil(h / (f - 1)) * math.ceil(w / (f - 1)) > t
+
+
+def test_metrics():
+    assert (
+        anls("ABCD", ["ABCD"]) == 1.0
+        and anls("ABCE", ["ABCD"]) == pytest.approx(0.75)
+        and anls("XYZW", ["ABCD"]) == 0.0
+    )
+    assert anls(" abcd ", ["ABCD", "Q"]) == 1.0
+    assert budget_tokens("1/8", 100) == 13 and budget_tokens("64", 40) == 40 and budget_tokens("256", 300) == 256
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_attention_received_matches_eager_attention(family, make_backbone, make_processor, samples, monkeypatch):
+    """VisionZip's read-out, computed from one block's q/k, equals that block's eager attention weights."""
+    import importlib
+
+    from arr_coc.backbones import adapter_for
+
+    vlm, processor = make_backbone(family), make_processor(family)
+    inputs = processor(images=[samples[0]["image"], samples[1]["image"]], text=["a", "b"])
+    adapter = adapter_for(vlm)
+    readouts = adapter.vision_attention_received(inputs["pixel_values"], inputs["image_grid_thw"], block=-1)
+    attn = vlm.model.visual.blocks[adapter._vision_block_index(-1)].attn
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    original, captured = module.eager_attention_forward, []
+
+    def spy(m, q, k, v, *args, **kwargs):
+        out, weights = original(m, q, k, v, *args, **kwargs)
+        if m is attn:
+            captured.append(weights[0].mean(dim=(0, 1)))  # per image: mean over heads and queries
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", spy)
+    previous = attn.config._attn_implementation
+    attn.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    finally:
+        attn.config._attn_implementation = previous
+    received = adapter._to_raster(torch.cat(captured)[:, None], inputs["image_grid_thw"])[
+        :, 0
+    ]  # encoder order -> raster
+    expected = received.view(-1, 4).sum(-1).split([len(r) for r, _ in readouts])
+    for (ours, _), theirs in zip(readouts, expected):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_text_attention_from_last_matches_eager_attention(make_backbone, make_processor, samples):
+    vlm, processor = make_backbone("qwen2_vl"), make_processor("qwen2_vl")
+    from arr_coc import ArrCocForConditionalGeneration
+
+    model = ArrCocForConditionalGeneration.from_backbone(vlm)
+    inputs = processor(images=[samples[0]["image"], samples[1]["image"]], text=[samples[0]["question"], "short?"])
+    with torch.no_grad():
+        c = model.compress_inputs(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            budget=10**9,
+        )
+        lm = vlm.model.language_model
+        hidden = lm(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
+                    output_hidden_states=True).hidden_states  # fmt: skip
+        ours = model.adapter.text_attention_from_last(1, hidden[1], c.position_ids, c.attention_mask)
+        previous = vlm.config.text_config._attn_implementation
+        vlm.config.text_config._attn_implementation = "eager"
+        try:
+            eager = lm(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
+                       output_attentions=True).attentions[1]  # fmt: skip
+        finally:
+            vlm.config.text_config._attn_implementation = previous
+    expected = eager[:, :, -1].mean(dim=1)
+    mask = c.attention_mask.bool()
+    assert torch.allclose(ours[mask], expected[mask], atol=1e-5)
