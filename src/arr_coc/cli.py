@@ -106,6 +106,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """Serve the web app: upload an image, ask, and see the relevance heatmap and the allocation."""
+    from .app.app import build_app
+
+    model, processor = _load(args.model)
+    app = build_app(model, processor, max_bytes=args.max_upload_mb * 2**20, max_pixels=args.max_pixels,
+                    concurrency=args.concurrency, queue_size=args.queue_size)  # fmt: skip
+    app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Write synthetic samples (PNG + JSONL) for people to look at."""
     from .data.synthetic import EVAL_SEED_START, TASKS, write_samples
@@ -178,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-results", help="output folder (results.json, results.md, plots)")
     p.add_argument("--json", action="store_true", help="print the output paths as JSON instead of the table")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("app", help="serve the web app (Gradio) on 127.0.0.1", description=cmd_app.__doc__)
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--concurrency", type=int, default=2, help="requests answered at once; the rest wait in the queue")
+    p.add_argument("--queue-size", type=int, default=64, help="requests that may wait before new ones are refused")
+    p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (width x height)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("data", help="write synthetic task samples (PNG + JSONL)", description=cmd_data.__doc__)
     p.add_argument("--task", default="all", choices=["all", "box-codes", "doc-fields"])

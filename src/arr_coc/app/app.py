@@ -1,0 +1,143 @@
+"""``arr-coc app``: a Gradio page – drop an image, ask a question, see where the tokens went.
+
+Binds 127.0.0.1 by default. Uploads are checked for type, byte size and pixel count before they are
+decoded in full; requests wait in a queue with a concurrency limit; a bad request gets an error
+message and leaves the server running.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+from PIL import Image
+
+from ..evaluation.plots import realization_figure
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+
+
+class UploadError(ValueError):
+    """An upload the app refuses, with the reason to show."""
+
+
+def check_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Open an uploaded file safely: type, byte size and pixel count are checked before a full decode."""
+    if not path:
+        raise UploadError("no image: upload a PNG, JPEG, WEBP, GIF or BMP file")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise UploadError(f"the file has {size:,} bytes, more than the limit of {max_bytes:,}")
+    try:
+        with Image.open(path) as probe:  # reads the header only
+            fmt, (w, h) = probe.format, probe.size
+    except Exception as error:  # PIL raises several types for undecodable files
+        raise UploadError(
+            f"not an image this app can read ({type(error).__name__}); upload a PNG, JPEG, WEBP, GIF or BMP"
+        ) from error
+    if fmt not in ALLOWED_FORMATS:
+        raise UploadError(f"{fmt} images are not accepted; upload one of {sorted(ALLOWED_FORMATS)}")
+    if w * h > max_pixels:
+        raise UploadError(f"the image has {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}")
+    if w < 1 or h < 1:
+        raise UploadError("the image is empty (0 pixels)")
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # an animated image: its first frame
+            return image.convert("RGB")
+    except Exception as error:
+        raise UploadError(f"the image could not be decoded ({type(error).__name__}: {error})") from error
+
+
+def _budget_kwargs(mode: str, budget, ratio) -> dict:
+    if mode == "fixed":
+        if budget is None or float(budget) != int(budget) or int(budget) <= 0:
+            raise UploadError(f"a fixed budget must be a positive whole number of tokens, got {budget!r}")
+        return {"budget": int(budget)}
+    if mode == "ratio":
+        if ratio is None or float(ratio) < 1:
+            raise UploadError(f"a compression ratio must be at least 1, got {ratio!r}")
+        return {"compression": float(ratio)}
+    return {}
+
+
+def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4096 * 4096, concurrency: int = 2,
+              max_new_tokens: int = 24, queue_size: int = 64):  # fmt: skip
+    """The Gradio Blocks app (call ``.launch()`` on it)."""
+    import gradio as gr
+    from transformers import TextIteratorStreamer
+
+    def ask(path, question, mode, budget, ratio):
+        try:
+            image = check_upload(path, max_bytes, max_pixels)
+            question = (question or "").strip()
+            if not question:
+                raise UploadError("ask a question about the image")
+            kwargs = _budget_kwargs(mode, budget, ratio)
+            inputs = processor(images=[image], text=[question])
+        except UploadError as error:
+            raise gr.Error(str(error)) from None
+        except ValueError as error:
+            raise gr.Error(f"could not process the request: {error}") from None
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def run():
+            try:
+                result["out"] = model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
+                                               return_dict_in_generate=True, streamer=streamer)  # fmt: skip
+            except Exception as error:  # reported below; the streamer must end either way
+                result["error"] = error
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        partial = ""
+        for piece in streamer:
+            partial += piece
+            yield partial, "", "", None, None
+        thread.join()
+        if "error" in result:
+            raise gr.Error(f"generation failed: {result['error']}")
+        out = result["out"]
+        realization = out.realizations[0]
+        used, native = int(out.tokens_used[0]), int(out.native_tokens[0])
+        tokens = f"{used} of {native} native visual tokens ({100 * used / native:.0f}%), budget {realization.budget}"
+        picture = realization_figure(image, realization, f"Q: {question}   A: {partial.strip()}")
+        knowing = realization_figure(
+            image, realization, "what is there / what stands out / what the question needs", knowing_maps=True
+        )
+        yield partial.strip(), tokens, "(computing the full-token answer...)", picture, knowing
+        full = model.generate(**inputs, budget=10**9, max_new_tokens=max_new_tokens, do_sample=False)
+        full_text = processor.batch_decode(full[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+        yield partial.strip(), tokens, f"{full_text}   ({native} tokens)", picture, knowing
+
+    with gr.Blocks(title="arr-coc: where the visual tokens go") as app:
+        gr.Markdown(
+            "## arr-coc – query-aware visual token budgets\nUpload an image, ask a question, and see which regions got detail."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", label="image", elem_id="image")
+                question = gr.Textbox(label="question", elem_id="question")
+                mode = gr.Radio(["auto", "fixed", "ratio"], value="auto", label="budget", elem_id="mode")
+                budget = gr.Number(value=64, label="fixed budget (tokens)", precision=0, elem_id="budget")
+                ratio = gr.Number(value=8, label="compression ratio (native / budget)", elem_id="ratio")
+                ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column(scale=2):
+                answer = gr.Textbox(label="answer (compressed)", elem_id="answer")
+                tokens = gr.Textbox(label="tokens used", elem_id="tokens")
+                full_answer = gr.Textbox(label="answer with all visual tokens", elem_id="full-answer")
+                picture = gr.Image(label="relevance and allocation", elem_id="heatmap", type="pil")
+                knowing = gr.Image(label="the three knowing maps", elem_id="knowing", type="pil")
+        ask_button.click(ask, [image, question, mode, budget, ratio], [answer, tokens, full_answer, picture, knowing],
+                         concurrency_limit=concurrency)  # fmt: skip
+    app.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    return app
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
