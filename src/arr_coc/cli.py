@@ -80,6 +80,114 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_inputs(source: str) -> list[dict]:
+    """Rows {"image": path, "question": str, ...} from a JSONL file or a folder (its .jsonl, or image + same-named .txt)."""
+    if os.path.isdir(source):
+        jsonl = sorted(f for f in os.listdir(source) if f.endswith(".jsonl"))
+        if jsonl:
+            return read_inputs(os.path.join(source, jsonl[0]))
+        rows = []
+        for name in sorted(os.listdir(source)):
+            stem, ext = os.path.splitext(name)
+            txt = os.path.join(source, stem + ".txt")
+            if ext.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif") and os.path.isfile(txt):
+                with open(txt, encoding="utf-8") as f:
+                    rows.append({"id": stem, "image": os.path.join(source, name), "question": f.read().strip()})
+        if not rows:
+            raise ValueError(f"{source}: no .jsonl file and no image with a same-named .txt question")
+        return rows
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    root, rows = os.path.dirname(os.path.abspath(source)), []
+    with open(source, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source}:{n}: not JSON ({error.msg})") from None
+            if not isinstance(row, dict) or "image" not in row or not isinstance(row.get("question"), str):
+                raise ValueError(f'{source}:{n}: each line needs "image" (a path) and "question" (a string)')
+            row.setdefault("id", n - 1)
+            row["image"] = row["image"] if os.path.isabs(row["image"]) else os.path.join(root, row["image"])
+            rows.append(row)
+    return rows
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Answer one question about one image, or every row of a JSONL file / folder (sharded across
+    processes under torchrun or accelerate launch, merged in input order)."""
+    from tqdm.auto import tqdm
+
+    from .evaluation.plots import realization_figure
+    from .pipeline import answer
+
+    if bool(args.image) == bool(args.input):
+        raise ValueError("give either --image with --question, or --input (a JSONL file or a folder)")
+    if args.image and not args.question:
+        raise ValueError("--image needs --question")
+    rows = [{"id": 0, "image": args.image, "question": args.question}] if args.image else read_inputs(args.input)
+    rank, world = _distributed()
+    mine = rows[rank::world]
+    model, processor = _load(args.model)
+    results = []
+    for start in tqdm(
+        range(0, len(mine), args.batch_size), desc=f"run (rank {rank}/{world})", disable=args.json or len(mine) <= 1
+    ):
+        batch = mine[start : start + args.batch_size]
+        images = [_open_image(r["image"]) for r in batch]
+        outs = answer(
+            model, processor, images, [r["question"] for r in batch], args.budget, args.compression, args.max_new_tokens
+        )
+        for row, image, out in zip(batch, images, outs):
+            record = {"id": row["id"], "question": row["question"], "answer": out["answer"], "tokens_used": out["tokens_used"],
+                      "native_tokens": out["native_tokens"], "budget": out["realization"].budget}  # fmt: skip
+            if "answer" in row:
+                record["expected"] = row["answer"]
+            if args.heatmap and args.image:
+                realization_figure(image, out["realization"], f"Q: {row['question']}   A: {out['answer']}").save(
+                    args.heatmap
+                )
+                record["heatmap"] = os.path.abspath(args.heatmap)
+            results.append(record)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        order = {row["id"]: i for i, row in enumerate(rows)}
+        results = sorted((r for part in gathered for r in part), key=lambda r: order[r["id"]])
+        if rank != 0:
+            return 0
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    if args.json:
+        print(json.dumps(results[0] if args.image else results))
+    elif args.image:
+        r = results[0]
+        print(f"answer: {r['answer']}\ntokens: {r['tokens_used']} of {r['native_tokens']} (budget {r['budget']})")
+        if args.heatmap:
+            print(f"heatmap: {r['heatmap']}")
+    else:
+        print(f"{len(results)} answers" + (f" written to {args.output}" if args.output else ""))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Methods x budgets x tasks on the same held-out samples: JSON, a markdown table and plots."""
     from .evaluation.harness import BUDGETS, METHODS, evaluate, synthetic_samples, write_outputs
@@ -133,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="arr-coc", description="Query-aware visual token budgets for Qwen2-VL-family models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("run", help="answer a question about an image, or a JSONL file / folder of them",
+                       description=cmd_run.__doc__)  # fmt: skip
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
+    )
+    p.add_argument("--image", help="an image file")
+    p.add_argument("--question", help="the question about --image")
+    p.add_argument("--input", help="a JSONL file (image, question[, id, answer] per line) or a folder")
+    p.add_argument("--output", help="write one JSON result per line here")
+    _budget_args(p)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--heatmap", help="with --image: write the relevance heatmap and allocation here (PNG)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="answer a held-out sample (or your image) with arr-coc-tiny and draw the allocation",
                        description=cmd_demo.__doc__)  # fmt: skip
