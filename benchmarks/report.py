@@ -1,0 +1,194 @@
+"""Write docs/benchmarks.md from an `arr-coc eval` run and a `benchmarks/speed.py` run.
+
+    arr-coc eval --n 50 --out docs/results/eval
+    python benchmarks/speed.py --out docs/results/speed.json
+    python benchmarks/report.py --eval docs/results/eval/results.json --speed docs/results/speed.json
+
+The reading at the end is computed from the numbers against the targets (met / not met, with the
+measured values); nothing in it is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
+BASELINES = ("downsample", "uniform-pool", "random", "query-agnostic", "text-attention")
+
+
+def _fmt(v, digits=2):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def accuracy_section(table: list[dict]) -> list[str]:
+    lines = ["## Accuracy kept per visual-token budget", ""]
+    tasks = sorted({r["task"] for r in table})
+    budgets = [
+        b for b in ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400") if any(r["budget"] == b for r in table)
+    ]
+    methods = [
+        m
+        for m in ("downsample", "uniform-pool", "random", "query-agnostic", "text-attention", "arr-coc-free", "arr-coc")
+        if any(r["method"] == m for r in table)
+    ]
+    for task in tasks:
+        full = next(r for r in table if r["task"] == task and r["method"] == "full")
+        lines += [
+            f"### {task}",
+            "",
+            f"`full`: exact match **{full['exact_match']:.3f}** with {full['tokens_used']:.0f} visual tokens on average (n = {full['n']}).",
+            "",
+        ]
+        lines += ["Accuracy kept (exact match / full's), and in brackets the mean visual tokens really used:", ""]
+        lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for m in methods:
+            cells = []
+            for b in budgets:
+                r = next((r for r in table if r["task"] == task and r["method"] == m and r["budget"] == b), None)
+                cells.append("" if r is None else f"{_fmt(r['kept'])} ({r['tokens_used']:.0f})")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "Localisation (answer box entirely at full detail):", ""]
+        lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for m in methods:
+            cells = [
+                _fmt(
+                    next(
+                        (
+                            r["localisation"]
+                            for r in table
+                            if r["task"] == task and r["method"] == m and r["budget"] == b
+                        ),
+                        None,
+                    )
+                )
+                for b in budgets
+            ]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def speed_section(speed: dict) -> list[str]:
+    lines = ["## Speed and memory (ratios to `full` in the same run)", ""]
+    s = speed["settings"]
+    lines += [f"Qwen2-VL-2B-shaped: real widths (vision 1280, LM 1536, vocabulary {s['vocab_2b']}), random weights, "
+              f"{s['vision_depth_2b']} of 32 vision blocks and {s['text_layers_2b']} of 28 LM layers (so it runs here). "
+              "Times are medians; peak memory is the peak of live tensor bytes on the first-token path "
+              "(PyTorch profiler allocation events).", ""]  # fmt: skip
+    keys = sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]})
+    lines += ["| model | px | batch | budget | tokens/img | vision s | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key in keys:
+        for r in (r for r in speed["rows"] if (r["model"], r["size"], r["batch"]) == key):
+            lines.append(
+                f"| {r['model']} | {r['size']} | {r['batch']} | {r['budget']} | {r['visual_tokens']:.0f} | {r['vision_s']:.3f} | "
+                f"{100 * r['relevance_share_of_vision']:.1f}% | {r['prefill_s']:.3f} ({r['prefill_speedup']:.2f}) | "
+                f"{r['ttft_s']:.3f} ({r['ttft_speedup']:.2f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}) | "
+                f"{r['peak_mb']:.0f} ({r['memory_ratio']:.2f}) |"
+            )
+    return lines + [""]
+
+
+def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
+    """Targets from the issues, checked against the measured numbers."""
+    lines = ["## Reading: targets against measurements", ""]
+
+    def row(task, method, budget):
+        return next((r for r in table if r["task"] == task and r["method"] == method and r["budget"] == budget), None)
+
+    if table:
+        tasks = sorted({r["task"] for r in table})
+        for task in tasks:
+            for budget, target in (("1/8", 0.95), ("1/16", 0.90)):
+                r = row(task, "arr-coc", budget)
+                if r:
+                    verdict = "met" if r["kept"] >= target else "NOT met"
+                    lines.append(
+                        f"- {task}: arr-coc trained keeps {r['kept']:.2f} of full at {budget} (target ≥ {target:.2f}): {verdict}."
+                    )
+            losses = []
+            for budget in TARGET_BUDGETS:
+                ours = row(task, "arr-coc", budget)
+                for b in BASELINES:
+                    other = row(task, b, budget)
+                    if ours and other and not ours["exact_match"] > other["exact_match"]:
+                        losses.append(f"{b} at {budget} ({other['exact_match']:.2f} vs {ours['exact_match']:.2f})")
+            lines.append(f"- {task}: arr-coc trained beats every baseline at every budget ≤ 1/2: "
+                         + ("met." if not losses else "NOT met – ties or losses: " + "; ".join(losses) + "."))  # fmt: skip
+            free_losses = [
+                f"{budget} ({row(task, 'arr-coc-free', budget)['exact_match']:.2f} vs {row(task, 'uniform-pool', budget)['exact_match']:.2f})"
+                for budget in ("1/4", "1/8", "1/16")
+                if row(task, "arr-coc-free", budget) and row(task, "uniform-pool", budget)
+                and not row(task, "arr-coc-free", budget)["exact_match"] > row(task, "uniform-pool", budget)["exact_match"]
+            ]  # fmt: skip
+            lines.append(f"- {task}: training-free beats uniform-pool at every budget ≤ 1/4: "
+                         + ("met." if not free_losses else "NOT met at " + ", ".join(free_losses) + "."))  # fmt: skip
+            r = row(task, "arr-coc", "1/8")
+            if r:
+                lines.append(f"- {task}: localisation of arr-coc trained at 1/8 is {_fmt(r['localisation'])} (target ≥ 0.90): "
+                             + ("met." if r["localisation"] >= 0.9 else "NOT met."))  # fmt: skip
+    if speed:
+        shares = [r["relevance_share_of_vision"] for r in speed["rows"] if r["budget"] != "full"]
+        lines.append(f"- relevance realization costs {100 * min(shares):.1f}–{100 * max(shares):.1f}% of the vision encoder's time "
+                     f"(target ≤ 5%): {'met' if max(shares) <= 0.05 else 'NOT met everywhere'}.")  # fmt: skip
+        big = [r for r in speed["rows"] if r["model"] == "2b" and r["size"] == 1344 and r["budget"] == "1/8"]
+        for r in big:
+            lines.append(f"- 2B-shaped at 1344 px, batch {r['batch']}: prefill at 1/8 is {r['prefill_speedup']:.2f}× faster than full "
+                         f"(target ≥ 4×): {'met' if r['prefill_speedup'] >= 4 else 'NOT met'}; time to first token {r['ttft_speedup']:.2f}× "
+                         "(the vision encoder is not compressed).")  # fmt: skip
+        falls = []
+        for key in sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]}):
+            series = [r["peak_mb"] for r in speed["rows"] if (r["model"], r["size"], r["batch"]) == key]
+            falls.append(all(b <= a * 1.02 for a, b in zip(series, series[1:])))
+        lines.append(
+            f"- peak memory falls with the budget in {sum(falls)} of {len(falls)} (model, size, batch) series."
+        )
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval", default="docs/results/eval/results.json")
+    parser.add_argument("--speed", default="docs/results/speed.json")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--eval-command", default="arr-coc eval --n 50 --out docs/results/eval")
+    args = parser.parse_args(argv)
+    table = json.load(open(args.eval))["table"] if os.path.exists(args.eval) else None
+    speed = json.load(open(args.speed)) if os.path.exists(args.speed) else None
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `benchmarks/report.py` from runs on this machine; re-run the commands below to reproduce.",
+        "",
+    ]
+    lines += ["## Commands", "", "```bash", args.eval_command]
+    if speed:
+        lines.append(speed["command"])
+    lines += ["python benchmarks/report.py", "```", ""]
+    if speed:
+        m = speed["machine"]
+        lines += [
+            f"Machine: {m['platform']}, {m['threads']} CPU threads, torch {m['torch']}, Python {m['python']}; no GPU.",
+            "",
+        ]
+    if table:
+        lines += accuracy_section(table)
+        rel = os.path.relpath(
+            os.path.join(os.path.dirname(args.eval), "accuracy_vs_tokens.png"), os.path.dirname(args.out)
+        )
+        lines += [f"![accuracy against visual tokens]({rel})", ""]
+    if speed:
+        lines += speed_section(speed)
+    lines += reading(table, speed)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Speed and memory of arr-coc against the full-token backbone, as ratios measured in one run.
+
+Per (model, image size, batch size, budget): vision-encoder time, relevance-realization time,
+language-model prefill time, time to first token (all of them plus the first decoding step),
+decoding tokens/s, and peak tensor memory of the whole first-token path (from the PyTorch
+profiler's allocation events). Every time is the median of ``repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class SpeedRow:
+    model: str
+    size: int
+    batch: int
+    budget: str
+    visual_tokens: float  # per image, really used
+    native_tokens: int
+    vision_s: float
+    relevance_s: float
+    prefill_s: float
+    ttft_s: float
+    decode_tokens_per_s: float
+    peak_mb: float
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def peak_tensor_mb(fn) -> float:
+    """Peak bytes of live tensors allocated while ``fn`` runs (profiler memory events), in MB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def page_image(size: int, seed: int = 0) -> Image.Image:
+    """A held-out document page resized to ``size`` x ``size`` px (content matters only to the allocator)."""
+    from ..data.synthetic import eval_seeds, generate
+
+    return generate("doc-fields", eval_seeds(1, seed)[0])["image"].resize((size, size), Image.BICUBIC)
+
+
+@torch.no_grad()
+def measure(
+    model, processor, name: str, size: int, batch: int, budgets, repeats: int = 3, new_tokens: int = 8
+) -> list[SpeedRow]:
+    """One image size and batch size: full first, then each budget ("1/8" fractions or token counts)."""
+    images = [page_image(size, i) for i in range(batch)]
+    inputs = processor(images=images, text=["What is the Total?"] * batch)
+    features_time, features = _median_time(
+        lambda: model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"]), repeats
+    )
+    native = math.prod(features[0].grid)
+    rows = []
+    for spec in ["full", *budgets]:
+        if spec == "full":
+            budget = 10**9
+        elif spec.startswith("1/"):
+            budget = math.ceil(native / float(spec[2:]))
+        else:
+            budget = min(int(spec), native)
+
+        def realize():
+            return model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                         inputs["image_grid_thw"], inputs["question_mask"], budget=budget,
+                                         vision_features=features)  # fmt: skip
+
+        relevance_time, compressed = _median_time(realize, repeats)
+
+        def prefill():
+            return model(inputs_embeds=compressed.inputs_embeds, attention_mask=compressed.attention_mask,
+                         position_ids=compressed.position_ids, use_cache=True, logits_to_keep=1)  # fmt: skip
+
+        prefill_time, _ = _median_time(prefill, repeats)
+
+        def first_token():
+            c = model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                      inputs["image_grid_thw"], inputs["question_mask"], budget=budget)  # fmt: skip
+            return model(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
+                         use_cache=True, logits_to_keep=1).logits.argmax(-1)  # fmt: skip
+
+        ttft, _ = _median_time(first_token, repeats)
+        generate_time, _ = _median_time(
+            lambda: model.generate(
+                **inputs,
+                budget=budget,
+                vision_features=features,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            ),  # fmt: skip
+            1,
+        )
+        decode_rate = batch * (new_tokens - 1) / max(generate_time - relevance_time - prefill_time, 1e-6)
+        peak = peak_tensor_mb(first_token)
+        used = float(compressed.tokens_used.float().mean())
+        rows.append(
+            SpeedRow(
+                name,
+                size,
+                batch,
+                spec,
+                used,
+                native,
+                features_time,
+                relevance_time,
+                prefill_time,
+                ttft,
+                decode_rate,
+                peak,
+            )
+        )
+    return rows
+
+
+def ratios(rows: list[SpeedRow]) -> list[dict]:
+    """Each row with its ratios to the full-token row of the same (model, size, batch)."""
+    full = {(r.model, r.size, r.batch): r for r in rows if r.budget == "full"}
+    out = []
+    for r in rows:
+        f = full[(r.model, r.size, r.batch)]
+        out.append({
+            **asdict(r),
+            "prefill_speedup": f.prefill_s / r.prefill_s, "ttft_speedup": f.ttft_s / r.ttft_s,
+            "decode_speedup": r.decode_tokens_per_s / f.decode_tokens_per_s, "memory_ratio": r.peak_mb / f.peak_mb,
+            "relevance_share_of_vision": r.relevance_s / r.vision_s,
+        })  # fmt: skip
+    return out
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    }  # fmt: skip
