@@ -65,6 +65,41 @@ def page_image(size: int, seed: int = 0) -> Image.Image:
     return generate("doc-fields", eval_seeds(1, seed)[0])["image"].resize((size, size), Image.BICUBIC)
 
 
+def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, new_tokens: int) -> tuple:
+    """(relevance s, prefill s, time to first token s, decode tokens/s, peak MB, mean tokens used) at one budget."""
+    batch = inputs["input_ids"].shape[0]
+
+    def realize(with_features=True):
+        return model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                     inputs["image_grid_thw"], inputs["question_mask"], budget=budget,
+                                     vision_features=features if with_features else None)  # fmt: skip
+
+    def prefill(c):
+        return model(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
+                     use_cache=True, logits_to_keep=1)  # fmt: skip
+
+    def first_token():
+        return prefill(realize(with_features=False)).logits.argmax(-1)
+
+    relevance_time, compressed = _median_time(realize, repeats)
+    prefill_time, _ = _median_time(lambda: prefill(compressed), repeats)
+    ttft, _ = _median_time(first_token, repeats)
+    generate_time, _ = _median_time(
+        lambda: model.generate(
+            **inputs,
+            budget=budget,
+            vision_features=features,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        ),  # fmt: skip
+        1,
+    )
+    decode_rate = batch * (new_tokens - 1) / max(generate_time - relevance_time - prefill_time, 1e-6)
+    used = float(compressed.tokens_used.float().mean())
+    return relevance_time, prefill_time, ttft, decode_rate, peak_tensor_mb(first_token), used
+
+
 @torch.no_grad()
 def measure(
     model, processor, name: str, size: int, batch: int, budgets, repeats: int = 3, new_tokens: int = 8
@@ -72,7 +107,7 @@ def measure(
     """One image size and batch size: full first, then each budget ("1/8" fractions or token counts)."""
     images = [page_image(size, i) for i in range(batch)]
     inputs = processor(images=images, text=["What is the Total?"] * batch)
-    features_time, features = _median_time(
+    vision_time, features = _median_time(
         lambda: model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"]), repeats
     )
     native = math.prod(features[0].grid)
@@ -84,56 +119,11 @@ def measure(
             budget = math.ceil(native / float(spec[2:]))
         else:
             budget = min(int(spec), native)
-
-        def realize():
-            return model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                         inputs["image_grid_thw"], inputs["question_mask"], budget=budget,
-                                         vision_features=features)  # fmt: skip
-
-        relevance_time, compressed = _median_time(realize, repeats)
-
-        def prefill():
-            return model(inputs_embeds=compressed.inputs_embeds, attention_mask=compressed.attention_mask,
-                         position_ids=compressed.position_ids, use_cache=True, logits_to_keep=1)  # fmt: skip
-
-        prefill_time, _ = _median_time(prefill, repeats)
-
-        def first_token():
-            c = model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                      inputs["image_grid_thw"], inputs["question_mask"], budget=budget)  # fmt: skip
-            return model(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
-                         use_cache=True, logits_to_keep=1).logits.argmax(-1)  # fmt: skip
-
-        ttft, _ = _median_time(first_token, repeats)
-        generate_time, _ = _median_time(
-            lambda: model.generate(
-                **inputs,
-                budget=budget,
-                vision_features=features,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-            ),  # fmt: skip
-            1,
+        relevance, prefill, ttft, decode, peak, used = _budget_timings(
+            model, inputs, features, budget, repeats, new_tokens
         )
-        decode_rate = batch * (new_tokens - 1) / max(generate_time - relevance_time - prefill_time, 1e-6)
-        peak = peak_tensor_mb(first_token)
-        used = float(compressed.tokens_used.float().mean())
         rows.append(
-            SpeedRow(
-                name,
-                size,
-                batch,
-                spec,
-                used,
-                native,
-                features_time,
-                relevance_time,
-                prefill_time,
-                ttft,
-                decode_rate,
-                peak,
-            )
+            SpeedRow(name, size, batch, spec, used, native, vision_time, relevance, prefill, ttft, decode, peak)
         )
     return rows
 
