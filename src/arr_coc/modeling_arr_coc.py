@@ -27,6 +27,7 @@ from .assets import resolve_model_path
 from .backbones import adapter_for
 from .backbones.base import VisionFeatures
 from .configuration_arr_coc import ArrCocConfig
+from .io import MODEL_FILES, atomic_directory, check_weights, recover
 from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAllocator, resolve_budget
 from .relevance.knowing import CouplingScorer
 
@@ -114,6 +115,19 @@ class CompressedInputs:
     native_tokens: torch.Tensor | None = None  # [B]
 
 
+def _check_local(path) -> None:
+    """A local folder: undo a save that was cut short, and refuse pickled weights."""
+    if isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or os.path.isdir(f"{path}.old")):
+        recover(str(path))
+        check_weights(str(path))
+    elif (
+        isinstance(path, (str, os.PathLike))
+        and (os.path.isabs(str(path)) or str(path).startswith("."))
+        and not os.path.exists(path)
+    ):
+        raise FileNotFoundError(f"{path}: no such model folder")
+
+
 def _per_image(value, name: str, images_per_sample: list[int]) -> list:
     """Broadcast a call argument to one value per image.
 
@@ -192,6 +206,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)
         and heads-only folders (`training.save_heads`), whose backbone is loaded by the name they carry."""
         path = resolve_model_path(pretrained_model_name_or_path)
+        _check_local(path)
         heads_config = os.path.join(str(path), "arr_coc_heads.json")
         if os.path.isfile(heads_config):
             from .training.trainer import load_heads_into
@@ -203,6 +218,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             model = cls.from_backbone(info["base_model_name_or_path"], **fields, **kwargs)
             load_heads_into(model, str(path))
             return model
+        kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(path, *args, **kwargs)
 
     @classmethod
@@ -215,7 +231,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """
         config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ArrCocConfig.__dataclass_fields__}
         if isinstance(model_or_path, (str, os.PathLike)):
-            vlm = AutoModelForImageTextToText.from_pretrained(resolve_model_path(model_or_path), **overrides)
+            path = resolve_model_path(model_or_path)
+            _check_local(path)
+            vlm = AutoModelForImageTextToText.from_pretrained(path, **{"use_safetensors": True, **overrides})
             vlm = vlm.vlm if isinstance(vlm, ArrCocForConditionalGeneration) else vlm  # an arr-coc model's backbone
         elif overrides:
             raise ValueError(f"unknown options {sorted(overrides)} for an already loaded backbone")
@@ -231,12 +249,17 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return model
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        """Saves under this model's own parameter names (``vlm.model.language_model...``).
+        """Saves under this model's own parameter names (``vlm.model.language_model...``), atomically.
 
         transformers would otherwise write the nested backbone under its legacy checkpoint names, which
         ``from_pretrained`` maps back but a plain ``load_state_dict`` (the Trainer's resume) silently skips.
+        The folder is written beside the target and swapped in (`io.atomic_directory`), so a loadable
+        model is there at every instant; a processor saved in the same folder is kept.
         """
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(str(save_directory))))
+        with atomic_directory(save_directory, MODEL_FILES) as staging:
+            return super().save_pretrained(staging, *args, save_original_format=save_original_format, **kwargs)
 
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()

@@ -19,6 +19,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 
 from .assets import resolve_model_path
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .io import PROCESSOR_FILES, atomic_directory, recover
 
 VISION_SPAN = re.compile(r"<\|vision_start\|>.*?<\|vision_end\|>", re.S)
 USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S)
@@ -32,6 +34,8 @@ class ArrCocProcessor(ProcessorMixin):
     ``images``: one image per sample, or per sample a list of images.
     """
 
+    max_input_pixels = DEFAULT_MAX_PIXELS  # images above this are refused before decoding (set per instance)
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(
             image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None)
@@ -43,11 +47,22 @@ class ArrCocProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ArrCocProcessor:
         """From an arr-coc folder, a stock Qwen-VL checkpoint (local or Hub id) or ``"arr-coc-tiny"``."""
         path = resolve_model_path(pretrained_model_name_or_path)
+        if os.path.isdir(path) or os.path.isdir(f"{path}.old"):
+            recover(str(path))
+        elif os.path.isabs(str(path)) and not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such processor folder")
         for key in ("trust_remote_code",):
             kwargs.pop(key, None)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(path, tokenizer))
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Atomic like the model's: written beside the folder and swapped in, keeping a model saved there."""
+        if push_to_hub:
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(str(save_directory))))
+        with atomic_directory(save_directory, PROCESSOR_FILES) as staging:
+            return super().save_pretrained(staging, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def merge_size(self) -> int:
@@ -73,7 +88,13 @@ class ArrCocProcessor(ProcessorMixin):
                 raise ValueError(
                     f"sample {i} has {len(imgs)} images but its prompt has {p.count(self.image_token)} image slots"
                 )
-        flat = [img for imgs in per_sample for img in imgs]
+        for i, question in enumerate(texts):
+            if not question.strip():
+                raise ValueError(f"sample {i}: the question is empty; ask something about the image")
+        flat = [
+            load_image(img, self.max_input_pixels, f"image {k}")
+            for k, img in enumerate(img for imgs in per_sample for img in imgs)
+        ]
         vision = {}
         if flat:
             vision = dict(self.image_processor(flat, return_tensors="pt"))
@@ -95,6 +116,12 @@ class ArrCocProcessor(ProcessorMixin):
             spans = _question_spans(prompt)
             q = [int(any(a >= s and b <= e and b > a for s, e in spans)) for a, b in offsets]
             rows.append((ids + target, q + [0] * len(target), [-100] * len(ids) + target))
+        limit = getattr(self.tokenizer, "model_max_length", None) or 10**9
+        for i, (ids, _, _) in enumerate(rows):
+            if len(ids) > limit:
+                raise ValueError(
+                    f"sample {i}: the prompt has {len(ids):,} tokens, over the tokenizer's limit of {limit:,}; shorten the question"
+                )
         length = max(len(ids) for ids, _, _ in rows)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -157,7 +184,7 @@ def _chat_template(path: str, tokenizer) -> str | None:
 
 
 def _is_image(x) -> bool:
-    return isinstance(x, (Image.Image, np.ndarray, torch.Tensor))
+    return isinstance(x, (Image.Image, np.ndarray, torch.Tensor, str, os.PathLike, bytes, bytearray))
 
 
 def _images_per_sample(images, n_samples: int) -> list[list]:

@@ -138,8 +138,8 @@ def _kill_hook():
 def train(options: dict) -> dict:
     """Run one training job; returns a summary (paths, steps, final metrics)."""
     from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from ..io import last_complete_checkpoint
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor
     from . import surgery
@@ -189,7 +189,7 @@ def train(options: dict) -> dict:
     )  # fmt: skip
     resume = options.get("resume")
     if resume == "auto":
-        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
+        resume = last_complete_checkpoint(out)
     if trainer.is_world_process_zero():
         print(surgery.format_report(summary))
     result = trainer.train(resume_from_checkpoint=resume)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
+from ..io import COMPLETE, last_complete_checkpoint, mark_complete
 from .objectives import (
     ObjectiveWeights,
     attribution_targets,
@@ -121,6 +122,30 @@ class ArrCocTrainer(Trainer):
             )
         if load_result.missing_keys:
             self.model.tie_weights()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint, then a completion marker; old checkpoints are rotated only after it."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            mark_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+            if limit is not None:
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, COMPLETE)):
+            raise ValueError(
+                f"{resume_from_checkpoint} was not completed (its save was cut short); resume from the last complete "
+                f"checkpoint: {last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))}"
+            )
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def save_heads(self, output_dir: str | None = None) -> str:
         """Write only the relevance heads (PEFT-style, small), naming the backbone they belong to."""

@@ -1,0 +1,143 @@
+"""Saving so that a loadable checkpoint exists at every instant, and loading only what is safe.
+
+`atomic_directory(path)`: write into a sibling staging folder, fsync, then swap it in by rename (the
+previous folder is kept as ``<path>.old`` for the instant of the swap); files of the previous folder
+that this save does not own (a processor's beside a model's) are carried over. `recover(path)` undoes
+a swap that was cut short. Training checkpoints are marked complete only after everything is on disk
+(`mark_complete`), and resuming takes the last complete one (`last_complete_checkpoint`).
+
+`check_weights(path)`: only safetensors weights are loaded; a ``.bin`` / ``.pt`` file is refused with
+how to convert it. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import re
+import shutil
+import signal
+
+KILL_ENV = "ARR_COC_TEST_KILL_AT"  # test hook: SIGKILL this process at the named point of a save
+COMPLETE = "arr_coc_complete"
+MODEL_FILES = ("model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+               "pytorch_model*.bin", "*.pt", "arr_coc_heads*")  # fmt: skip
+PROCESSOR_FILES = ("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template*", "processor_config.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json")  # fmt: skip
+UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def kill_point(name: str) -> None:
+    """Die here (SIGKILL) if the test hook names this point."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(path: str) -> None:
+    """Finish or undo a swap that was cut short: restore ``<path>.old`` if ``path`` is missing; drop stale staging."""
+    path = os.path.abspath(str(path))
+    old = path + ".old"
+    if not os.path.exists(path) and os.path.isdir(old):
+        os.replace(old, path)
+    elif os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+    parent, base = os.path.split(path)
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            if name.startswith(base + ".staging-"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, owned: tuple[str, ...]):
+    """Yield a staging folder to save into; on success swap it in for ``path``.
+
+    ``owned``: file patterns this save writes (stale ones of the old folder are not carried over).
+    """
+    path = os.path.abspath(str(path))
+    recover(path)
+    staging = f"{path}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            source, target = os.path.join(path, name), os.path.join(staging, name)
+            if os.path.exists(target) or any(fnmatch.fnmatch(name, pattern) for pattern in owned):
+                continue
+            if os.path.isdir(source):
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
+    fsync_tree(staging)
+    kill_point("save:written")
+    old = path + ".old"
+    if os.path.isdir(path):
+        os.replace(path, old)
+        kill_point("save:swapping")
+    os.replace(staging, path)
+    _fsync_dir(os.path.dirname(path))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_weights(path: str) -> None:
+    """Refuse a local folder whose weights are not safetensors (nothing is unpickled)."""
+    if not os.path.isdir(path):
+        return
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    unsafe = [n for n in names if any(fnmatch.fnmatch(n, p) for p in UNSAFE_WEIGHTS) and n != "training_args.bin"]
+    if unsafe:
+        raise ValueError(
+            f"{path} holds weights as {unsafe[0]} (a pickle); arr-coc loads safetensors only. Convert it once where "
+            'you trust the file: `python -c "import torch; from safetensors.torch import save_file; '
+            f"save_file(torch.load('{unsafe[0]}', weights_only=True), 'model.safetensors')\"` in that folder"
+        )
+
+
+def mark_complete(path: str) -> None:
+    """Record that a checkpoint folder is whole (written after everything else is on disk)."""
+    fsync_tree(path)
+    kill_point("checkpoint:before-marker")
+    marker = os.path.join(path, COMPLETE)
+    with open(marker + ".tmp", "w") as f:
+        f.write("complete\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker + ".tmp", marker)
+    _fsync_dir(path)
+
+
+def last_complete_checkpoint(run_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``run_dir`` that was marked complete (None if there is none)."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = []
+    for name in os.listdir(run_dir):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isfile(os.path.join(run_dir, name, COMPLETE)):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return max(found)[1] if found else None
