@@ -121,7 +121,7 @@ def check_weights(path: str) -> None:
 def mark_complete(path: str) -> None:
     """Record that a checkpoint folder is whole (written after everything else is on disk)."""
     fsync_tree(path)
-    kill_point("checkpoint:before-marker")
+    kill_point(f"checkpoint:before-marker:{os.path.basename(os.path.normpath(path))}")
     marker = os.path.join(path, COMPLETE)
     with open(marker + ".tmp", "w") as f:
         f.write("complete\n")

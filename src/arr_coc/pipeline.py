@@ -85,9 +85,14 @@ class RelevanceVQAPipeline(Pipeline):
         return results[0] if single else results
 
     def preprocess(self, items: list[dict], timeout=None) -> dict:
-        from transformers.image_utils import load_image
+        from transformers.image_utils import load_image as fetch
 
-        images = [load_image(item["image"], timeout=timeout) for item in items]
+        images = [
+            fetch(item["image"], timeout=timeout)
+            if isinstance(item["image"], str) and item["image"].startswith(("http://", "https://", "data:"))
+            else item["image"]
+            for item in items
+        ]  # URLs are fetched; every image is then checked by the processor (arr_coc.images.load_image)
         inputs = self.processor(images=images, text=[item["question"] for item in items])
         return {k: v.to(self.device) for k, v in inputs.items()}
 

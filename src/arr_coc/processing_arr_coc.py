@@ -10,6 +10,7 @@ the parts are loaded on their own and the video half is never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -34,12 +35,18 @@ class ArrCocProcessor(ProcessorMixin):
     ``images``: one image per sample, or per sample a list of images.
     """
 
-    max_input_pixels = DEFAULT_MAX_PIXELS  # images above this are refused before decoding (set per instance)
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        max_input_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs,
+    ):
         super().__init__(
             image_processor, tokenizer, chat_template=chat_template or getattr(tokenizer, "chat_template", None)
         )
+        self.max_input_pixels = int(max_input_pixels)  # images above this are refused before decoding
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
 
@@ -55,14 +62,23 @@ class ArrCocProcessor(ProcessorMixin):
             kwargs.pop(key, None)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(path, tokenizer))
+        config_path = os.path.join(str(path), "processor_config.json")
+        saved = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(path, tokenizer),
+                   max_input_pixels=saved.get("max_input_pixels", DEFAULT_MAX_PIXELS))  # fmt: skip
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Atomic like the model's: written beside the folder and swapped in, keeping a model saved there."""
         if push_to_hub:
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(str(save_directory))))
         with atomic_directory(save_directory, PROCESSOR_FILES) as staging:
-            return super().save_pretrained(staging, push_to_hub=push_to_hub, **kwargs)
+            result = super().save_pretrained(staging, push_to_hub=push_to_hub, **kwargs)
+            config_path = os.path.join(staging, "processor_config.json")
+            config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+            config.update(processor_class=type(self).__name__, max_input_pixels=self.max_input_pixels)
+            with open(config_path, "w") as f:
+                json.dump(config, f, indent=2)
+        return result
 
     @property
     def merge_size(self) -> int:
@@ -176,8 +192,6 @@ def _chat_template(path: str, tokenizer) -> str | None:
             with open(file, encoding="utf-8") as f:
                 content = f.read()
             if name.endswith(".json"):
-                import json
-
                 content = json.loads(content).get("chat_template")
             return content
     return None
