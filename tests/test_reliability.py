@@ -322,3 +322,40 @@ def test_same_inputs_same_allocation_and_answer_run_to_run_and_alone_vs_batch(sm
             alone.sequences[0, alone_inputs["input_ids"].shape[1] :],
             runs[0].sequences[i, batch["input_ids"].shape[1] :],
         )
+
+
+# --------------------------------------------------------------------------- the app under load
+
+
+def _load(small_model, tmp_path, concurrent, sequential, port):
+    from arr_coc.app.load import run_load
+
+    model, processor = small_model
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return run_load(
+        str(folder), concurrent, sequential, malformed_every=4, port=port, concurrency=2, workdir=str(tmp_path / "load")
+    )
+
+
+def _check_load(result, concurrent, sequential):
+    assert result["unexpected_outcomes"] == 0, result["examples_of_unexpected"]
+    assert result["malformed"] >= (concurrent + sequential) // 4
+    assert result["server_peak_in_flight"] <= result["concurrency_limit"]
+    assert result["server_served"] >= concurrent + sequential - result["malformed"]
+    assert result["rss_growth"] <= 0.10, result
+    assert 0 < result["p50_s"] <= result["p99_s"]
+
+
+def test_app_under_load_smoke(small_model, tmp_path):
+    """A short run in CI: concurrent and sequential requests with malformed uploads mixed in."""
+    result = _load(small_model, tmp_path, concurrent=8, sequential=16, port=7893)
+    _check_load(result, 8, 16)
+
+
+@pytest.mark.slow
+def test_app_under_load(small_model, tmp_path):
+    """The full run: 50 concurrent and 500 sequential requests (python -m pytest -m slow)."""
+    result = _load(small_model, tmp_path, concurrent=50, sequential=500, port=7894)
+    _check_load(result, 50, 500)

@@ -68,7 +68,26 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
     import gradio as gr
     from transformers import TextIteratorStreamer
 
+    stats = {"active": 0, "peak_active": 0, "served": 0, "refused": 0}
+    lock = threading.Lock()
+
     def ask(path, question, mode, budget, ratio):
+        with lock:
+            stats["active"] += 1
+            stats["peak_active"] = max(stats["peak_active"], stats["active"])
+        try:
+            yield from _ask(path, question, mode, budget, ratio)
+            with lock:
+                stats["served"] += 1
+        except gr.Error:
+            with lock:
+                stats["refused"] += 1
+            raise
+        finally:
+            with lock:
+                stats["active"] -= 1
+
+    def _ask(path, question, mode, budget, ratio):
         try:
             image = check_upload(path, max_bytes, max_pixels)
             question = (question or "").strip()
@@ -132,7 +151,9 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
                 picture = gr.Image(label="relevance and allocation", elem_id="heatmap", type="pil")
                 knowing = gr.Image(label="the three knowing maps", elem_id="knowing", type="pil")
         ask_button.click(ask, [image, question, mode, budget, ratio], [answer, tokens, full_answer, picture, knowing],
-                         concurrency_limit=concurrency)  # fmt: skip
+                         concurrency_limit=concurrency, api_name="ask")  # fmt: skip
+        # the server's own counters (for load tests): requests in flight at most, answered, refused
+        gr.Button(visible=False).click(lambda: dict(stats), None, gr.JSON(visible=False), api_name="stats", queue=False)
     app.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     return app
 

@@ -330,11 +330,10 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
 
 
 def plot_accuracy(rows: list[dict], path: str) -> None:
-    from .plots import _pyplot
+    from .plots import new_figure
 
-    plt = _pyplot()
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    fig, axes = new_figure(6 * len(tasks), 4.2, 1, len(tasks))
     for ax, task in zip(axes[0], tasks):
         for method in METHODS:
             pts = sorted(
@@ -352,7 +351,6 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def synthetic_samples(tasks, n: int, offset: int = 0) -> list[dict]:

@@ -8,13 +8,12 @@ import numpy as np
 from PIL import Image
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1):
+    """A figure without pyplot's global registry: safe in server threads, freed with its last reference."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _grid_to_pixels(image: Image.Image, grid_hw: tuple[int, int]) -> tuple[float, float]:
@@ -68,10 +67,9 @@ def draw_allocation(ax, image: Image.Image, allocation, title: str | None = None
 
 def realization_figure(image: Image.Image, realization, caption: str = "", knowing_maps: bool = False) -> Image.Image:
     """Relevance heatmap beside the allocation (and optionally the three knowing maps), as a PNG image."""
-    plt = _pyplot()
     panels = 5 if knowing_maps else 2
-    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.8 * image.height / max(image.width, 1) + 0.6))
-    axes = np.atleast_1d(axes)
+    fig, axes = new_figure(3.6 * panels, 3.8 * image.height / max(image.width, 1) + 0.6, 1, panels)
+    axes = axes[0]
     draw_relevance(axes[0], image, realization.relevance.detach().cpu().numpy())
     used, native = realization.tokens_used, realization.native_count
     draw_allocation(axes[1], image, realization.allocation, f"{used} / {native} tokens (green: full detail)")
@@ -83,6 +81,5 @@ def realization_figure(image: Image.Image, realization, caption: str = "", knowi
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
