@@ -161,6 +161,8 @@ class ArrCocPreTrainedModel(PreTrainedModel):
     base_model_prefix = "arr_coc"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # the relevance heads stay fp32 and unquantized whatever the backbone's dtype or quantization
+    _keep_in_fp32_modules_strict = ["relevance"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -229,7 +231,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         options (dtype, device_map, quantization_config, revision, local_files_only, ...) apply to the
         backbone only.
         """
-        config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ArrCocConfig.__dataclass_fields__}
+        config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ARR_COC_FIELDS}
         if isinstance(model_or_path, (str, os.PathLike)):
             path = resolve_model_path(model_or_path)
             _check_local(path)
