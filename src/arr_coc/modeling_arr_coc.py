@@ -27,7 +27,7 @@ from .assets import resolve_model_path
 from .backbones import adapter_for
 from .backbones.base import VisionFeatures
 from .configuration_arr_coc import ArrCocConfig
-from .io import MODEL_FILES, atomic_directory, check_weights, recover
+from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, check_weights, load_heads_into, recover
 from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAllocator, resolve_budget
 from .relevance.knowing import CouplingScorer
 
@@ -209,10 +209,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         and heads-only folders (`training.save_heads`), whose backbone is loaded by the name they carry."""
         path = resolve_model_path(pretrained_model_name_or_path)
         _check_local(path)
-        heads_config = os.path.join(str(path), "arr_coc_heads.json")
+        heads_config = os.path.join(str(path), HEADS_CONFIG)
         if os.path.isfile(heads_config):
-            from .training.trainer import load_heads_into
-
             with open(heads_config) as f:
                 info = json.load(f)
             kwargs.pop("config", None)
@@ -287,14 +285,11 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         head_dtype = heads.balancer.default_weights.dtype
         tokens, question = features.tokens.to(head_dtype), question.to(head_dtype)
         native = h * w
-        # knowing
-        info = heads.information(tokens, (h, w), trained)
-        salience = heads.salience(tokens, (h, w), trained)
-        coupling = heads.coupling(tokens, question, trained)
-        # balancing
-        relevance, weights = heads.balancer(torch.stack([info, salience, coupling]), question, trained)
-        # attending
-        expected = heads.budget(relevance, question, config.min_tokens, config.max_tokens, trained)
+        # knowing (three maps) -> balancing (relevance) -> the budget head's estimate: RelevanceHeads.forward
+        info, salience, coupling, relevance, weights, expected = heads(
+            tokens, (h, w), question, trained, config.min_tokens, config.max_tokens
+        )
+        # attending: the budget T, then the allocation
         if allocation is not None:
             if (allocation.height, allocation.width) != (h, w):
                 raise ValueError(

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+ADAPTERS: dict[str, type] = {}  # model_type -> adapter class (filled by each subclass)
+
 
 @dataclass
 class VisionFeatures:
@@ -28,6 +30,11 @@ class BackboneAdapter:
     """
 
     family = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            ADAPTERS[cls.family] = cls
 
     def __init__(self, vlm) -> None:
         self.vlm = vlm

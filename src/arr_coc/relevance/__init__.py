@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .attending import Allocation, BudgetCalculator, BudgetDecision, Region, TokenAllocator, resolve_budget
@@ -23,6 +24,16 @@ class RelevanceHeads(nn.Module):
         self.coupling = CouplingScorer(visual_size, text_size, coupling_size)
         self.balancer = TensionBalancer(text_size, hidden_size, balance_weights)
         self.budget = BudgetCalculator(text_size, hidden_size)
+
+    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, min_tokens: int, max_tokens: int):
+        """tokens [h*w, d], question [m, d_text] -> (information, salience, coupling, relevance [h*w],
+        balance weights [3], expected tokens []): knowing, then balancing, then the budget head."""
+        info = self.information(tokens, grid, trained)
+        salience = self.salience(tokens, grid, trained)
+        coupling = self.coupling(tokens, question, trained)
+        relevance, weights = self.balancer(torch.stack([info, salience, coupling]), question, trained)
+        expected = self.budget(relevance, question, min_tokens, max_tokens, trained)
+        return info, salience, coupling, relevance, weights, expected
 
 
 __all__ = [

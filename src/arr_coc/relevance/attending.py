@@ -178,7 +178,7 @@ class BudgetCalculator(nn.Module):
             )
             stats = torch.stack([
                 relevance.mean(), relevance.std(unbiased=False), relevance.max(),
-                (relevance >= 0.5).float().mean(), relevance.new_tensor(math.log(n)),
+                (relevance >= 0.5).float().mean(), torch.log(torch.ones_like(relevance).sum()),
             ])  # fmt: skip
             fraction = torch.sigmoid(self.head(torch.cat([q, stats])).squeeze(-1))
             return min_tokens + fraction * (max_tokens - min_tokens)

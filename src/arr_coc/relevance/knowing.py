@@ -22,9 +22,9 @@ def min_max(x: torch.Tensor) -> torch.Tensor:
 def local_mean(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Mean of each token's 3 x 3 neighbourhood on the grid: [h*w, d] -> [h*w, d]."""
     h, w = grid
-    maps = tokens.T.reshape(1, -1, h, w)
+    maps = tokens.unflatten(0, (h, w)).permute(2, 0, 1).unsqueeze(0)  # [1, d, h, w]
     pooled = F.avg_pool2d(maps, 3, stride=1, padding=1, count_include_pad=False)
-    return pooled.reshape(-1, h * w).T
+    return pooled[0].permute(1, 2, 0).contiguous().flatten(0, 1)
 
 
 def _mlp(d_in: int, hidden: int) -> nn.Sequential:
@@ -80,6 +80,7 @@ class CouplingScorer(nn.Module):
         if trained:
             keys, queries = self.visual_proj(tokens), self.text_proj(question)
             logits = queries @ keys.T / math.sqrt(keys.shape[-1])  # [m, n]
-            return torch.sigmoid(torch.logsumexp(logits, dim=0) - math.log(question.shape[0]) + self.bias)
+            count = torch.ones_like(logits[:, :1]).sum(0)  # m, as a tensor (exportable with a dynamic m)
+            return torch.sigmoid(torch.logsumexp(logits, dim=0) - torch.log(count) + self.bias)
         similarity = F.normalize(question, dim=-1) @ F.normalize(tokens, dim=-1).T
         return min_max(similarity.max(dim=0).values)

@@ -6,10 +6,10 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import Trainer
 
-from ..io import COMPLETE, last_complete_checkpoint, mark_complete
+from ..io import COMPLETE, HEADS_CONFIG, HEADS_WEIGHTS, last_complete_checkpoint, mark_complete
 from .objectives import (
     ObjectiveWeights,
     attribution_targets,
@@ -19,9 +19,6 @@ from .objectives import (
     localisation_loss,
     per_sample_answer_nll,
 )
-
-HEADS_CONFIG = "arr_coc_heads.json"
-HEADS_WEIGHTS = "arr_coc_heads.safetensors"
 
 
 class ArrCocTrainer(Trainer):
@@ -173,8 +170,3 @@ def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
         )
     model.config.save_pretrained(output_dir)
     return output_dir
-
-
-def load_heads_into(model, heads_dir: str) -> None:
-    state = load_file(os.path.join(heads_dir, HEADS_WEIGHTS))
-    model.relevance.load_state_dict({k.removeprefix("relevance."): v for k, v in state.items()})
