@@ -225,6 +225,25 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the learned relevance heads (torch.export .pt2 and ONNX with dynamic sizes), and/or write
+    the model as a remote-code checkpoint that loads without arr-coc installed."""
+    model, processor = _load(args.model)
+    report = {}
+    if args.heads:
+        model.config.mode = "trained"
+        from .export import export_heads
+
+        report["heads"] = export_heads(model, args.out)
+    if args.remote_code:
+        folder = os.path.join(args.out, "remote-code")
+        model.save_pretrained(folder, remote_code=True)
+        processor.save_pretrained(folder, remote_code=True)
+        report["remote_code"] = os.path.abspath(folder)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Write synthetic samples (PNG + JSONL) for people to look at."""
     from .data.synthetic import EVAL_SEED_START, TASKS, write_samples
@@ -325,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (width x height)")
     p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("export", help="export the relevance heads (torch.export, ONNX) and/or a remote-code checkpoint",
+                       description=cmd_export.__doc__)  # fmt: skip
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--heads", action=argparse.BooleanOptionalAction, default=True, help="export the learned heads (default on)"
+    )
+    p.add_argument("--remote-code", action="store_true", help="also write a checkpoint with flat code and auto_map")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="write synthetic task samples (PNG + JSONL)", description=cmd_data.__doc__)
     p.add_argument("--task", default="all", choices=["all", "box-codes", "doc-fields"])

@@ -78,7 +78,15 @@ def _flatten(files: list[str], what: str, keep_relative: dict[str, str], extra: 
                 if node.name in seen and seen[node.name] != text:
                     raise ValueError(f"{rel}: {node.name} is defined differently in another flattened file")
                 seen[node.name] = text
-        kept = "".join(line for i, line in enumerate(lines) if i not in drop)
+        replace = {}
+        for node in ast.walk(tree):  # relative imports inside functions: only the package has those modules
+            if isinstance(node, ast.ImportFrom) and (node.level or 0) > 0 and node not in body:
+                indent = lines[node.lineno - 1][: node.col_offset]
+                replace[node.lineno - 1] = (
+                    f'{indent}raise ImportError("this needs the arr-coc package: pip install arr-coc")\n'
+                )
+                drop.update(range(node.lineno, node.end_lineno))
+        kept = "".join(replace.get(i, line) for i, line in enumerate(lines) if i not in drop or i in replace)
         parts.append(f"\n# ---- {rel}\n" + kept.strip("\n") + "\n")
     head = _HEADER.format(what=what) + "".join(keep_relative.values()) + "".join(_STUBS[s] for s in sorted(stubs))
     return head + extra + "".join(parts)
@@ -103,8 +111,9 @@ def write_remote_code(folder: str, kind: str) -> None:
     elif kind == "processor":
         with open(os.path.join(folder, "processing_arr_coc.py"), "w", encoding="utf-8") as f:
             f.write(_flatten(_PROCESSING, "processing", {}))
-        for name in ("processor_config.json", "tokenizer_config.json"):
-            _add_auto_map(os.path.join(folder, name), {"AutoProcessor": "processing_arr_coc.ArrCocProcessor"})
+        _add_auto_map(
+            os.path.join(folder, "processor_config.json"), {"AutoProcessor": "processing_arr_coc.ArrCocProcessor"}
+        )
     else:
         raise ValueError(f"kind={kind!r}: expected 'model' or 'processor'")
 

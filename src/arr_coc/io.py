@@ -22,10 +22,10 @@ import signal
 KILL_ENV = "ARR_COC_TEST_KILL_AT"  # test hook: SIGKILL this process at the named point of a save
 COMPLETE = "arr_coc_complete"
 MODEL_FILES = ("model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-               "pytorch_model*.bin", "*.pt", "arr_coc_heads*")  # fmt: skip
+               "pytorch_model*.bin", "*.pt", "arr_coc_heads*", "configuration_arr_coc.py", "modeling_arr_coc.py")  # fmt: skip
 PROCESSOR_FILES = ("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template*", "processor_config.json", "preprocessor_config.json",
-                   "video_preprocessor_config.json")  # fmt: skip
+                   "video_preprocessor_config.json", "processing_arr_coc.py")  # fmt: skip
 UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 

@@ -115,6 +115,14 @@ class CompressedInputs:
     native_tokens: torch.Tensor | None = None  # [B]
 
 
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        names, _ = data.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(data, name)) for name in names)
+    return data.numel() * data.element_size()
+
+
 def _check_local(path) -> None:
     """A local folder: undo a save that was cut short, and refuse pickled weights."""
     if isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or os.path.isdir(f"{path}.old")):
@@ -162,6 +170,7 @@ class ArrCocPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # the relevance heads stay fp32 and unquantized whatever the backbone's dtype or quantization
+    _keep_in_fp32_modules = ["relevance"]
     _keep_in_fp32_modules_strict = ["relevance"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -244,22 +253,39 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             vlm_config=vlm.config, attn_implementation=vlm.config._attn_implementation, **config_fields
         )
         model = cls(config, vlm=vlm)
-        model.relevance.to(device=vlm.device)  # heads stay fp32 whatever the backbone's dtype
+        placed = [p.device for p in vlm.parameters() if p.device.type != "meta"]  # meta: offloaded to disk
+        model.relevance.to(device=placed[0] if placed else "cpu")  # heads stay fp32 whatever the backbone's dtype
         model.generation_config = GenerationConfig.from_dict(vlm.generation_config.to_dict())
         return model
 
-    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, remote_code: bool = False,
+                        **kwargs):  # fmt: skip
         """Saves under this model's own parameter names (``vlm.model.language_model...``), atomically.
 
         transformers would otherwise write the nested backbone under its legacy checkpoint names, which
         ``from_pretrained`` maps back but a plain ``load_state_dict`` (the Trainer's resume) silently skips.
         The folder is written beside the target and swapped in (`io.atomic_directory`), so a loadable
-        model is there at every instant; a processor saved in the same folder is kept.
+        model is there at every instant; a processor saved in the same folder is kept. ``remote_code=True``
+        also writes flat copies of the code and an ``auto_map``, for ``trust_remote_code=True`` loading
+        where arr-coc is not installed (`export.write_remote_code`).
         """
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(str(save_directory))))
         with atomic_directory(save_directory, MODEL_FILES) as staging:
-            return super().save_pretrained(staging, *args, save_original_format=save_original_format, **kwargs)
+            result = super().save_pretrained(staging, *args, save_original_format=save_original_format, **kwargs)
+            if remote_code:
+                from .export import write_remote_code
+
+                write_remote_code(staging, "model")
+        return result
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the weights (and buffers) as they are stored: quantized tensor subclasses (torchao) count
+        their packed data and scales, not the float size they present."""
+        tensors = {id(p): p for p in self.parameters()}
+        if return_buffers:
+            tensors.update({id(b): b for b in self.buffers()})
+        return sum(_stored_bytes(t) for t in tensors.values())
 
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()

@@ -58,8 +58,6 @@ class ArrCocProcessor(ProcessorMixin):
             recover(str(path))
         elif os.path.isabs(str(path)) and not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such processor folder")
-        for key in ("trust_remote_code",):
-            kwargs.pop(key, None)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         config_path = os.path.join(str(path), "processor_config.json")
@@ -67,7 +65,7 @@ class ArrCocProcessor(ProcessorMixin):
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(path, tokenizer),
                    max_input_pixels=saved.get("max_input_pixels", DEFAULT_MAX_PIXELS))  # fmt: skip
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, remote_code: bool = False, **kwargs):
         """Atomic like the model's: written beside the folder and swapped in, keeping a model saved there."""
         if push_to_hub:
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(str(save_directory))))
@@ -78,6 +76,10 @@ class ArrCocProcessor(ProcessorMixin):
             config.update(processor_class=type(self).__name__, max_input_pixels=self.max_input_pixels)
             with open(config_path, "w") as f:
                 json.dump(config, f, indent=2)
+            if remote_code:
+                from .export import write_remote_code
+
+                write_remote_code(staging, "processor")
         return result
 
     @property

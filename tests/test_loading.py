@@ -1,0 +1,201 @@
+"""Loading big backbones on small machines, sharing without the package, and exporting the relevance heads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import BitsAndBytesConfig, TorchAoConfig
+
+import arr_coc
+from arr_coc.export import OnnxRelevance, export_heads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory, make_backbone, make_processor):
+    folder = tmp_path_factory.mktemp("loading") / "backbone"
+    make_backbone("qwen2_vl").save_pretrained(folder)
+    make_processor("qwen2_vl").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def batch(make_processor, samples):
+    return make_processor("qwen2_vl")(
+        images=[s["image"] for s in samples[:2]], text=[s["question"] for s in samples[:2]]
+    )
+
+
+def _int8():
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+
+
+@pytest.mark.parametrize("name", ["bnb-8bit", "bnb-4bit", "torchao-int8"])
+def test_quantized_backbones_generate_on_cpu_with_full_precision_heads(name, backbone_dir, batch):
+    config = {
+        "bnb-8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
+        "bnb-4bit": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        "torchao-int8": _int8,
+    }[name]()
+    full = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), allocator="quadtree")
+    quantized = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), allocator="quadtree",
+                                                                      quantization_config=config, device_map="cpu")  # fmt: skip
+    out = quantized.generate(**batch, compression=4, max_new_tokens=3, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 2 and (out.tokens_used <= out.native_tokens).all()
+
+    def is_quantized(module) -> bool:
+        return type(module).__name__ in ("Linear8bitLt", "Linear4bit") or type(module.weight.data) is not torch.Tensor
+
+    assert is_quantized(quantized.vlm.model.language_model.layers[0].mlp.up_proj)
+    linears = [
+        m for m in quantized.relevance.modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__
+    ]
+    assert linears and not any(is_quantized(m) for m in linears)
+    assert all(p.dtype == torch.float32 and type(p.data) is torch.Tensor for p in quantized.relevance.parameters())
+    assert quantized.get_memory_footprint() < full.get_memory_footprint()
+
+
+def test_quantization_through_from_pretrained_keeps_the_heads_unquantized(tmp_path, backbone_dir, batch):
+    model = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), mode="trained")
+    model.save_pretrained(tmp_path / "m")
+    loaded = arr_coc.ArrCocForConditionalGeneration.from_pretrained(
+        tmp_path / "m", quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+    )
+    assert type(loaded.vlm.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    assert type(loaded.relevance.coupling.visual_proj[1]).__name__ == "Linear"
+    a = {k: v for k, v in model.relevance.state_dict().items()}
+    assert all(torch.equal(a[k], v) for k, v in loaded.relevance.state_dict().items())
+    loaded.generate(**batch, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "auto"])
+def test_half_precision_backbones_with_fp32_heads(tmp_path, dtype, backbone_dir, batch):
+    wrapped = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), dtype=dtype)
+    expected = torch.float32 if dtype == "auto" else dtype
+    assert wrapped.vlm.model.language_model.layers[0].mlp.up_proj.weight.dtype == expected
+    assert all(p.dtype == torch.float32 for p in wrapped.relevance.parameters())
+    wrapped.save_pretrained(tmp_path / "m")
+    loaded = arr_coc.ArrCocForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert loaded.vlm.model.language_model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in loaded.relevance.parameters())
+    out = loaded.generate(**batch, compression=4, max_new_tokens=2, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 2
+
+
+def test_disk_offloaded_backbone_gives_the_same_tokens(tmp_path, backbone_dir, batch):
+    full = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir))
+    offloaded = arr_coc.ArrCocForConditionalGeneration.from_backbone(
+        str(backbone_dir), device_map={"model.visual": "cpu", "model.language_model": "disk", "lm_head": "cpu"},
+        offload_folder=str(tmp_path / "offload"),
+    )  # fmt: skip
+    assert offloaded.vlm.hf_device_map["model.language_model"] == "disk"
+    assert torch.equal(
+        full.generate(**batch, compression=4, max_new_tokens=3),
+        offloaded.generate(**batch, compression=4, max_new_tokens=3),
+    )
+
+
+NO_PACKAGE_SCRIPT = """
+import os, sys, json, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+try:
+    import arr_coc
+    sys.exit("arr_coc is importable here")
+except ImportError:
+    pass
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+folder = sys.argv[1]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = processor(images=[Image.open(sys.argv[2])], text=[sys.argv[3]])
+out = model.generate(**inputs, compression=4, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+print(json.dumps({"class": type(model).__name__, "sequences": out.sequences.tolist(), "tokens_used": out.tokens_used.tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def venv_without_arr_coc(tmp_path_factory):
+    """A virtual environment with torch and transformers (the project's installed copies) but not arr-coc."""
+    import site
+    import sysconfig
+
+    folder = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    purelib = sysconfig.get_paths(vars={"base": str(folder), "platbase": str(folder)})["purelib"]
+    os.makedirs(purelib, exist_ok=True)
+    with open(os.path.join(purelib, "project_dependencies.pth"), "w") as f:  # dependencies, not arr-coc's own path
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    return os.path.join(folder, "bin", "python")
+
+
+def test_remote_code_checkpoint_runs_where_arr_coc_is_not_installed(
+    tmp_path, make_model, make_processor, samples, venv_without_arr_coc
+):
+    import json
+
+    model, processor = make_model("qwen2_vl", allocator="quadtree"), make_processor("qwen2_vl")
+    model.save_pretrained(tmp_path / "shared", remote_code=True)
+    processor.save_pretrained(tmp_path / "shared", remote_code=True)
+    samples[0]["image"].save(tmp_path / "q.png")
+    proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(tmp_path / "shared"), str(tmp_path / "q.png"), samples[0]["question"]],
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    inputs = processor(images=[samples[0]["image"].convert("RGB")], text=[samples[0]["question"]])
+    expected = model.generate(**inputs, compression=4, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert result["class"] == "ArrCocForConditionalGeneration"
+    assert result["sequences"] == expected.sequences.tolist() and result["tokens_used"] == expected.tokens_used.tolist()
+
+
+def test_heads_only_checkpoint_loads_through_remote_code_too(
+    tmp_path, make_model, backbone_dir, venv_without_arr_coc, samples
+):
+    from arr_coc.training.trainer import save_heads
+
+    model = arr_coc.ArrCocForConditionalGeneration.from_backbone(
+        str(backbone_dir), mode="trained", allocator="quadtree"
+    )
+    torch.nn.init.normal_(model.relevance.coupling.visual_proj[1].weight)
+    heads = tmp_path / "heads"
+    save_heads(model, str(heads))
+    from arr_coc.export import write_remote_code
+
+    write_remote_code(str(heads), "model")
+    arr_coc.ArrCocProcessor.from_pretrained(backbone_dir).save_pretrained(heads, remote_code=True)
+    samples[1]["image"].save(tmp_path / "q.png")
+    proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(heads), str(tmp_path / "q.png"), samples[1]["question"]],
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, make_model, make_processor, samples):
+    model = make_model("qwen2_vl", mode="trained", allocator="quadtree", min_tokens=8, max_tokens=64)
+    torch.manual_seed(3)
+    for p in model.relevance.parameters():  # heads that are not at their initial values
+        p.data.add_(torch.randn_like(p) * 0.05)
+    processor = make_processor("qwen2_vl")
+    paths = export_heads(model, str(tmp_path))
+    assert os.path.getsize(paths["onnx"]) > 0 and os.path.getsize(paths["torch_export"]) > 0
+    runner = OnnxRelevance(str(tmp_path))
+    program = torch.export.load(paths["torch_export"]).module()
+    for s in samples:
+        inputs = processor(images=[s["image"]], text=[s["question"]])
+        features = model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0]
+        _, h, w = features.grid
+        question = model.adapter.embed_tokens(inputs["input_ids"][0][inputs["question_mask"][0].bool()])
+        with torch.no_grad():
+            realization = model.realize_relevance(**inputs, budget=20)[0]
+            exported = program(features.tokens.view(h, w, -1), question)
+        relevance, allocation = runner(features.tokens.detach().numpy(), question.detach().numpy(), h, w, budget=20)
+        assert np.abs(relevance - realization.relevance.flatten().numpy()).max() < 1e-5
+        assert torch.allclose(exported[3], realization.relevance.flatten(), atol=1e-6)
+        assert allocation == realization.allocation
