@@ -11,6 +11,12 @@ import time
 DEFAULT_MODEL = "arr-coc-tiny"
 
 
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
+    )
+
+
 def _budget_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -263,9 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="answer a question about an image, or a JSONL file / folder of them",
                        description=cmd_run.__doc__)  # fmt: skip
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
-    )
+    _model_arg(p)
     p.add_argument("--image", help="an image file")
     p.add_argument("--question", help="the question about --image")
     p.add_argument("--input", help="a JSONL file (image, question[, id, answer] per line) or a folder")
@@ -279,9 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="answer a held-out sample (or your image) with arr-coc-tiny and draw the allocation",
                        description=cmd_demo.__doc__)  # fmt: skip
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
-    )
+    _model_arg(p)
     p.add_argument("--image", help="an image file (default: render a held-out synthetic sample)")
     p.add_argument("--question", help="the question (default: the sample's own)")
     p.add_argument(
@@ -303,9 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy kept per token budget, arr-coc against every baseline, in one run",
                        description=cmd_eval.__doc__)  # fmt: skip
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
-    )
+    _model_arg(p)
     p.add_argument(
         "--data",
         default="synthetic",
@@ -334,9 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("app", help="serve the web app (Gradio) on 127.0.0.1", description=cmd_app.__doc__)
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
-    )
+    _model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--concurrency", type=int, default=2, help="requests answered at once; the rest wait in the queue")
@@ -347,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the relevance heads (torch.export, ONNX) and/or a remote-code checkpoint",
                        description=cmd_export.__doc__)  # fmt: skip
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
-    )
+    _model_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--heads", action=argparse.BooleanOptionalAction, default=True, help="export the learned heads (default on)"

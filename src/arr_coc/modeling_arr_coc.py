@@ -62,6 +62,10 @@ class RelevanceRealization:
     def tokens_used(self) -> int:
         return self.allocation.tokens_used
 
+    def detail_map(self) -> torch.Tensor:
+        """[h, w] bool: True where the token is passed at full detail."""
+        return self.allocation.detail_map()
+
     def to_dict(self) -> dict:
         """JSON-ready summary (maps as nested lists)."""
         return {

@@ -147,6 +147,52 @@ class Harness:
         texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return texts, out
 
+    def _run_method(self, method: str, samples, inputs, features, grids, targets, cache: dict):
+        """One method at one budget on one batch: (answers, tokens used, full-detail maps) per sample."""
+        if method == "text-attention":
+            tokens, selections = fastv_generate(
+                self.model, inputs, targets, self.fastv_layer, self.max_new_tokens, self.eos
+            )
+            return (
+                self.processor.batch_decode(tokens, skip_special_tokens=True),
+                [s.tokens_used for s in selections],
+                [s.detail_map() for s in selections],
+            )
+        if method == "downsample":
+            small = [downsample_image(s["image"], self.processor.image_processor, t) for s, t in zip(samples, targets)]
+            texts, out = self._generate(
+                dict(self.processor(images=small, text=[s["question"] for s in samples])), budget=10**9
+            )
+            used = out.tokens_used.tolist()
+            natives = [h * w for h, w in grids]
+            return (
+                texts,
+                used,
+                [torch.full(g, n_used == n, dtype=torch.bool) for g, n_used, n in zip(grids, used, natives)],
+            )
+        options = {"vision_features": features}
+        if method == "full":
+            options["budget"] = 10**9
+        elif method in ("arr-coc", "arr-coc-free"):
+            self.model.config.mode = "trained" if method == "arr-coc" else "training_free"
+            options["budget"] = targets
+        elif method == "uniform-pool":
+            options.update(
+                allocation=[uniform_allocation(h, w, t) for (h, w), t in zip(grids, targets)], pooling="mean"
+            )
+        elif method == "random":
+            options.update(budget=targets, image_tokens=random_selector(self.seed))
+        elif method == "query-agnostic":
+            if "readouts" not in cache:
+                cache["readouts"] = self.model.adapter.vision_attention_received(
+                    inputs["pixel_values"], inputs["image_grid_thw"]
+                )
+            options.update(budget=targets, image_tokens=visionzip_selector(cache["readouts"]))
+        else:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        texts, out = self._generate(inputs, **options)
+        return texts, out.tokens_used.tolist(), [r.detail_map() for r in out.realizations]
+
     @torch.no_grad()
     def run_batch(self, samples: list[dict], methods, budgets) -> list[Record]:
         inputs = dict(self.processor(images=[s["image"] for s in samples], text=[s["question"] for s in samples]))
@@ -154,109 +200,26 @@ class Harness:
         grids = [f.grid[1:] for f in features]
         natives = [h * w for h, w in grids]
         records: list[Record] = []
-        readouts = None
-
-        def add(method, budget, texts, used, targets, detail_maps):
-            for i, s in enumerate(samples):
-                answers = s.get("answers") or [s["answer"]]
-                loc = None
-                if s.get("answer_box") is not None and detail_maps[i] is not None:
-                    loc = box_covered(detail_maps[i], s["answer_box"], s["image"].size)
-                pred = texts[i].strip()
-                records.append(Record(s["task"], method, budget, s.get("id", i), pred,
-                                      any(normalize_answer(pred) == normalize_answer(a) for a in answers),
-                                      anls(pred, answers), int(used[i]), int(targets[i]), natives[i], loc))  # fmt: skip
-
+        cache: dict = {}
+        runs = [("full", "all", natives)] if "full" in methods else []
+        for budget in budgets:
+            targets = [budget_tokens(budget, n) for n in natives]
+            runs += [(m, budget, targets) for m in methods if m != "full"]
         mode = self.model.config.mode
         try:
-            if "full" in methods:
-                texts, out = self._generate(inputs, budget=10**9, vision_features=features)
-                add(
-                    "full",
-                    "all",
-                    texts,
-                    out.tokens_used.tolist(),
-                    natives,
-                    [torch.ones(g, dtype=torch.bool) for g in grids],
-                )
-            for budget in budgets:
-                targets = [budget_tokens(budget, n) for n in natives]
-                for method in methods:
-                    if method == "full":
-                        continue
-                    if method in ("arr-coc", "arr-coc-free"):
-                        self.model.config.mode = "trained" if method == "arr-coc" else "training_free"
-                        texts, out = self._generate(inputs, budget=targets, vision_features=features)
-                        maps = [r.allocation.detail_map() for r in out.realizations]
-                        add(method, budget, texts, out.tokens_used.tolist(), targets, maps)
-                    elif method == "uniform-pool":
-                        allocations = [uniform_allocation(h, w, t) for (h, w), t in zip(grids, targets)]
-                        texts, out = self._generate(
-                            inputs, allocation=allocations, pooling="mean", vision_features=features
-                        )
-                        add(
-                            method,
-                            budget,
-                            texts,
-                            out.tokens_used.tolist(),
-                            targets,
-                            [a.detail_map() for a in allocations],
-                        )
-                    elif method == "random":
-                        texts, out = self._generate(
-                            inputs, budget=targets, image_tokens=random_selector(self.seed), vision_features=features
-                        )
-                        add(
-                            method,
-                            budget,
-                            texts,
-                            out.tokens_used.tolist(),
-                            targets,
-                            [r.detail_map() for r in out.realizations],
-                        )
-                    elif method == "query-agnostic":
-                        if readouts is None:
-                            readouts = self.model.adapter.vision_attention_received(
-                                inputs["pixel_values"], inputs["image_grid_thw"]
-                            )
-                        texts, out = self._generate(
-                            inputs, budget=targets, image_tokens=visionzip_selector(readouts), vision_features=features
-                        )
-                        add(
-                            method,
-                            budget,
-                            texts,
-                            out.tokens_used.tolist(),
-                            targets,
-                            [r.detail_map() for r in out.realizations],
-                        )
-                    elif method == "text-attention":
-                        tokens, selections = fastv_generate(
-                            self.model, inputs, targets, self.fastv_layer, self.max_new_tokens, self.eos
-                        )
-                        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
-                        add(
-                            method,
-                            budget,
-                            texts,
-                            [s.tokens_used for s in selections],
-                            targets,
-                            [s.detail_map() for s in selections],
-                        )
-                    elif method == "downsample":
-                        small = [
-                            downsample_image(s["image"], self.processor.image_processor, t)
-                            for s, t in zip(samples, targets)
-                        ]
-                        small_inputs = dict(self.processor(images=small, text=[s["question"] for s in samples]))
-                        texts, out = self._generate(small_inputs, budget=10**9)
-                        full_detail = [
-                            torch.full(g, bool(n_used == n), dtype=torch.bool)
-                            for g, n_used, n in zip(grids, out.tokens_used.tolist(), natives)
-                        ]
-                        add(method, budget, texts, out.tokens_used.tolist(), targets, full_detail)
-                    else:
-                        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+            for method, budget, targets in runs:
+                texts, used, detail_maps = self._run_method(method, samples, inputs, features, grids, targets, cache)
+                for i, s in enumerate(samples):
+                    answers = s.get("answers") or [s["answer"]]
+                    pred = texts[i].strip()
+                    loc = (
+                        box_covered(detail_maps[i], s["answer_box"], s["image"].size)
+                        if s.get("answer_box") is not None
+                        else None
+                    )
+                    records.append(Record(s["task"], method, budget, s.get("id", i), pred,
+                                          any(normalize_answer(pred) == normalize_answer(a) for a in answers),
+                                          anls(pred, answers), int(used[i]), int(targets[i]), natives[i], loc))  # fmt: skip
         finally:
             self.model.config.mode = mode
         return records
