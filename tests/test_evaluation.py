@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from arr_coc.evaluation.baselines import downsample_image, native_tokens, uniform_allocation
-from arr_coc.evaluation.harness import METHODS, anls, budget_tokens, evaluate, write_outputs
+from arr_coc.evaluation.harness import METHODS, anls, evaluate, write_outputs
+from arr_coc.relevance import budget_from_spec
 from conftest import FAMILIES
 
 
@@ -92,7 +93,10 @@ def test_metrics():
         and anls("XYZW", ["ABCD"]) == 0.0
     )
     assert anls(" abcd ", ["ABCD", "Q"]) == 1.0
-    assert budget_tokens("1/8", 100) == 13 and budget_tokens("64", 40) == 40 and budget_tokens("256", 300) == 256
+    assert (
+        budget_from_spec("1/8", 100) == 13 and budget_from_spec("64", 40) == 40 and budget_from_spec("256", 300) == 256
+    )
+    assert budget_from_spec("full", 77) == 77
 
 
 @pytest.mark.parametrize("family", FAMILIES)

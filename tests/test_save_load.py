@@ -39,6 +39,10 @@ def test_save_pretrained_then_auto_classes_give_identical_state_and_outputs(
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
     assert torch.equal(model.generate(**inputs, max_new_tokens=4), loaded.generate(**inputs2, max_new_tokens=4))
+    # the training-free rules too (a non-persistent buffer once came back uninitialised from the meta device)
+    model.config.mode = loaded.config.mode = "training_free"
+    ours, theirs = model.realize_relevance(**inputs, compression=4), loaded.realize_relevance(**inputs, compression=4)
+    assert all(torch.equal(a.relevance, b.relevance) and a.allocation == b.allocation for a, b in zip(ours, theirs))
 
 
 class _StopAfter(TrainerCallback):

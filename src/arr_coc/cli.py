@@ -27,22 +27,17 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(model_name: str, mode: str | None = None):
+def _load(model_name: str):
     import arr_coc
 
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(model_name).eval()
-    if mode:
-        model.config.mode = mode
-    processor = arr_coc.ArrCocProcessor.from_pretrained(model_name)
-    return model, processor
+    return model, arr_coc.ArrCocProcessor.from_pretrained(model_name)
 
 
 def _open_image(path: str):
-    from PIL import Image
+    from .images import load_image
 
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+    return load_image(path, what=f"image {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -237,7 +232,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, processor = _load(args.model)
     report = {}
     if args.heads:
-        model.config.mode = "trained"
         from .export import export_heads
 
         report["heads"] = export_heads(model, args.out)

@@ -22,13 +22,13 @@ from torch import nn
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # source files, in dependency order, that make up each flat remote-code module
-_COMMON = ["io.py", "images.py"]
-_MODELING = _COMMON + [
+_MODELING = [
+    "io.py",
     "backbones/base.py", "backbones/qwen2_vl.py", "backbones/qwen2_5_vl.py", "backbones/qwen3_vl.py",
     "backbones/__init__.py", "relevance/knowing.py", "relevance/balancing.py", "relevance/attending.py",
     "relevance/realizing.py", "relevance/__init__.py", "modeling_arr_coc.py",
 ]  # fmt: skip
-_PROCESSING = _COMMON + ["processing_arr_coc.py"]
+_PROCESSING = ["io.py", "images.py", "processing_arr_coc.py"]
 _CONFIGURATION = ["configuration_arr_coc.py"]
 _HEADER = '''"""arr-coc {what} (flattened from the arr-coc package for transformers' remote-code loader).
 
@@ -201,13 +201,14 @@ class OnnxRelevance:
         """numpy/torch tokens [h*w, d], question [m, d] -> (relevance [h*w] numpy, Allocation)."""
         import numpy as np
 
-        from .relevance import TokenAllocator, resolve_budget
+        from .relevance import TokenAllocator
 
         feeds = {"grid_tokens": np.asarray(tokens, dtype=np.float32).reshape(h, w, -1),
                  "question": np.asarray(question, dtype=np.float32)}  # fmt: skip
         info, salience, coupling, relevance, expected = self.session.run(None, feeds)
         s = self.settings
         allocator = TokenAllocator(s["allocator"], s["region_size"], s["lod_ladder"])
-        decision = resolve_budget(h * w, allocator.floor(h, w), s["allocator"], int(np.ceil(float(expected))),
-                                  s["min_tokens"], s["max_tokens"], budget=budget)  # fmt: skip
-        return relevance, allocator(torch.from_numpy(relevance), h, w, decision.tokens)
+        allocation, _ = allocator.decide(
+            torch.from_numpy(relevance), h, w, float(expected), s["min_tokens"], s["max_tokens"], budget
+        )
+        return relevance, allocation

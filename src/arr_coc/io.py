@@ -51,19 +51,44 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def recover(path: str) -> None:
-    """Finish or undo a swap that was cut short: restore ``<path>.old`` if ``path`` is missing; drop stale staging."""
+    """Undo a swap that was cut short: restore ``<path>.old`` if ``path`` is missing, and drop the staging
+    folders of saves whose process is gone (another live process's save is left alone)."""
     path = os.path.abspath(str(path))
     old = path + ".old"
     if not os.path.exists(path) and os.path.isdir(old):
         os.replace(old, path)
-    elif os.path.isdir(old):
-        shutil.rmtree(old, ignore_errors=True)
     parent, base = os.path.split(path)
     if os.path.isdir(parent):
         for name in os.listdir(parent):
-            if name.startswith(base + ".staging-"):
+            pid = name.removeprefix(base + ".staging-")
+            if pid != name and pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def prepare_local(path) -> None:
+    """Before loading from a local folder: finish a cut-short save, refuse pickled weights, and say clearly
+    when a local-looking path does not exist (Hub ids pass through untouched)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    text = str(path)
+    if os.path.isdir(text) or os.path.isdir(f"{text}.old"):
+        recover(text)
+        check_weights(text)
+    elif not os.path.exists(text):
+        hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) and not text.startswith(".")
+        if not hub_id:
+            raise FileNotFoundError(f"{text}: no such folder")
 
 
 @contextlib.contextmanager
@@ -82,15 +107,15 @@ def atomic_directory(path: str, owned: tuple[str, ...]):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if os.path.isdir(path):
+    if os.path.isdir(path):  # keep what others saved there, as hard links (no copies, no writes into them)
         for name in os.listdir(path):
             source, target = os.path.join(path, name), os.path.join(staging, name)
             if os.path.exists(target) or any(fnmatch.fnmatch(name, pattern) for pattern in owned):
                 continue
             if os.path.isdir(source):
-                shutil.copytree(source, target)
+                shutil.copytree(source, target, copy_function=_link)
             else:
-                shutil.copy2(source, target)
+                _link(source, target)
     fsync_tree(staging)
     kill_point("save:written")
     old = path + ".old"
@@ -100,6 +125,13 @@ def atomic_directory(path: str, owned: tuple[str, ...]):
     os.replace(staging, path)
     _fsync_dir(os.path.dirname(path))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
 
 
 def check_weights(path: str) -> None:

@@ -27,15 +27,13 @@ from .assets import resolve_model_path
 from .backbones import adapter_for
 from .backbones.base import VisionFeatures
 from .configuration_arr_coc import ArrCocConfig
-from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, check_weights, load_heads_into, recover
-from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAllocator, resolve_budget
+from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, load_heads_into, prepare_local
+from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAllocator
 from .relevance.knowing import CouplingScorer
 
 IGNORE_INDEX = -100
-ARR_COC_FIELDS = (
-    "min_tokens", "max_tokens", "allocator", "region_size", "lod_ladder", "mode", "encoding",
-    "relevance_hidden_size", "coupling_size", "pooling", "balance_weights",
-)  # fmt: skip
+# arr-coc's own config fields (not the generic PreTrainedConfig ones, nor the backbone's)
+ARR_COC_FIELDS = tuple(f for f in ArrCocConfig.__annotations__ if f != "vlm_config")
 
 
 @dataclass
@@ -119,25 +117,27 @@ class CompressedInputs:
     native_tokens: torch.Tensor | None = None  # [B]
 
 
+def _check_allocation(allocation: Allocation, h: int, w: int) -> None:
+    """A caller's fixed allocation must tile this image's grid exactly, each region at 1..its own size."""
+    if (allocation.height, allocation.width) != (h, w):
+        raise ValueError(f"allocation is for a {allocation.height}x{allocation.width} grid, the image has {h}x{w}")
+    for r in allocation.regions:
+        if not (
+            0 <= r.y0 < r.y1 <= h and 0 <= r.x0 < r.x1 <= w and 1 <= r.k_h <= r.y1 - r.y0 and 1 <= r.k_w <= r.x1 - r.x0
+        ):
+            raise ValueError(
+                f"allocation region {r} lies outside the {h}x{w} grid or asks for more cells than its size"
+            )
+    if not bool((allocation.coverage() == 1).all()):
+        raise ValueError("allocation regions must cover every token of the grid exactly once (no gaps, no overlaps)")
+
+
 def _stored_bytes(tensor: torch.Tensor) -> int:
     data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
         names, _ = data.__tensor_flatten__()
         return sum(_stored_bytes(getattr(data, name)) for name in names)
     return data.numel() * data.element_size()
-
-
-def _check_local(path) -> None:
-    """A local folder: undo a save that was cut short, and refuse pickled weights."""
-    if isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or os.path.isdir(f"{path}.old")):
-        recover(str(path))
-        check_weights(str(path))
-    elif (
-        isinstance(path, (str, os.PathLike))
-        and (os.path.isabs(str(path)) or str(path).startswith("."))
-        and not os.path.exists(path)
-    ):
-        raise FileNotFoundError(f"{path}: no such model folder")
 
 
 def _per_image(value, name: str, images_per_sample: list[int]) -> list:
@@ -221,7 +221,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)
         and heads-only folders (`training.save_heads`), whose backbone is loaded by the name they carry."""
         path = resolve_model_path(pretrained_model_name_or_path)
-        _check_local(path)
+        prepare_local(path)
         heads_config = os.path.join(str(path), HEADS_CONFIG)
         if os.path.isfile(heads_config):
             with open(heads_config) as f:
@@ -245,7 +245,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ARR_COC_FIELDS}
         if isinstance(model_or_path, (str, os.PathLike)):
             path = resolve_model_path(model_or_path)
-            _check_local(path)
+            prepare_local(path)
             vlm = AutoModelForImageTextToText.from_pretrained(path, **{"use_safetensors": True, **overrides})
             vlm = vlm.vlm if isinstance(vlm, ArrCocForConditionalGeneration) else vlm  # an arr-coc model's backbone
         elif overrides:
@@ -312,7 +312,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"an image must have one temporal patch, got a grid of {features.grid}; video is not supported"
             )
-        head_dtype = heads.balancer.default_weights.dtype
+        head_dtype = next(heads.parameters()).dtype
         tokens, question = features.tokens.to(head_dtype), question.to(head_dtype)
         native = h * w
         # knowing (three maps) -> balancing (relevance) -> the budget head's estimate: RelevanceHeads.forward
@@ -321,17 +321,12 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         )
         # attending: the budget T, then the allocation
         if allocation is not None:
-            if (allocation.height, allocation.width) != (h, w):
-                raise ValueError(
-                    f"allocation is for a {allocation.height}x{allocation.width} grid, the image has {h}x{w}"
-                )
+            _check_allocation(allocation, h, w)
             decision = (allocation.tokens_used, allocation.tokens_used, False, "allocation")
         else:
-            allocator = self.allocator
-            d = resolve_budget(native, allocator.floor(h, w), config.allocator, math.ceil(float(expected.detach())),
-                               config.min_tokens, config.max_tokens, budget, compression)  # fmt: skip
+            allocation, d = self.allocator.decide(relevance, h, w, float(expected.detach()), config.min_tokens,
+                                                  config.max_tokens, budget, compression)  # fmt: skip
             decision = (d.tokens, d.requested, d.clipped, d.source)
-            allocation = allocator(relevance, h, w, d.tokens)
         # realizing
         pooled, centres = RelevanceRealizer(config.pooling)(
             [features.tokens, *features.extra], allocation, relevance, pooling

@@ -5,24 +5,35 @@ from __future__ import annotations
 import torch
 from transformers import Pipeline
 
+MAX_NEW_TOKENS = 16
+
 
 @torch.no_grad()
+def generate_answers(
+    model, processor, inputs: dict, max_new_tokens: int = MAX_NEW_TOKENS, **kwargs
+) -> tuple[list[str], object]:
+    """Greedy decoding of processor ``inputs`` (moved to the model's device): (answers, generate's output
+    with ``tokens_used``, ``native_tokens`` and ``realizations``). ``kwargs`` go to `generate`."""
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs
+    )
+    texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [t.strip() for t in texts], out
+
+
 def answer(model, processor, images: list, questions: list[str], budget=None, compression=None,
-           max_new_tokens: int = 16, streamer=None) -> list[dict]:  # fmt: skip
+           max_new_tokens: int = MAX_NEW_TOKENS, streamer=None) -> list[dict]:  # fmt: skip
     """Greedy answers for a batch of (image, question) pairs, with where each image's tokens went.
 
-    Returns per pair: ``answer``, ``tokens_used``, ``native_tokens``, ``realization`` (a
-    `RelevanceRealization`).
+    Returns per pair: ``answer``, ``tokens_used``, ``native_tokens``, ``realization`` (the
+    `RelevanceRealization` of its first image).
     """
-    inputs = processor(images=images, text=questions)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    out = model.generate(**inputs, budget=budget, compression=compression, max_new_tokens=max_new_tokens,
-                         do_sample=False, return_dict_in_generate=True, streamer=streamer)  # fmt: skip
-    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
-    texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
+    texts, out = generate_answers(model, processor, processor(images=images, text=questions), max_new_tokens,
+                                  budget=budget, compression=compression, streamer=streamer)  # fmt: skip
     return [
         {
-            "answer": text.strip(),
+            "answer": text,
             "tokens_used": int(out.tokens_used[i]),
             "native_tokens": int(out.native_tokens[i]),
             "realization": next(r for r in out.realizations if r.sample_index == i),
@@ -54,6 +65,11 @@ class RelevanceVQAPipeline(Pipeline):
     def _sanitize_parameters(
         self, budget=None, compression=None, max_new_tokens=None, streamer=None, timeout=None, **kwargs
     ):
+        if kwargs:
+            raise TypeError(
+                f"relevance-vqa got unknown options {sorted(kwargs)}; "
+                "it takes budget, compression, max_new_tokens, streamer, timeout and batch_size"
+            )
         forward = {
             k: v
             for k, v in (
@@ -75,6 +91,11 @@ class RelevanceVQAPipeline(Pipeline):
             if not isinstance(item, dict) or item.get("image") is None or not isinstance(item.get("question"), str):
                 raise ValueError("relevance-vqa takes {'image': ..., 'question': str} (or a list of them)")
         pre, forward, post = self._sanitize_parameters(**kwargs)
+        pre, forward, post = (
+            {**self._preprocess_params, **pre},
+            {**self._forward_params, **forward},
+            {**self._postprocess_params, **post},
+        )
         size = batch_size or self._batch_size or 1
         results = []
         for chunk in _chunks(items, size):
@@ -85,39 +106,33 @@ class RelevanceVQAPipeline(Pipeline):
         return results[0] if single else results
 
     def preprocess(self, items: list[dict], timeout=None) -> dict:
+        """URLs are fetched; every image is then checked by the processor (`arr_coc.images.load_image`)."""
         from transformers.image_utils import load_image as fetch
 
         images = [
-            fetch(item["image"], timeout=timeout)
-            if isinstance(item["image"], str) and item["image"].startswith(("http://", "https://", "data:"))
-            else item["image"]
+            fetch(item["image"], timeout=timeout) if isinstance(item["image"], str) and item["image"].startswith(("http://", "https://", "data:")) else item["image"]
             for item in items
-        ]  # URLs are fetched; every image is then checked by the processor (arr_coc.images.load_image)
-        inputs = self.processor(images=images, text=[item["question"] for item in items])
-        return {k: v.to(self.device) for k, v in inputs.items()}
+        ]  # fmt: skip
+        return {"images": images, "questions": [item["question"] for item in items]}
 
     def _forward(
         self, model_inputs: dict, budget=None, compression=None, max_new_tokens: int = 32, streamer=None
-    ) -> dict:
-        out = self.model.generate(**model_inputs, budget=budget, compression=compression, max_new_tokens=max_new_tokens,
-                                  do_sample=False, return_dict_in_generate=True, streamer=streamer)  # fmt: skip
-        return {"new_tokens": out.sequences[:, model_inputs["input_ids"].shape[1] :], "tokens_used": out.tokens_used,
-                "native_tokens": out.native_tokens, "realizations": out.realizations}  # fmt: skip
+    ) -> list[dict]:
+        return answer(self.model, self.processor, model_inputs["images"], model_inputs["questions"], budget, compression,
+                      max_new_tokens, streamer)  # fmt: skip
 
-    def postprocess(self, outputs: dict) -> list[dict]:
-        texts = self.processor.batch_decode(outputs["new_tokens"], skip_special_tokens=True)
-        results = []
-        for i, text in enumerate(texts):
-            mine = [r for r in outputs["realizations"] if r.sample_index == i]
-            results.append({
-                "answer": text.strip(),
-                "tokens_used": int(outputs["tokens_used"][i]),
-                "native_tokens": int(outputs["native_tokens"][i]),
-                "budget": sum(r.budget for r in mine),
-                "relevance": [[round(float(v), 4) for v in row] for row in mine[0].relevance] if mine else [],
-                "allocation": mine[0].allocation.to_dict() if mine else None,
-            })  # fmt: skip
-        return results
+    def postprocess(self, outputs: list[dict]) -> list[dict]:
+        return [
+            {
+                "answer": o["answer"],
+                "tokens_used": o["tokens_used"],
+                "native_tokens": o["native_tokens"],
+                "budget": o["realization"].budget,
+                "relevance": [[round(float(v), 4) for v in row] for row in o["realization"].relevance],
+                "allocation": o["realization"].allocation.to_dict(),
+            }  # fmt: skip
+            for o in outputs
+        ]
 
 
 def register() -> None:

@@ -21,8 +21,11 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 
 from .assets import resolve_model_path
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .io import PROCESSOR_FILES, atomic_directory, recover
+from .io import PROCESSOR_FILES, atomic_directory, prepare_local
 
+# options of the stock processors that this one accepts and handles its own way (left padding, no truncation)
+ACCEPTED_KWARGS = {"padding", "padding_side", "truncation", "return_attention_mask", "return_mm_token_type_ids",
+                   "add_special_tokens", "images_kwargs", "text_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs"}  # fmt: skip
 VISION_SPAN = re.compile(r"<\|vision_start\|>.*?<\|vision_end\|>", re.S)
 USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S)
 
@@ -54,10 +57,7 @@ class ArrCocProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ArrCocProcessor:
         """From an arr-coc folder, a stock Qwen-VL checkpoint (local or Hub id) or ``"arr-coc-tiny"``."""
         path = resolve_model_path(pretrained_model_name_or_path)
-        if os.path.isdir(path) or os.path.isdir(f"{path}.old"):
-            recover(str(path))
-        elif os.path.isabs(str(path)) and not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such processor folder")
+        prepare_local(path)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         config_path = os.path.join(str(path), "processor_config.json")
@@ -86,14 +86,19 @@ class ArrCocProcessor(ProcessorMixin):
     def merge_size(self) -> int:
         return self.image_processor.merge_size
 
-    def __call__(self, images=None, text=None, videos=None, answers=None, return_tensors: str | None = "pt",
+    def __call__(self, images=None, text=None, videos=None, audio=None, answers=None, return_tensors: str | None = "pt",
                  **kwargs) -> BatchFeature:  # fmt: skip
         """``answers`` (training): one target string per sample, appended after the prompt with the end-of-turn
         token; ``labels`` then mark those tokens (-100 elsewhere)."""
         if videos is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
-        for key in ("padding_side",):
-            kwargs.pop(key, None)
+        if audio is not None:
+            raise ValueError("audio input is not supported by arr-coc")
+        unknown = set(kwargs) - ACCEPTED_KWARGS
+        if unknown:
+            raise TypeError(
+                f"ArrCocProcessor got unknown arguments {sorted(unknown)}; it pads on the left and returns PyTorch tensors"
+            )
         if text is None:
             raise ValueError("text is required: the question (or a templated prompt) for each sample")
         texts = [text] if isinstance(text, str) else list(text)

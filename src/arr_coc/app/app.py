@@ -7,13 +7,15 @@ message and leaves the server running.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 
+import torch
 from PIL import Image
 
 from ..evaluation.plots import realization_figure
+from ..pipeline import generate_answers
+from ..relevance import ALL_TOKENS
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 
@@ -66,7 +68,14 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
               max_new_tokens: int = 24, queue_size: int = 64):  # fmt: skip
     """The Gradio Blocks app (call ``.launch()`` on it)."""
     import gradio as gr
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class Cancelled(StoppingCriteria):  # a request whose client went away stops generating
+        def __init__(self, event: threading.Event):
+            self.event = event
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
     stats = {"active": 0, "peak_active": 0, "served": 0, "refused": 0}
     lock = threading.Lock()
@@ -100,12 +109,14 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
         except ValueError as error:
             raise gr.Error(f"could not process the request: {error}") from None
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result = {}
+        result, cancel = {}, threading.Event()
+        stop = StoppingCriteriaList([Cancelled(cancel)])
 
         def run():
             try:
-                result["out"] = model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
-                                               return_dict_in_generate=True, streamer=streamer)  # fmt: skip
+                result["texts"], result["out"] = generate_answers(
+                    model, processor, inputs, max_new_tokens, streamer=streamer, stopping_criteria=stop, **kwargs
+                )
             except Exception as error:  # reported below; the streamer must end either way
                 result["error"] = error
                 streamer.end()
@@ -113,9 +124,12 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         partial = ""
-        for piece in streamer:
-            partial += piece
-            yield partial, "", "", None, None
+        try:
+            for piece in streamer:
+                partial += piece
+                yield partial, "", "", None, None
+        finally:
+            cancel.set()  # the client may be gone: the thread stops at its next token
         thread.join()
         if "error" in result:
             raise gr.Error(f"generation failed: {result['error']}")
@@ -128,9 +142,11 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
             image, realization, "what is there / what stands out / what the question needs", knowing_maps=True
         )
         yield partial.strip(), tokens, "(computing the full-token answer...)", picture, knowing
-        full = model.generate(**inputs, budget=10**9, max_new_tokens=max_new_tokens, do_sample=False)
-        full_text = processor.batch_decode(full[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
-        yield partial.strip(), tokens, f"{full_text}   ({native} tokens)", picture, knowing
+        try:
+            full_texts, _ = generate_answers(model, processor, inputs, max_new_tokens, budget=ALL_TOKENS)
+        except Exception as error:
+            raise gr.Error(f"the full-token answer failed: {error}") from None
+        yield partial.strip(), tokens, f"{full_texts[0]}   ({native} tokens)", picture, knowing
 
     with gr.Blocks(title="arr-coc: where the visual tokens go") as app:
         gr.Markdown(
@@ -156,9 +172,3 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
         gr.Button(visible=False).click(lambda: dict(stats), None, gr.JSON(visible=False), api_name="stats", queue=False)
     app.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     return app
-
-
-def image_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()

@@ -47,17 +47,21 @@ class BackboneAdapter:
     def image_token_id(self) -> int:
         return self.vlm.config.image_token_id
 
-    @property
-    def video_token_id(self) -> int:
-        return self.vlm.config.video_token_id
-
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[VisionFeatures]:
-        """pixel_values [patches, C*T*P*P], image_grid_thw [n, 3] -> one `VisionFeatures` per image."""
-        out = self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return [
-            VisionFeatures(tokens, self.merged_grid(thw), self._extra(out, i))
-            for i, (tokens, thw) in enumerate(zip(out.pooler_output, image_grid_thw.tolist()))
-        ]
+        """pixel_values [patches, C*T*P*P], image_grid_thw [n, 3] -> one `VisionFeatures` per image.
+
+        Each image runs through the encoder on its own, so its tokens – and so its relevance and
+        allocation – are bit-identical alone or in any batch (DESIGN.md contract 5).
+        """
+        out, start = [], 0
+        for thw in image_grid_thw:
+            n = int(thw.prod())
+            encoded = self.vlm.model.get_image_features(pixel_values[start : start + n], thw[None], return_dict=True)
+            out.append(
+                VisionFeatures(encoded.pooler_output[0], self.merged_grid(thw.tolist()), self._extra(encoded, 0))
+            )
+            start += n
+        return out
 
     def _extra(self, encoder_output, index: int) -> list[torch.Tensor]:
         return []
@@ -129,8 +133,10 @@ class BackboneAdapter:
         for thw in image_grid_thw.tolist():
             m = thw[0] * thw[1] * thw[2]
             qi, ki = q[start : start + m].transpose(0, 1), k[start : start + m].transpose(0, 1)  # [heads, m, d]
-            probs = torch.softmax((qi @ ki.transpose(1, 2)) * attn.scaling, dim=-1)
-            received = probs.mean(dim=(0, 1))  # [m]
+            received = torch.zeros(m, device=qi.device, dtype=torch.float32)
+            for chunk in qi.split(1024, dim=1):  # query chunks: a 1344-px image would need [heads, m, m] at once
+                received += torch.softmax((chunk @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1).sum(dim=(0, 1))
+            received /= qi.shape[0] * m  # mean over heads and queries
             keys = ki.transpose(0, 1).reshape(m, -1)
             out.append((received.view(-1, unit).sum(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)))
             start += m

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..relevance import Allocation
+from ..relevance import ALL_TOKENS, Allocation
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _positions(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 def _select(features, keep: torch.Tensor) -> tuple[list[torch.Tensor], TokenSelection]:
     """Kept tokens in raster order, at their own positions."""
     _, h, w = features.grid
-    keep = torch.sort(keep).values
+    keep = torch.sort(keep.cpu()).values
     kept = torch.zeros(h * w, dtype=torch.bool)
     kept[keep] = True
     pieces = [x[keep.to(x.device)] for x in [features.tokens, *features.extra]]
@@ -74,7 +74,7 @@ def visionzip_selector(readouts: list, contextual_share: float = 10 / 64):
     queue = list(readouts)
 
     def select(features, question, budget, compression, allocation, pooling):
-        received, keys = queue.pop(0)
+        received, keys = (x.detach().float().cpu() for x in queue.pop(0))
         _, h, w = features.grid
         n = h * w
         t = min(int(budget), n)
@@ -159,8 +159,11 @@ def fastv_generate(model, inputs: dict, keep: list[int], layer: int = 2, max_new
     from transformers.masking_utils import create_causal_mask
 
     adapter = model.adapter
+    if adapter.family == "qwen3_vl":
+        raise ValueError("the text-attention (FastV) baseline runs the decoder layers by hand and does not add Qwen3-VL's "
+                         "deepstack features; it is implemented for Qwen2-VL and Qwen2.5-VL")  # fmt: skip
     c = model.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"],
-                              inputs["image_grid_thw"], inputs.get("question_mask"), budget=10**9)  # fmt: skip
+                              inputs["image_grid_thw"], inputs.get("question_mask"), budget=ALL_TOKENS)  # fmt: skip
     lm = adapter.vlm.model.language_model
     embeds, mask, positions, visual = c.inputs_embeds, c.attention_mask, c.position_ids, c.visual_mask
     batch = embeds.shape[0]
@@ -188,6 +191,9 @@ def fastv_generate(model, inputs: dict, keep: list[int], layer: int = 2, max_new
             hidden = decoder_layer(hidden, attention_mask=causal, position_embeddings=cos_sin, position_ids=None)
         logits = adapter.lm_head(lm.norm(hidden[:, -1:]))
         token = logits[:, -1].argmax(-1)
+        if eos_token_id is not None and new_tokens:  # a finished sample keeps emitting its end token
+            finished = (torch.stack(new_tokens, 1) == eos_token_id).any(1)
+            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
         new_tokens.append(token)
         if eos_token_id is not None and bool((torch.stack(new_tokens, 1) == eos_token_id).any(1).all()):
             break
@@ -206,10 +212,10 @@ def _fastv_drop(scores, visual, keep, realizations):
     for b in range(visual.shape[0]):
         idx = visual[b].nonzero().flatten()
         t = min(int(keep[b]), len(idx))
-        order = torch.sort(scores[b, idx], descending=True, stable=True).indices
+        order = torch.sort(scores[b, idx].cpu(), descending=True, stable=True).indices
         kept_local = torch.zeros(len(idx), dtype=torch.bool)
         kept_local[order[:t]] = True
-        drop[b, idx[~kept_local]] = True
+        drop[b, idx[~kept_local.to(idx.device)]] = True
         start = 0
         for r in (r for r in realizations if r.sample_index == b):  # full-token realizations: raster order
             part = kept_local[start : start + r.native_count]

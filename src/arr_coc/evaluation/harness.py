@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.synthetic import normalize_answer
+from ..pipeline import generate_answers
+from ..relevance import ALL_TOKENS, budget_from_spec
 from .baselines import (
     downsample_image,
     fastv_generate,
@@ -106,13 +108,6 @@ def _levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
-def budget_tokens(spec: str, native: int) -> int:
-    """T for a budget spec: "1/8" -> ceil(N / 8); "64" -> min(64, N)."""
-    if spec.startswith("1/"):
-        return math.ceil(native / float(spec[2:]))
-    return min(int(spec), native)
-
-
 def box_covered(detail: torch.Tensor, box, image_size: tuple[int, int]) -> bool:
     """Every merged-grid token that overlaps ``box`` (pixels of the original image) is at full detail."""
     from ..training.objectives import box_overlap_map
@@ -142,10 +137,7 @@ class Harness:
         )
 
     def _generate(self, inputs, **kwargs) -> tuple[list[str], object]:
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  return_dict_in_generate=True, **kwargs)  # fmt: skip
-        texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return texts, out
+        return generate_answers(self.model, self.processor, inputs, self.max_new_tokens, **kwargs)
 
     def _run_method(self, method: str, samples, inputs, features, grids, targets, cache: dict):
         """One method at one budget on one batch: (answers, tokens used, full-detail maps) per sample."""
@@ -161,7 +153,7 @@ class Harness:
         if method == "downsample":
             small = [downsample_image(s["image"], self.processor.image_processor, t) for s, t in zip(samples, targets)]
             texts, out = self._generate(
-                dict(self.processor(images=small, text=[s["question"] for s in samples])), budget=10**9
+                dict(self.processor(images=small, text=[s["question"] for s in samples])), budget=ALL_TOKENS
             )
             used = out.tokens_used.tolist()
             natives = [h * w for h, w in grids]
@@ -172,7 +164,7 @@ class Harness:
             )
         options = {"vision_features": features}
         if method == "full":
-            options["budget"] = 10**9
+            options["budget"] = ALL_TOKENS
         elif method in ("arr-coc", "arr-coc-free"):
             self.model.config.mode = "trained" if method == "arr-coc" else "training_free"
             options["budget"] = targets
@@ -195,7 +187,14 @@ class Harness:
 
     @torch.no_grad()
     def run_batch(self, samples: list[dict], methods, budgets) -> list[Record]:
-        inputs = dict(self.processor(images=[s["image"] for s in samples], text=[s["question"] for s in samples]))
+        if any(not hasattr(s["image"], "size") for s in samples):
+            raise ValueError("the harness compares methods on one image per sample; pass a PIL image per sample")
+        inputs = {
+            k: v.to(self.model.device)
+            for k, v in self.processor(
+                images=[s["image"] for s in samples], text=[s["question"] for s in samples]
+            ).items()
+        }
         features = self.model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
         grids = [f.grid[1:] for f in features]
         natives = [h * w for h, w in grids]
@@ -203,7 +202,7 @@ class Harness:
         cache: dict = {}
         runs = [("full", "all", natives)] if "full" in methods else []
         for budget in budgets:
-            targets = [budget_tokens(budget, n) for n in natives]
+            targets = [budget_from_spec(budget, n) for n in natives]
             runs += [(m, budget, targets) for m in methods if m != "full"]
         mode = self.model.config.mode
         try:
@@ -328,4 +327,4 @@ def synthetic_samples(tasks, n: int, offset: int = 0) -> list[dict]:
     return out
 
 
-__all__ = ["BUDGETS", "METHODS", "EvalResult", "Harness", "anls", "budget_tokens", "evaluate", "write_outputs"]
+__all__ = ["BUDGETS", "METHODS", "EvalResult", "Harness", "anls", "evaluate", "write_outputs"]

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
+from ..relevance import budget_from_spec
+
 
 @dataclass
 class SpeedRow:
@@ -113,12 +115,7 @@ def measure(
     native = math.prod(features[0].grid)
     rows = []
     for spec in ["full", *budgets]:
-        if spec == "full":
-            budget = 10**9
-        elif spec.startswith("1/"):
-            budget = math.ceil(native / float(spec[2:]))
-        else:
-            budget = min(int(spec), native)
+        budget = budget_from_spec(spec, native)
         relevance, prefill, ttft, decode, peak, used = _budget_timings(
             model, inputs, features, budget, repeats, new_tokens
         )

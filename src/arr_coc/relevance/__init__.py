@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attending import Allocation, BudgetCalculator, BudgetDecision, Region, TokenAllocator, resolve_budget
+from .attending import (
+    ALL_TOKENS,
+    Allocation,
+    BudgetCalculator,
+    BudgetDecision,
+    Region,
+    TokenAllocator,
+    budget_from_spec,
+    resolve_budget,
+)
 from .balancing import TensionBalancer
 from .knowing import CouplingScorer, InformationScorer, SalienceScorer
 from .realizing import RelevanceRealizer, cell_assignment
@@ -37,6 +46,8 @@ class RelevanceHeads(nn.Module):
 
 
 __all__ = [
+    "ALL_TOKENS",
+    "budget_from_spec",
     "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "InformationScorer", "Region",
     "RelevanceHeads", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
     "cell_assignment", "resolve_budget",

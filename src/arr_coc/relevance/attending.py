@@ -113,6 +113,18 @@ def _check_compression_value(compression) -> float:
     return float(compression)
 
 
+ALL_TOKENS = 2**31 - 1  # a budget that every image's native count is below: "all visual tokens"
+
+
+def budget_from_spec(spec: str, native: int) -> int:
+    """A budget spec of the evaluation and benchmarks: "1/8" -> ceil(N / 8); "64" -> min(64, N); "full" -> N."""
+    if spec in ("full", "all"):
+        return native
+    if spec.startswith("1/"):
+        return math.ceil(native / float(spec[2:]))
+    return min(int(spec), native)
+
+
 @dataclass(frozen=True)
 class BudgetDecision:
     tokens: int  # T, after every rule
@@ -141,12 +153,11 @@ def resolve_budget(native: int, floor: int, allocator: str, auto_tokens: int | N
     if tokens < floor:
         if source == "auto":
             tokens = floor
-        else:
-            lower = "quadtree (floor 1)" if allocator != "quadtree" else "no allocator"
+        else:  # only the ladder has a floor above 1
             raise ValueError(
                 f"{source}={budget if source == 'budget' else compression} gives {tokens} tokens, below the "
                 f"{allocator} allocator's floor of {floor} tokens for this {native}-token image; use a budget "
-                f">= {floor}, or allocator='quadtree', which reaches lower ({lower})"
+                f">= {floor}, or allocator='quadtree', which reaches lower (floor 1)"
             )
     return BudgetDecision(tokens, requested, requested > native, source)
 
@@ -220,6 +231,13 @@ class TokenAllocator:
 
     def __init__(self, allocator: str, region_size: int, lod_ladder: list[int]):
         self.allocator, self.region_size, self.lod_ladder = allocator, region_size, list(lod_ladder)
+
+    def decide(self, relevance: torch.Tensor, height: int, width: int, expected_tokens: float, min_tokens: int,
+               max_tokens: int, budget=None, compression=None) -> tuple[Allocation, BudgetDecision]:  # fmt: skip
+        """The budget rules, then the allocation: (allocation, decision) for one image."""
+        decision = resolve_budget(height * width, self.floor(height, width), self.allocator, math.ceil(expected_tokens),
+                                  min_tokens, max_tokens, budget, compression)  # fmt: skip
+        return self(relevance, height, width, decision.tokens), decision
 
     def floor(self, height: int, width: int) -> int:
         """The fewest tokens this allocator can tile an ``h x w`` grid with."""

@@ -16,7 +16,10 @@ class TensionBalancer(nn.Module):
 
     def __init__(self, text_size: int, hidden_size: int, default_weights: list[float]):
         super().__init__()
-        self.register_buffer("default_weights", torch.tensor(default_weights, dtype=torch.float32), persistent=False)
+        # a plain tuple, not a buffer: from_pretrained builds models on the meta device and would leave a
+        # non-persistent buffer uninitialised
+        total = float(sum(default_weights))
+        self.default_weights = tuple(float(w) / total for w in default_weights)
         self.head = nn.Sequential(
             nn.LayerNorm(text_size), nn.Linear(text_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, 3)
         )
@@ -26,5 +29,5 @@ class TensionBalancer(nn.Module):
         if trained and question.shape[0] > 0:
             weights = torch.softmax(self.head(question.mean(dim=0)), dim=-1)
         else:
-            weights = (self.default_weights / self.default_weights.sum()).to(scores)
+            weights = scores.new_tensor(self.default_weights)
         return (weights[:, None] * scores).sum(dim=0).clamp(0.0, 1.0), weights

@@ -53,13 +53,17 @@ class RelevanceRealizer:
             order = torch.argsort(cell)
             return [x[order] for x in features], centres
         if (pooling or self.pooling) == "mean":
-            weights = torch.ones_like(relevance)
+            weights = torch.ones_like(relevance, dtype=torch.float32)
         else:
-            weights = relevance.clamp_min(1e-4)
-        denominator = torch.zeros(n_out, dtype=weights.dtype, device=weights.device).index_add_(0, cell, weights)
+            weights = relevance.float().clamp_min(1e-4)
+        denominator = torch.zeros(n_out, device=weights.device).index_add_(0, cell, weights)
+        # a cell of one token passes it on unchanged (not w * x / w)
+        count = torch.zeros(n_out, device=cell.device).index_add_(0, cell, torch.ones_like(weights))
+        single = (count[cell] == 1).nonzero().flatten()
         pooled = []
-        for x in features:
-            w = weights.to(x.dtype)[:, None]
-            total = torch.zeros(n_out, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, cell, x * w)
-            pooled.append(total / denominator.to(x.dtype)[:, None])
+        for x in features:  # sums in fp32 whatever the backbone's dtype
+            total = torch.zeros(n_out, x.shape[-1], device=x.device).index_add_(0, cell, x.float() * weights[:, None])
+            out = (total / denominator[:, None]).to(x.dtype)
+            out[cell[single]] = x[single]
+            pooled.append(out)
         return pooled, centres

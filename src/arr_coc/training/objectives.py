@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..modeling_arr_coc import IGNORE_INDEX
+from ..relevance import ALL_TOKENS
 
 
 @dataclass
@@ -123,7 +124,7 @@ def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
     """
     c = model.compress_inputs(
         inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"], inputs["image_grid_thw"],
-        inputs.get("question_mask"), inputs["labels"], budget=10**9,
+        inputs.get("question_mask"), inputs["labels"], budget=ALL_TOKENS,
     )  # fmt: skip
     embeds = c.inputs_embeds.detach().requires_grad_(True)
     extra = [e.detach() for e in c.visual_extra]

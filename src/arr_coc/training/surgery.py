@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 HEADS = ("information", "salience", "coupling", "balancer", "budget")
@@ -90,8 +89,9 @@ def parameter_groups(model, learning_rates: dict[str, float], layer_decay: float
     """Optimizer parameter groups for the trainable parameters.
 
     ``learning_rates`` maps part names to learning rates; a parameter takes the rate of the most
-    specific part that holds it. With ``layer_decay`` the decoder layer ``i`` of ``L`` (and the
-    embeddings as layer -1) gets the language model's rate times ``layer_decay ** (L - 1 - i)``.
+    specific part that holds it, and every trainable parameter must be covered (else `ValueError`).
+    With ``layer_decay`` the decoder layer ``i`` of ``L`` gets the language model's rate times
+    ``layer_decay ** (L - 1 - i)``; the final norm counts as the top layer, the embeddings as layer -1.
     Biases and norms get no weight decay.
     """
     parts = part_modules(model)
@@ -103,11 +103,16 @@ def parameter_groups(model, learning_rates: dict[str, float], layer_decay: float
     for name in sorted(learning_rates, key=lambda n: n.count(".")):
         for p in parts[name].parameters():
             owner[id(p)] = name
-    n_layers = len(model.vlm.model.language_model.layers)
-    layer_of = {}
-    for i, layer in enumerate(model.vlm.model.language_model.layers):
+    language = model.vlm.model.language_model
+    n_layers = len(language.layers)
+    layer_of = {id(p): n_layers - 1 for p in language.norm.parameters()}  # the final norm sits on top
+    for i, layer in enumerate(language.layers):
         for p in layer.parameters():
             layer_of[id(p)] = i
+    uncovered = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+    if uncovered:
+        raise ValueError(f"trainable parameters without a learning rate: {uncovered[:5]}{' ...' if len(uncovered) > 5 else ''}; "
+                         f"add their part to learning_rates or freeze them")  # fmt: skip
     groups: dict[tuple, dict] = {}
     for pname, p in model.named_parameters():
         if not p.requires_grad or id(p) not in owner:
@@ -190,9 +195,3 @@ def set_gradient_checkpointing(model, enabled: bool = True) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    return {
-        k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters() if p.requires_grad}
-    }

@@ -97,8 +97,9 @@ class ArrCocTrainer(Trainer):
             loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
         terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
-        for k, v in terms.items():
-            self._terms.setdefault(k, []).append(float(v))
+        if model.training:  # evaluation reports its own loss; these are the training terms
+            for k, v in terms.items():
+                self._terms.setdefault(k, []).append(float(v))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
