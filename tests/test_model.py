@@ -209,3 +209,13 @@ def test_bad_tensors_and_video_are_refused(make_model, make_processor, samples):
                  question_mask=inputs["question_mask"][:, 5:])  # fmt: skip
     with pytest.raises(ValueError, match="placeholder"):
         model(**wrong)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_beam_search_and_several_return_sequences(family, make_model, make_processor, samples):
+    model, processor = make_model(family), make_processor(family)
+    inputs = _batch(processor, samples, 2)
+    beams = model.generate(**inputs, compression=4, max_new_tokens=3, num_beams=2, num_return_sequences=2)
+    assert beams.shape[0] == 4 and torch.equal(beams[::2, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    sampled = model.generate(**inputs, compression=4, max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    assert sampled.shape[0] == 6

@@ -608,7 +608,13 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         c = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
                                  budget, compression, allocation, pooling, image_tokens, vision_features)  # fmt: skip
         if c.visual_extra:
-            kwargs.update(visual_pos_masks=c.visual_mask, deepstack_visual_embeds=c.visual_extra)
+            # generate repeats tensors per beam / return sequence; the per-token deepstack features follow suit
+            config = kwargs.get("generation_config") or self.generation_config
+            beams = kwargs.get("num_beams") or config.num_beams or 1
+            copies = beams if beams > 1 else (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+            per_sample = c.visual_mask.sum(dim=1).tolist()
+            extra = [torch.cat([part for part in x.split(per_sample) for _ in range(copies)]) for x in c.visual_extra]
+            kwargs.update(visual_pos_masks=c.visual_mask, deepstack_visual_embeds=extra)
         out = super().generate(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask,
                                position_ids=c.position_ids, **kwargs)  # fmt: skip
         sequences = out if torch.is_tensor(out) else out.sequences
