@@ -1,0 +1,41 @@
+"""arr-coc-tiny, the embedded model: it loads by name with no network, and `arr-coc demo` runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+import arr_coc
+from arr_coc.assets import EMBEDDED_MODELS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_embedded_model_loads_by_name_offline_and_is_small():
+    folder = EMBEDDED_MODELS["arr-coc-tiny"]
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    assert size <= 40 * 2**20
+    assert os.path.isfile(os.path.join(folder, "README.md"))
+    env_model = arr_coc.ArrCocForConditionalGeneration.from_pretrained("arr-coc-tiny")
+    processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny")
+    assert env_model.config.allocator == "quadtree" and env_model.vlm.config.model_type == "qwen2_vl"
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == env_model.vlm.config.image_token_id
+
+
+def test_demo_end_to_end_in_a_subprocess(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "arr-coc")
+    out = tmp_path / "demo.png"
+    proc = subprocess.run([exe, "demo", "--out", str(out), "--json"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert isinstance(report["answer"], str) and report["expected"]
+    assert 0 < report["tokens_used"] <= report["native_tokens"]
+    assert Image.open(out).size[0] > 200
+    text = subprocess.run([exe, "demo", "--out", str(out), "--task", "box-codes", "--index", "3"], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    assert text.returncode == 0 and "answer:" in text.stdout and "tokens:" in text.stdout and "picture:" in text.stdout
