@@ -11,7 +11,7 @@ from .backbones import SUPPORTED_FAMILIES
 
 ALLOCATORS = ("ladder", "quadtree")
 MODES = ("training_free", "trained")
-ENCODINGS = ("single",)
+ENCODINGS = ("single", "saccade")
 POOLINGS = ("relevance", "mean")
 DEFAULT_LADDER = (1, 4, 16, 64, 100, 144, 196, 256, 400)
 
@@ -33,7 +33,11 @@ class ArrCocConfig(PreTrainedConfig):
         lod_ladder (`list[int]`): ladder levels in tokens per region, perfect squares, increasing, each at
             most `region_size**2`; a region's own size (full detail) is always the top level.
         mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads).
-        encoding (`str`): `"single"` (encode once, compress after the encoder).
+        encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
+            at 1/`gist_scale` of the resolution, then only the `region_size` regions that matter at full
+            resolution; the gist's tokens count toward the budget).
+        gist_scale (`int`): the saccade gist's downscale per side (one gist token per `gist_scale**2` native
+            tokens); must divide `region_size`.
         relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
@@ -51,6 +55,7 @@ class ArrCocConfig(PreTrainedConfig):
     lod_ladder: list[int] | tuple[int, ...] | None = None
     mode: str = "training_free"
     encoding: str = "single"
+    gist_scale: int = 4
     relevance_hidden_size: int = 128
     coupling_size: int = 64
     pooling: str = "relevance"
@@ -67,7 +72,7 @@ class ArrCocConfig(PreTrainedConfig):
         family = getattr(self.vlm_config, "model_type", None)
         if family not in SUPPORTED_FAMILIES:
             _fail("vlm_config.model_type", family, f"one of {sorted(SUPPORTED_FAMILIES)}")
-        for name in ("min_tokens", "max_tokens", "region_size", "relevance_hidden_size", "coupling_size"):
+        for name in ("min_tokens", "max_tokens", "region_size", "relevance_hidden_size", "coupling_size", "gist_scale"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an integer >= 1")
@@ -78,7 +83,9 @@ class ArrCocConfig(PreTrainedConfig):
         if self.mode not in MODES:
             _fail("mode", self.mode, f"one of {MODES}")
         if self.encoding not in ENCODINGS:
-            _fail("encoding", self.encoding, f"one of {ENCODINGS} ('saccade' is planned, not built yet)")
+            _fail("encoding", self.encoding, f"one of {ENCODINGS}")
+        if self.gist_scale < 2 or self.region_size % self.gist_scale:
+            _fail("gist_scale", self.gist_scale, f"an integer >= 2 dividing region_size={self.region_size}")
         if self.pooling not in POOLINGS:
             _fail("pooling", self.pooling, f"one of {POOLINGS}")
         ladder = self.lod_ladder

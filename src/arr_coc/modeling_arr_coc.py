@@ -9,6 +9,10 @@ The whole forward pass, per image (DESIGN.md's data flow)::
     attending:  budget head(relevance, Q) -> T;  allocator(relevance, T) -> regions x output grids
     realizing:  realizer(V, allocation, relevance)                 -> tokens [T', d] at centre positions
     language model <- [text before | compressed tokens | text after] with M-RoPE positions
+
+With ``encoding="saccade"`` the encoder first sees a gist (the image at 1/gist_scale), the maps and the
+budget come from the gist's tokens, and only the regions chosen for detail are encoded again, at full
+resolution and at their true positions: gist tokens + detail tokens go to the language model.
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from .backbones import adapter_for
 from .backbones.base import VisionFeatures
 from .configuration_arr_coc import ArrCocConfig
 from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, load_heads_into, prepare_local
-from .relevance import Allocation, RelevanceHeads, RelevanceRealizer, TokenAllocator
+from .relevance import (
+    Allocation,
+    RelevanceHeads,
+    RelevanceRealizer,
+    SaccadePlanner,
+    TokenAllocator,
+    cell_assignment,
+    expand_gist,
+)
 from .relevance.knowing import CouplingScorer
 
 IGNORE_INDEX = -100
@@ -55,6 +67,7 @@ class RelevanceRealization:
     positions: torch.Tensor  # [T', 3] (t, y, x) relative to the image's first position
     sample_index: int = 0
     image_index: int = 0  # within its sample
+    encoding: str = "single"  # "saccade": maps come from the gist, 1x1 regions are gist tokens
 
     @property
     def tokens_used(self) -> int:
@@ -69,6 +82,7 @@ class RelevanceRealization:
         return {
             "sample_index": self.sample_index,
             "image_index": self.image_index,
+            "encoding": self.encoding,
             "tokens_used": self.tokens_used,
             "native_count": self.native_count,
             "budget": self.budget,
@@ -100,6 +114,16 @@ class ArrCocCausalLMOutputWithPast(ModelOutput):
     tokens_used: torch.Tensor | None = None
     native_tokens: torch.Tensor | None = None
     realizations: list[RelevanceRealization] | None = None
+
+
+@dataclass
+class SaccadeImage:
+    """One image's processor patches before a saccade: pixels [h*w patches, C*T*P*P], thw [3] patch grid,
+    grid (t, h, w) merged."""
+
+    pixels: torch.Tensor
+    thw: torch.Tensor
+    grid: tuple[int, int, int]
 
 
 @dataclass
@@ -340,11 +364,73 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         )  # fmt: skip
         return pooled, realization
 
+    def _realize_saccade(self, image: SaccadeImage, question: torch.Tensor, budget, compression,
+                         allocation: Allocation | None, pooling: str | None) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
+        """One image by saccade: encode the gist -> relevance on it -> regions for detail within the budget
+        -> encode those crops at full resolution -> gist + detail tokens in raster order of their centres."""
+        if allocation is not None:
+            raise ValueError(
+                "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
+                "pass budget= or compression=, or use encoding='single'"
+            )
+        config, heads, adapter = self.config, self.relevance, self.adapter
+        scale = config.gist_scale
+        _, h, w = image.grid
+        planner = SaccadePlanner(config.region_size, scale)
+        gist = adapter.encode_images(*adapter.gist_pixels(image.pixels, image.thw, scale))[0]
+        _, hg, wg = gist.grid
+        head_dtype = next(heads.parameters()).dtype
+
+        def to_native(values: torch.Tensor) -> torch.Tensor:
+            return expand_gist(values, h, w, scale)
+
+        info, salience, coupling, relevance, weights, expected = heads(
+            gist.tokens.to(head_dtype), (hg, wg), question.to(head_dtype), config.mode == "trained",
+            config.min_tokens, config.max_tokens, to_native,
+        )  # fmt: skip
+        allocation, d = planner.decide(to_native(relevance), h, w, float(expected.detach()), config.min_tokens,
+                                       config.max_tokens, budget, compression)  # fmt: skip
+        detail = [r for r in allocation.regions if r.full_detail and (r.y1 - r.y0) * (r.x1 - r.x0) > 1]
+        opened = set(detail)
+        crops = adapter.encode_crops(image.pixels, image.thw, [(r.y0, r.x0, r.y1, r.x1) for r in detail])
+
+        # Every output token's source: a gist token, or a token of a crop (native index -> output index).
+        cell, centres = cell_assignment(allocation)
+        cell = cell.to(gist.tokens.device)
+        sources = [[gist.tokens, *gist.extra]]
+        out_index = [
+            cell[torch.tensor([r.y0 * w + r.x0 for r in allocation.regions if r not in opened], dtype=torch.long)]
+        ]
+        source_index = [
+            torch.tensor([(r.y0 // scale) * wg + r.x0 // scale for r in allocation.regions if r not in opened])
+        ]
+        for r, crop in zip(detail, crops):
+            native = (torch.arange(r.y0, r.y1)[:, None] * w + torch.arange(r.x0, r.x1)[None, :]).flatten()
+            sources.append([crop.tokens, *crop.extra])
+            out_index.append(cell[native])
+            source_index.append(torch.arange(native.numel()))
+        tokens = []
+        for k in range(len(sources[0])):
+            out = gist.tokens.new_empty(centres.shape[0], sources[0][k].shape[-1])
+            for src, o, i in zip(sources, out_index, source_index):
+                out[o.to(out.device)] = src[k][i.to(out.device)]
+            tokens.append(out)
+        positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
+        realization = RelevanceRealization(
+            information=to_native(info).view(h, w), salience=to_native(salience).view(h, w),
+            coupling=to_native(coupling).view(h, w), relevance=to_native(relevance).view(h, w),
+            balance_weights=weights, allocation=allocation, budget=d.tokens, requested_budget=d.requested,
+            budget_clipped=d.clipped, budget_source=d.source, expected_tokens=expected, native_count=h * w,
+            positions=positions, encoding="saccade",
+        )  # fmt: skip
+        return tokens, realization
+
     def compress_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor,
                         image_grid_thw: torch.Tensor, question_mask: torch.Tensor | None = None,
                         labels: torch.Tensor | None = None, budget=None, compression=None, allocation=None,
                         pooling: str | None = None, image_tokens=None,
-                        vision_features: list[VisionFeatures] | None = None) -> CompressedInputs:  # fmt: skip
+                        vision_features: list[VisionFeatures] | None = None,
+                        encoding: str | None = None) -> CompressedInputs:  # fmt: skip
         """Encode the images, realize relevance per image and build the language model's inputs.
 
         input_ids / attention_mask / question_mask / labels: [B, L] as the processor emits them
@@ -352,11 +438,26 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         ``image_tokens``: another way to turn one image's features into tokens (the evaluation
         harness's baselines), called like `_realize_image`. ``vision_features``: the encoder's output
         for these images from an earlier call (`encode_images`), to compare budgets without re-encoding.
+        ``encoding``: "single" or "saccade" for this call (default: the config's).
         """
         adapter = self.adapter
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        features = vision_features if vision_features is not None else self.encode_images(pixel_values, image_grid_thw)
+        encoding = encoding or self.config.encoding
+        if encoding == "saccade":
+            if image_tokens is not None or vision_features is not None:
+                raise ValueError("saccade encoding runs the encoder itself: image_tokens= and vision_features= "
+                                 "are for encoding='single'")  # fmt: skip
+            self._check_pixels(pixel_values, image_grid_thw)
+            SaccadePlanner(self.config.region_size, self.config.gist_scale)  # a bad gist_scale fails before encoding
+            features, realize = self._saccade_images(pixel_values, image_grid_thw), self._realize_saccade
+        elif encoding == "single":
+            features = (
+                vision_features if vision_features is not None else self.encode_images(pixel_values, image_grid_thw)
+            )
+            realize = image_tokens or self._realize_image
+        else:
+            raise ValueError(f"encoding={encoding!r} is invalid: expected 'single' or 'saccade'")
         text_embeds = adapter.embed_tokens(input_ids)
 
         # Split each sample into text runs and image spans (runs of placeholders, cut by each image's count).
@@ -407,9 +508,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                     pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3)
                 )
                 pos += n_text
-                pooled, realization = (image_tokens or self._realize_image)(
-                    features[k], question, budgets[k], ratios[k], fixed[k], pooling
-                )
+                pooled, realization = realize(features[k], question, budgets[k], ratios[k], fixed[k], pooling)
                 realization.sample_index, realization.image_index = b, image_index
                 realizations.append(realization)
                 pieces.append(pooled[0].to(embeds.dtype))
@@ -450,14 +549,23 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             visual_mask[b, length - n :] = vis.to(device)
             if lab is not None:
                 new_labels[b, length - n :] = lab
-        n_extra = len(features[0].extra) if features else 0
-        visual_extra = [torch.cat([e[j] for r in rows for e in r[4]]) for j in range(n_extra)]
+        extras = [e for r in rows for e in r[4]]
+        visual_extra = [torch.cat([e[j] for e in extras]) for j in range(len(extras[0]) if extras else 0)]
         tokens_used = torch.tensor(
             [sum(r.tokens_used for r in realizations if r.sample_index == b) for b in range(batch)]
         )
         native = torch.tensor([sum(r.native_count for r in realizations if r.sample_index == b) for b in range(batch)])
         return CompressedInputs(inputs_embeds, mask, position_ids, new_labels, visual_mask, visual_extra,
                                 realizations, tokens_used, native)  # fmt: skip
+
+    def _saccade_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[SaccadeImage]:
+        """Each image's patches, not yet encoded (a saccade encodes a gist first, then crops)."""
+        out, start = [], 0
+        for thw in image_grid_thw:
+            n = int(thw.prod())
+            out.append(SaccadeImage(pixel_values[start : start + n], thw, self.adapter.merged_grid(thw.tolist())))
+            start += n
+        return out
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[VisionFeatures]:
         """The backbone's vision encoder on every image (``VisionFeatures`` per image)."""
@@ -489,10 +597,11 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def realize_relevance(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
-                          budget=None, compression=None, allocation=None, pooling=None, **_) -> list[RelevanceRealization]:  # fmt: skip
+                          budget=None, compression=None, allocation=None, pooling=None, encoding: str | None = None,
+                          **_) -> list[RelevanceRealization]:  # fmt: skip
         """The relevance realization of every image, in input order (no language model run)."""
         return self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
-                                    budget, compression, allocation, pooling).realizations  # fmt: skip
+                                    budget, compression, allocation, pooling, encoding=encoding).realizations  # fmt: skip
 
     # ------------------------------------------------------------------ forward / generate
 
@@ -515,6 +624,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         pooling: str | None = None,
         image_tokens=None,
         vision_features=None,
+        encoding: str | None = None,
         visual_pos_masks: torch.Tensor | None = None,
         deepstack_visual_embeds: list[torch.Tensor] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
@@ -535,7 +645,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
             compressed = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask,
                                               labels, budget, compression, allocation, pooling, image_tokens,
-                                              vision_features)  # fmt: skip
+                                              vision_features, encoding)  # fmt: skip
             inputs_embeds, attention_mask, position_ids = (
                 compressed.inputs_embeds,
                 compressed.attention_mask,
@@ -594,7 +704,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                  budget=None, compression=None, allocation=None, pooling: str | None = None, image_tokens=None,
-                 vision_features=None, **kwargs):  # fmt: skip
+                 vision_features=None, encoding: str | None = None, **kwargs):  # fmt: skip
         """Like the stock `generate` (returns ``input_ids`` followed by the new tokens, KV cache, left-padded
         batches), with each image compressed to its budget first.
 
@@ -606,7 +716,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         if pixel_values is None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         c = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
-                                 budget, compression, allocation, pooling, image_tokens, vision_features)  # fmt: skip
+                                 budget, compression, allocation, pooling, image_tokens, vision_features,
+                                 encoding)  # fmt: skip
         if c.visual_extra:
             # generate repeats tensors per beam / return sequence; the per-token deepstack features follow suit
             config = kwargs.get("generation_config") or self.generation_config

@@ -63,6 +63,75 @@ class BackboneAdapter:
             start += n
         return out
 
+    # ------------------------------------------------------------------ saccades: a gist and crops of the pixels
+
+    def unpatchify(self, pixels: torch.Tensor, thw) -> torch.Tensor:
+        """One image's processor patches [h*w, C*T*P*P] (merge windows in raster) -> pixels [C, T, h*P, w*P]."""
+        vision, m = self.vlm.config.vision_config, self.merge_size
+        c, tp, p = vision.in_channels, vision.temporal_patch_size, vision.patch_size
+        t, h, w = (int(v) for v in thw)
+        if t != 1:
+            raise ValueError(f"saccade encoding takes images (one temporal patch), got a grid of {(t, h, w)}")
+        x = pixels.reshape(h // m, w // m, m, m, c, tp, p, p).permute(4, 5, 0, 2, 6, 1, 3, 7)
+        return x.reshape(c, tp, h * p, w * p)
+
+    def patchify(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels [C, T, H, W] (H, W multiples of P * merge) -> (patches [h*w, C*T*P*P], grid_thw [1, 3])."""
+        vision, m = self.vlm.config.vision_config, self.merge_size
+        c, tp, height, width = image.shape
+        p = vision.patch_size
+        h, w = height // p, width // p
+        x = image.reshape(c, tp, h // m, m, p, w // m, m, p).permute(2, 5, 3, 6, 0, 1, 4, 7)
+        return x.reshape(h * w, c * tp * p * p), torch.tensor([[1, h, w]], device=image.device)
+
+    def gist_pixels(self, pixels: torch.Tensor, thw, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image at 1/``scale`` of its size: each gist token covers exactly ``scale x scale`` merged tokens
+        of the full image (the right and bottom edges padded with zeros, the mean colour, up to a multiple)."""
+        image = self.unpatchify(pixels, thw)
+        _, h, w = self.merged_grid(thw)
+        unit = self.vlm.config.vision_config.patch_size * self.merge_size  # pixels per merged token
+        pad_h, pad_w = (-h % scale) * unit, (-w % scale) * unit
+        image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h))
+        c, tp, height, width = image.shape
+        gist = torch.nn.functional.avg_pool2d(image.reshape(c * tp, height, width).float(), scale)
+        return self.patchify(gist.reshape(c, tp, *gist.shape[-2:]).to(pixels.dtype))
+
+    def crop_patches(self, thw, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """Indices of the patches of merged rows ``[y0, y1)`` x columns ``[x0, x1)``, in the crop's own patch
+        order: ``pixels[index]`` is what the processor would emit for that crop of the image."""
+        _, _, w = self.merged_grid(thw)
+        y0, x0, y1, x1 = box
+        unit = self.merge_size**2
+        cells = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten()
+        return (cells[:, None] * unit + torch.arange(unit)).flatten()
+
+    def _crop_vision_kwargs(self, thw: torch.Tensor, index: torch.Tensor) -> dict:
+        """The encoder's precomputed position inputs for the full image, kept at ``index``: crops keep their
+        true positions (rotary here; Qwen3-VL adds its learned position table)."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        return {"position_ids": get_vision_position_ids(thw[None], self.merge_size)[index.to(thw.device)]}
+
+    def encode_crops(self, pixels: torch.Tensor, thw: torch.Tensor,
+                     boxes: list[tuple[int, int, int, int]]) -> list[VisionFeatures]:  # fmt: skip
+        """Encode crops (merged-grid boxes) of one image at full resolution in one encoder call, each crop
+        attending only within itself, every patch at its true position in the full image."""
+        if not boxes:
+            return []
+        index = [self.crop_patches(thw, box) for box in boxes]
+        grids = torch.tensor(
+            [[1, (y1 - y0) * self.merge_size, (x1 - x0) * self.merge_size] for y0, x0, y1, x1 in boxes],
+            device=thw.device,
+        )
+        flat = torch.cat(index).to(pixels.device)
+        encoded = self.vlm.model.get_image_features(
+            pixels[flat], grids, return_dict=True, **self._crop_vision_kwargs(thw, flat)
+        )
+        return [
+            VisionFeatures(encoded.pooler_output[i], (1, y1 - y0, x1 - x0), self._extra(encoded, i))
+            for i, (y0, x0, y1, x1) in enumerate(boxes)
+        ]
+
     def _extra(self, encoder_output, index: int) -> list[torch.Tensor]:
         return []
 

@@ -18,6 +18,18 @@ class Qwen3VLAdapter(BackboneAdapter):
             deepstack_visual_embeds=visual_extra or None, **kwargs,
         )  # fmt: skip
 
+    def _crop_vision_kwargs(self, thw, index):
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        visual = self.vlm.model.visual
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            thw[None], num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=self.merge_size,
+        )  # fmt: skip
+        index = index.to(thw.device)
+        return {**super()._crop_vision_kwargs(thw, index), "interp_indices": indices[index],
+                "interp_weights": weights[index]}  # fmt: skip
+
     def _vision_rotary(self):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 

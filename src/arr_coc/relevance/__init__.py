@@ -11,8 +11,11 @@ from .attending import (
     BudgetCalculator,
     BudgetDecision,
     Region,
+    SaccadePlanner,
     TokenAllocator,
     budget_from_spec,
+    expand_gist,
+    gist_grid,
     resolve_budget,
 )
 from .balancing import TensionBalancer
@@ -34,14 +37,19 @@ class RelevanceHeads(nn.Module):
         self.balancer = TensionBalancer(text_size, hidden_size, balance_weights)
         self.budget = BudgetCalculator(text_size, hidden_size)
 
-    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, min_tokens: int, max_tokens: int):
+    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, min_tokens: int, max_tokens: int,
+                to_native=None):  # fmt: skip
         """tokens [h*w, d], question [m, d_text] -> (information, salience, coupling, relevance [h*w],
-        balance weights [3], expected tokens []): knowing, then balancing, then the budget head."""
+        balance weights [3], expected tokens []): knowing, then balancing, then the budget head.
+
+        ``to_native``: maps a coarse grid's values to the native grid (a saccade's gist), so the budget
+        head judges the image at the resolution its tokens are counted in."""
         info = self.information(tokens, grid, trained)
         salience = self.salience(tokens, grid, trained)
         coupling = self.coupling(tokens, question, trained)
         relevance, weights = self.balancer(torch.stack([info, salience, coupling]), question, trained)
-        expected = self.budget(relevance, question, min_tokens, max_tokens, trained)
+        native = to_native(relevance) if to_native is not None else relevance
+        expected = self.budget(native, question, min_tokens, max_tokens, trained)
         return info, salience, coupling, relevance, weights, expected
 
 
@@ -50,5 +58,5 @@ __all__ = [
     "budget_from_spec",
     "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "InformationScorer", "Region",
     "RelevanceHeads", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
-    "cell_assignment", "resolve_budget",
+    "SaccadePlanner", "cell_assignment", "expand_gist", "gist_grid", "resolve_budget",
 ]  # fmt: skip

@@ -153,11 +153,16 @@ def resolve_budget(native: int, floor: int, allocator: str, auto_tokens: int | N
     if tokens < floor:
         if source == "auto":
             tokens = floor
-        else:  # only the ladder has a floor above 1
+        else:  # the ladder's coarsest tiling and the saccade gist have a floor above 1
+            lower = (
+                "a larger gist_scale, or encoding='single'"
+                if allocator == "saccade"
+                else "or allocator='quadtree', which reaches lower (floor 1)"
+            )
             raise ValueError(
                 f"{source}={budget if source == 'budget' else compression} gives {tokens} tokens, below the "
                 f"{allocator} allocator's floor of {floor} tokens for this {native}-token image; use a budget "
-                f">= {floor}, or allocator='quadtree', which reaches lower (floor 1)"
+                f">= {floor}, {lower}"
             )
     return BudgetDecision(tokens, requested, requested > native, source)
 
@@ -347,6 +352,74 @@ class TokenAllocator:
             y0, x0, y1, x1 = leaves[i]
             k_h, k_w = (y1 - y0, x1 - x0) if i in opened else (1, 1)
             regions.append(Region(y0, x0, y1, x1, k_h, k_w))
+        return Allocation(height, width, regions, budget)
+
+
+# ----------------------------------------------------------------------------- saccades
+
+
+def gist_grid(height: int, width: int, scale: int) -> tuple[int, int]:
+    """The gist's merged grid: one gist token per ``scale x scale`` native tokens (edges rounded up)."""
+    return -(-height // scale), -(-width // scale)
+
+
+def expand_gist(values: torch.Tensor, height: int, width: int, scale: int) -> torch.Tensor:
+    """[hg*wg] per gist token -> [h*w]: every native token takes the value of the gist token covering it."""
+    hg, wg = gist_grid(height, width, scale)
+    grid = values.reshape(hg, wg).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return grid[:height, :width].reshape(-1)
+
+
+class SaccadePlanner:
+    """Where a saccade looks: ``region_size`` squares, each passed on as its gist tokens (one per
+    ``gist_scale x gist_scale`` native tokens) or encoded again at full detail.
+
+    The gist of the whole image is the floor; regions open to full detail by mean relevance while
+    the budget lasts (each costs its native count minus the gist tokens it replaces).
+    """
+
+    allocator = "saccade"
+
+    def __init__(self, region_size: int, gist_scale: int):
+        if region_size % gist_scale:
+            raise ValueError(
+                f"gist_scale={gist_scale} is invalid for region_size={region_size}: saccade regions must be whole "
+                f"gist tokens, so gist_scale must divide region_size"
+            )
+        self.region_size, self.gist_scale = region_size, gist_scale
+
+    def floor(self, height: int, width: int) -> int:
+        hg, wg = gist_grid(height, width, self.gist_scale)
+        return hg * wg
+
+    def decide(self, relevance: torch.Tensor, height: int, width: int, expected_tokens: float, min_tokens: int,
+               max_tokens: int, budget=None, compression=None) -> tuple[Allocation, BudgetDecision]:  # fmt: skip
+        """relevance [h*w] (the gist's, expanded to the native grid) -> (allocation, decision)."""
+        decision = resolve_budget(height * width, self.floor(height, width), self.allocator, math.ceil(expected_tokens),
+                                  min_tokens, max_tokens, budget, compression)  # fmt: skip
+        return self(relevance, height, width, decision.tokens), decision
+
+    def __call__(self, relevance: torch.Tensor, height: int, width: int, budget: int) -> Allocation:
+        s, g = self.region_size, self.gist_scale
+        r = _prepare(relevance, height, width)
+        boxes = [(y, x, min(y + s, height), min(x + s, width)) for y in range(0, height, s) for x in range(0, width, s)]
+        gists = [
+            [Region(y, x, min(y + g, y1), min(x + g, x1), 1, 1) for y in range(y0, y1, g) for x in range(x0, x1, g)]
+            for y0, x0, y1, x1 in boxes
+        ]
+        remaining = budget - sum(len(cells) for cells in gists)
+        opened = set()
+        for i in sorted(
+            range(len(boxes)), key=lambda i: (-r[boxes[i][0] : boxes[i][2], boxes[i][1] : boxes[i][3]].mean(), i)
+        ):
+            y0, x0, y1, x1 = boxes[i]
+            cost = (y1 - y0) * (x1 - x0) - len(gists[i])
+            if 0 < cost <= remaining:
+                opened.add(i)
+                remaining -= cost
+        regions = []
+        for i, (y0, x0, y1, x1) in enumerate(boxes):
+            regions += [Region(y0, x0, y1, x1, y1 - y0, x1 - x0)] if i in opened else gists[i]
         return Allocation(height, width, regions, budget)
 
 
