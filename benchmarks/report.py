@@ -80,17 +80,24 @@ def speed_section(speed: dict) -> list[str]:
               "Times are medians; peak memory is the peak of live tensor bytes on the first-token path "
               "(PyTorch profiler allocation events).", ""]  # fmt: skip
     keys = sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]})
-    lines += ["| model | px | batch | budget | tokens/img | vision s | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["| model | px | batch | encoding | budget | tokens/img | vision s (× faster) | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in keys:
         for r in (r for r in speed["rows"] if (r["model"], r["size"], r["batch"]) == key):
             lines.append(
-                f"| {r['model']} | {r['size']} | {r['batch']} | {r['budget']} | {r['visual_tokens']:.0f} | {r['vision_s']:.3f} | "
+                f"| {r['model']} | {r['size']} | {r['batch']} | {r['encoding']} | {r['budget']} | {r['visual_tokens']:.0f} | "
+                f"{r['vision_s']:.3f} ({r['vision_speedup']:.2f}) | "
                 f"{100 * r['relevance_share_of_vision']:.1f}% | {r['prefill_s']:.3f} ({r['prefill_speedup']:.2f}) | "
                 f"{r['ttft_s']:.3f} ({r['ttft_speedup']:.2f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}) | "
                 f"{r['peak_mb']:.0f} ({r['memory_ratio']:.2f}) |"
             )
     return lines + [""]
+
+
+def _saccade_kept(table: list[dict] | None) -> str:
+    """Accuracy kept by the saccade at 1/8 per task (arr-coc-tiny's evaluation), for the saccade target."""
+    rows = [r for r in table or [] if r["method"] == "arr-coc-saccade" and r["budget"] == "1/8"]
+    return "".join(f"; keeps {_fmt(r['kept'])} of full on {r['task']} (target ≥ 0.95)" for r in rows)
 
 
 def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
@@ -132,17 +139,24 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
                 lines.append(f"- {task}: localisation of arr-coc trained at 1/8 is {_fmt(r['localisation'])} (target ≥ 0.90): "
                              + ("met." if r["localisation"] >= 0.9 else "NOT met."))  # fmt: skip
     if speed:
-        shares = [r["relevance_share_of_vision"] for r in speed["rows"] if r["budget"] != "full"]
+        single = [r for r in speed["rows"] if r["encoding"] == "single"]
+        shares = [r["relevance_share_of_vision"] for r in single if r["budget"] != "full"]
         lines.append(f"- relevance realization costs {100 * min(shares):.1f}–{100 * max(shares):.1f}% of the vision encoder's time "
                      f"(target ≤ 5%): {'met' if max(shares) <= 0.05 else 'NOT met everywhere'}.")  # fmt: skip
-        big = [r for r in speed["rows"] if r["model"] == "2b" and r["size"] == 1344 and r["budget"] == "1/8"]
+        big = [r for r in single if r["model"] == "2b" and r["size"] == 1344 and r["budget"] == "1/8"]
         for r in big:
             lines.append(f"- 2B-shaped at 1344 px, batch {r['batch']}: prefill at 1/8 is {r['prefill_speedup']:.2f}× faster than full "
                          f"(target ≥ 4×): {'met' if r['prefill_speedup'] >= 4 else 'NOT met'}; time to first token {r['ttft_speedup']:.2f}× "
                          "(the vision encoder is not compressed).")  # fmt: skip
+        for r in speed["rows"]:
+            if r["encoding"] == "saccade" and r["budget"] == "1/8" and r["size"] in (896, 1344):
+                kept = _saccade_kept(table)
+                lines.append(f"- saccade, {r['model']} at {r['size']} px, batch {r['batch']}: time to first token at 1/8 is "
+                             f"{r['ttft_speedup']:.2f}× faster than full (target ≥ 3×): {'met' if r['ttft_speedup'] >= 3 else 'NOT met'}; "
+                             f"encoder {r['vision_speedup']:.2f}× faster, peak memory ×{r['memory_ratio']:.2f}{kept}.")  # fmt: skip
         falls = []
-        for key in sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]}):
-            series = [r["peak_mb"] for r in speed["rows"] if (r["model"], r["size"], r["batch"]) == key]
+        for key in sorted({(r["model"], r["size"], r["batch"]) for r in single}):
+            series = [r["peak_mb"] for r in single if (r["model"], r["size"], r["batch"]) == key]
             falls.append(all(b <= a * 1.02 for a, b in zip(series, series[1:])))
         lines.append(
             f"- peak memory falls with the budget in {sum(falls)} of {len(falls)} (model, size, batch) series."

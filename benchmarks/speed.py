@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="448,896,1344")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budgets", default="1/2,1/4,1/8,1/16")
+    parser.add_argument("--encodings", default="single,saccade", help="single and/or saccade rows per budget")
     parser.add_argument("--vision-depth", type=int, default=4, help="2B-shaped vision blocks (real: 32)")
     parser.add_argument("--text-layers", type=int, default=4, help="2B-shaped language-model layers (real: 28)")
     parser.add_argument("--vocab", type=int, default=151936, help="2B-shaped vocabulary (the real one's size)")
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     from arr_coc.evaluation.speed import machine, measure, ratios
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    encodings = tuple(e.strip() for e in args.encodings.split(","))
     rows = []
     started = time.time()
     for name in args.models.split(","):
@@ -65,10 +67,29 @@ def main(argv=None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             for batch in (int(b) for b in args.batches.split(",")):
                 probe = time.time()
-                got = measure(model, processor, name, size, batch, args.budgets.split(","), repeats=1, new_tokens=4)
+                got = measure(
+                    model,
+                    processor,
+                    name,
+                    size,
+                    batch,
+                    args.budgets.split(","),
+                    repeats=1,
+                    new_tokens=4,
+                    encodings=encodings,
+                )
                 repeats = args.repeats if time.time() - probe < args.max_seconds * 6 else 1
                 if repeats > 1:
-                    got = measure(model, processor, name, size, batch, args.budgets.split(","), repeats=repeats)
+                    got = measure(
+                        model,
+                        processor,
+                        name,
+                        size,
+                        batch,
+                        args.budgets.split(","),
+                        repeats=repeats,
+                        encodings=encodings,
+                    )
                 rows += got
                 print(f"{name} {size}px batch {batch}: {time.time() - probe:.0f}s", file=sys.stderr, flush=True)
     result = {

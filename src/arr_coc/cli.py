@@ -15,6 +15,11 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
     )
+    parser.add_argument(
+        "--encoding", choices=("single", "saccade"), default=None,
+        help="'single': encode the whole image, then compress; 'saccade': encode a gist, then only the regions "
+        "that matter at full resolution (saves encoder time). Default: the model's config",
+    )  # fmt: skip
 
 
 def _budget_args(parser: argparse.ArgumentParser) -> None:
@@ -27,10 +32,13 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(model_name: str):
+def _load(model_name: str, encoding: str | None = None):
     import arr_coc
 
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(model_name).eval()
+    if encoding:
+        model.config.encoding = encoding
+        model.config.check()
     return model, arr_coc.ArrCocProcessor.from_pretrained(model_name)
 
 
@@ -47,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import answer
 
     started = time.time()
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, args.encoding)
     if args.image:
         if not args.question:
             raise SystemExit("arr-coc demo: --image needs --question")
@@ -143,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows = [{"id": 0, "image": args.image, "question": args.question}] if args.image else read_inputs(args.input)
     rank, world = _distributed()
     mine = rows[rank::world]
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, args.encoding)
     results = []
     for start in tqdm(
         range(0, len(mine), args.batch_size), desc=f"run (rank {rank}/{world})", disable=args.json or len(mine) <= 1
@@ -193,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Methods x budgets x tasks on the same held-out samples: JSON, a markdown table and plots."""
     from .evaluation.harness import BUDGETS, METHODS, evaluate, synthetic_samples, write_outputs
 
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, args.encoding)
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -219,7 +227,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     """Serve the web app: upload an image, ask, and see the relevance heatmap and the allocation."""
     from .app.app import build_app
 
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, args.encoding)
     app = build_app(model, processor, max_bytes=args.max_upload_mb * 2**20, max_pixels=args.max_pixels,
                     concurrency=args.concurrency, queue_size=args.queue_size)  # fmt: skip
     app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
@@ -229,7 +237,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the learned relevance heads (torch.export .pt2 and ONNX with dynamic sizes), and/or write
     the model as a remote-code checkpoint that loads without arr-coc installed."""
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, args.encoding)
     report = {}
     if args.heads:
         from .export import export_heads

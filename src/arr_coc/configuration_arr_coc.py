@@ -34,10 +34,10 @@ class ArrCocConfig(PreTrainedConfig):
             most `region_size**2`; a region's own size (full detail) is always the top level.
         mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads).
         encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
-            at 1/`gist_scale` of the resolution, then only the `region_size` regions that matter at full
-            resolution; the gist's tokens count toward the budget).
-        gist_scale (`int`): the saccade gist's downscale per side (one gist token per `gist_scale**2` native
-            tokens); must divide `region_size`.
+            at 1/`gist_scale` of the resolution, then only the parts that matter at full resolution; the gist's
+            tokens count toward the budget; `allocator`, `region_size` and `lod_ladder` apply to "single").
+        gist_scale (`int`): the saccade gist's downscale per side: one gist token per `gist_scale**2` native
+            tokens; a gist token that matters is replaced by those native tokens, encoded at full resolution.
         relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
@@ -84,8 +84,8 @@ class ArrCocConfig(PreTrainedConfig):
             _fail("mode", self.mode, f"one of {MODES}")
         if self.encoding not in ENCODINGS:
             _fail("encoding", self.encoding, f"one of {ENCODINGS}")
-        if self.gist_scale < 2 or self.region_size % self.gist_scale:
-            _fail("gist_scale", self.gist_scale, f"an integer >= 2 dividing region_size={self.region_size}")
+        if self.gist_scale < 2:
+            _fail("gist_scale", self.gist_scale, "an integer >= 2 (the gist is the image at 1/gist_scale per side)")
         if self.pooling not in POOLINGS:
             _fail("pooling", self.pooling, f"one of {POOLINGS}")
         ladder = self.lod_ladder

@@ -40,6 +40,7 @@ from .relevance import (
     TokenAllocator,
     cell_assignment,
     expand_gist,
+    resolve_budget,
 )
 from .relevance.knowing import CouplingScorer
 
@@ -68,6 +69,7 @@ class RelevanceRealization:
     sample_index: int = 0
     image_index: int = 0  # within its sample
     encoding: str = "single"  # "saccade": maps come from the gist, 1x1 regions are gist tokens
+    gist_scale: int | None = None  # the saccade's gist: one token per gist_scale x gist_scale native tokens
 
     @property
     def tokens_used(self) -> int:
@@ -83,6 +85,7 @@ class RelevanceRealization:
             "sample_index": self.sample_index,
             "image_index": self.image_index,
             "encoding": self.encoding,
+            "gist_scale": self.gist_scale,
             "tokens_used": self.tokens_used,
             "native_count": self.native_count,
             "budget": self.budget,
@@ -374,9 +377,13 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 "pass budget= or compression=, or use encoding='single'"
             )
         config, heads, adapter = self.config, self.relevance, self.adapter
-        scale = config.gist_scale
         _, h, w = image.grid
-        planner = SaccadePlanner(config.region_size, scale)
+        planner = SaccadePlanner(config.gist_scale)
+        if budget is not None or compression is not None:  # known before encoding: a gist that fits it
+            explicit = resolve_budget(h * w, 1, planner.allocator, None, config.min_tokens, config.max_tokens,
+                                      budget, compression)  # fmt: skip
+            planner = SaccadePlanner.fitting(h, w, config.gist_scale, explicit.tokens)
+        scale = planner.gist_scale
         gist = adapter.encode_images(*adapter.gist_pixels(image.pixels, image.thw, scale))[0]
         _, hg, wg = gist.grid
         head_dtype = next(heads.parameters()).dtype
@@ -421,7 +428,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             coupling=to_native(coupling).view(h, w), relevance=to_native(relevance).view(h, w),
             balance_weights=weights, allocation=allocation, budget=d.tokens, requested_budget=d.requested,
             budget_clipped=d.clipped, budget_source=d.source, expected_tokens=expected, native_count=h * w,
-            positions=positions, encoding="saccade",
+            positions=positions, encoding="saccade", gist_scale=scale,
         )  # fmt: skip
         return tokens, realization
 
@@ -449,7 +456,6 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 raise ValueError("saccade encoding runs the encoder itself: image_tokens= and vision_features= "
                                  "are for encoding='single'")  # fmt: skip
             self._check_pixels(pixel_values, image_grid_thw)
-            SaccadePlanner(self.config.region_size, self.config.gist_scale)  # a bad gist_scale fails before encoding
             features, realize = self._saccade_images(pixel_values, image_grid_thw), self._realize_saccade
         elif encoding == "single":
             features = (

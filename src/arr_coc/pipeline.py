@@ -23,14 +23,15 @@ def generate_answers(
 
 
 def answer(model, processor, images: list, questions: list[str], budget=None, compression=None,
-           max_new_tokens: int = MAX_NEW_TOKENS, streamer=None) -> list[dict]:  # fmt: skip
+           max_new_tokens: int = MAX_NEW_TOKENS, streamer=None, encoding: str | None = None) -> list[dict]:  # fmt: skip
     """Greedy answers for a batch of (image, question) pairs, with where each image's tokens went.
 
     Returns per pair: ``answer``, ``tokens_used``, ``native_tokens``, ``realization`` (the
     `RelevanceRealization` of its first image).
     """
     texts, out = generate_answers(model, processor, processor(images=images, text=questions), max_new_tokens,
-                                  budget=budget, compression=compression, streamer=streamer)  # fmt: skip
+                                  budget=budget, compression=compression, streamer=streamer,
+                                  encoding=encoding)  # fmt: skip
     return [
         {
             "answer": text,
@@ -54,7 +55,8 @@ class RelevanceVQAPipeline(Pipeline):
     (batched by ``batch_size``). Images may be PIL images, local paths or URLs. Each result holds
     ``answer``, ``tokens_used``, ``native_tokens``, ``budget``, ``relevance`` ([h][w] floats) and
     ``allocation`` (grid, regions as [y0, x0, y1, x1, k_h, k_w]). Call options: ``budget=``,
-    ``compression=``, ``max_new_tokens=``, ``streamer=`` (a transformers streamer).
+    ``compression=``, ``encoding=`` ("single" / "saccade"), ``max_new_tokens=``, ``streamer=`` (a
+    transformers streamer).
     """
 
     _load_processor = True
@@ -63,12 +65,12 @@ class RelevanceVQAPipeline(Pipeline):
     _load_tokenizer = False
 
     def _sanitize_parameters(
-        self, budget=None, compression=None, max_new_tokens=None, streamer=None, timeout=None, **kwargs
+        self, budget=None, compression=None, max_new_tokens=None, streamer=None, timeout=None, encoding=None, **kwargs
     ):
         if kwargs:
             raise TypeError(
                 f"relevance-vqa got unknown options {sorted(kwargs)}; "
-                "it takes budget, compression, max_new_tokens, streamer, timeout and batch_size"
+                "it takes budget, compression, encoding, max_new_tokens, streamer, timeout and batch_size"
             )
         forward = {
             k: v
@@ -77,6 +79,7 @@ class RelevanceVQAPipeline(Pipeline):
                 ("compression", compression),
                 ("max_new_tokens", max_new_tokens),
                 ("streamer", streamer),
+                ("encoding", encoding),
             )
             if v is not None
         }
@@ -116,10 +119,16 @@ class RelevanceVQAPipeline(Pipeline):
         return {"images": images, "questions": [item["question"] for item in items]}
 
     def _forward(
-        self, model_inputs: dict, budget=None, compression=None, max_new_tokens: int = 32, streamer=None
+        self,
+        model_inputs: dict,
+        budget=None,
+        compression=None,
+        max_new_tokens: int = 32,
+        streamer=None,
+        encoding=None,
     ) -> list[dict]:
         return answer(self.model, self.processor, model_inputs["images"], model_inputs["questions"], budget, compression,
-                      max_new_tokens, streamer)  # fmt: skip
+                      max_new_tokens, streamer, encoding)  # fmt: skip
 
     def postprocess(self, outputs: list[dict]) -> list[dict]:
         return [
@@ -128,6 +137,7 @@ class RelevanceVQAPipeline(Pipeline):
                 "tokens_used": o["tokens_used"],
                 "native_tokens": o["native_tokens"],
                 "budget": o["realization"].budget,
+                "encoding": o["realization"].encoding,
                 "relevance": [[round(float(v), 4) for v in row] for row in o["realization"].relevance],
                 "allocation": o["realization"].allocation.to_dict(),
             }  # fmt: skip

@@ -80,12 +80,12 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
     stats = {"active": 0, "peak_active": 0, "served": 0, "refused": 0}
     lock = threading.Lock()
 
-    def ask(path, question, mode, budget, ratio):
+    def ask(path, question, mode, budget, ratio, encoding=None):
         with lock:
             stats["active"] += 1
             stats["peak_active"] = max(stats["peak_active"], stats["active"])
         try:
-            yield from _ask(path, question, mode, budget, ratio)
+            yield from _ask(path, question, mode, budget, ratio, encoding)
             with lock:
                 stats["served"] += 1
         except gr.Error:
@@ -96,13 +96,16 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
             with lock:
                 stats["active"] -= 1
 
-    def _ask(path, question, mode, budget, ratio):
+    def _ask(path, question, mode, budget, ratio, encoding):
         try:
             image = check_upload(path, max_bytes, max_pixels)
             question = (question or "").strip()
             if not question:
                 raise UploadError("ask a question about the image")
             kwargs = _budget_kwargs(mode, budget, ratio)
+            if encoding not in (None, "single", "saccade"):
+                raise UploadError(f"encoding must be 'single' or 'saccade', got {encoding!r}")
+            kwargs["encoding"] = encoding
             inputs = processor(images=[image], text=[question])
         except UploadError as error:
             raise gr.Error(str(error)) from None
@@ -143,7 +146,9 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
         )
         yield partial.strip(), tokens, "(computing the full-token answer...)", picture, knowing
         try:
-            full_texts, _ = generate_answers(model, processor, inputs, max_new_tokens, budget=ALL_TOKENS)
+            full_texts, _ = generate_answers(
+                model, processor, inputs, max_new_tokens, budget=ALL_TOKENS, encoding="single"
+            )
         except Exception as error:
             raise gr.Error(f"the full-token answer failed: {error}") from None
         yield partial.strip(), tokens, f"{full_texts[0]}   ({native} tokens)", picture, knowing
@@ -159,6 +164,10 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
                 mode = gr.Radio(["auto", "fixed", "ratio"], value="auto", label="budget", elem_id="mode")
                 budget = gr.Number(value=64, label="fixed budget (tokens)", precision=0, elem_id="budget")
                 ratio = gr.Number(value=8, label="compression ratio (native / budget)", elem_id="ratio")
+                encoding = gr.Radio(
+                    ["single", "saccade"], value=model.config.encoding, elem_id="encoding",
+                    label="encoding (saccade: a gist first, then only what matters at full resolution)",
+                )  # fmt: skip
                 ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column(scale=2):
                 answer = gr.Textbox(label="answer (compressed)", elem_id="answer")
@@ -166,7 +175,7 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
                 full_answer = gr.Textbox(label="answer with all visual tokens", elem_id="full-answer")
                 picture = gr.Image(label="relevance and allocation", elem_id="heatmap", type="pil")
                 knowing = gr.Image(label="the three knowing maps", elem_id="knowing", type="pil")
-        ask_button.click(ask, [image, question, mode, budget, ratio], [answer, tokens, full_answer, picture, knowing],
+        ask_button.click(ask, [image, question, mode, budget, ratio, encoding], [answer, tokens, full_answer, picture, knowing],
                          concurrency_limit=concurrency, api_name="ask")  # fmt: skip
         # the server's own counters (for load tests): requests in flight at most, answered, refused
         gr.Button(visible=False).click(lambda: dict(stats), None, gr.JSON(visible=False), api_name="stats", queue=False)

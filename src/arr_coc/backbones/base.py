@@ -65,15 +65,21 @@ class BackboneAdapter:
 
     # ------------------------------------------------------------------ saccades: a gist and crops of the pixels
 
-    def unpatchify(self, pixels: torch.Tensor, thw) -> torch.Tensor:
-        """One image's processor patches [h*w, C*T*P*P] (merge windows in raster) -> pixels [C, T, h*P, w*P]."""
+    def _pixel_view(self, pixels: torch.Tensor, thw) -> torch.Tensor:
+        """One image's processor patches [h*w, C*T*P*P] (merge windows in raster) as a view
+        [C, T, h/m, m, P, w/m, m, P] whose dims, merged in pairs, are the image's rows and columns."""
         vision, m = self.vlm.config.vision_config, self.merge_size
         c, tp, p = vision.in_channels, vision.temporal_patch_size, vision.patch_size
         t, h, w = (int(v) for v in thw)
         if t != 1:
             raise ValueError(f"saccade encoding takes images (one temporal patch), got a grid of {(t, h, w)}")
-        x = pixels.reshape(h // m, w // m, m, m, c, tp, p, p).permute(4, 5, 0, 2, 6, 1, 3, 7)
-        return x.reshape(c, tp, h * p, w * p)
+        return pixels.view(h // m, w // m, m, m, c, tp, p, p).permute(4, 5, 0, 2, 6, 1, 3, 7)
+
+    def unpatchify(self, pixels: torch.Tensor, thw) -> torch.Tensor:
+        """One image's processor patches [h*w, C*T*P*P] -> pixels [C, T, h*P, w*P]."""
+        view = self._pixel_view(pixels, thw)
+        c, tp, hm, m, p, wm, _, _ = view.shape
+        return view.reshape(c, tp, hm * m * p, wm * m * p)
 
     def patchify(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels [C, T, H, W] (H, W multiples of P * merge) -> (patches [h*w, C*T*P*P], grid_thw [1, 3])."""
@@ -87,14 +93,15 @@ class BackboneAdapter:
     def gist_pixels(self, pixels: torch.Tensor, thw, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The image at 1/``scale`` of its size: each gist token covers exactly ``scale x scale`` merged tokens
         of the full image (the right and bottom edges padded with zeros, the mean colour, up to a multiple)."""
-        image = self.unpatchify(pixels, thw)
+        view = self._pixel_view(pixels, thw)
+        c, tp, hm, m, p, wm, _, _ = view.shape
         _, h, w = self.merged_grid(thw)
-        unit = self.vlm.config.vision_config.patch_size * self.merge_size  # pixels per merged token
-        pad_h, pad_w = (-h % scale) * unit, (-w % scale) * unit
-        image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h))
-        c, tp, height, width = image.shape
-        gist = torch.nn.functional.avg_pool2d(image.reshape(c * tp, height, width).float(), scale)
-        return self.patchify(gist.reshape(c, tp, *gist.shape[-2:]).to(pixels.dtype))
+        unit = m * p  # pixels per merged token
+        # one copy: the patches straight into a zero-padded image of whole gist tokens
+        image = pixels.new_zeros(c, tp, -(-h // scale) * scale * unit, -(-w // scale) * scale * unit)
+        image[:, :, : h * unit, : w * unit].view(c, tp, hm, m, p, wm, m, p).copy_(view)
+        gist = torch.nn.functional.avg_pool2d(image.view(c * tp, *image.shape[-2:]), scale)
+        return self.patchify(gist.view(c, tp, *gist.shape[-2:]))
 
     def crop_patches(self, thw, box: tuple[int, int, int, int]) -> torch.Tensor:
         """Indices of the patches of merged rows ``[y0, y1)`` x columns ``[x0, x1)``, in the crop's own patch

@@ -163,7 +163,8 @@ def fastv_generate(model, inputs: dict, keep: list[int], layer: int = 2, max_new
         raise ValueError("the text-attention (FastV) baseline runs the decoder layers by hand and does not add Qwen3-VL's "
                          "deepstack features; it is implemented for Qwen2-VL and Qwen2.5-VL")  # fmt: skip
     c = model.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"],
-                              inputs["image_grid_thw"], inputs.get("question_mask"), budget=ALL_TOKENS)  # fmt: skip
+                              inputs["image_grid_thw"], inputs.get("question_mask"), budget=ALL_TOKENS,
+                              encoding="single")  # fmt: skip
     lm = adapter.vlm.model.language_model
     embeds, mask, positions, visual = c.inputs_embeds, c.attention_mask, c.position_ids, c.visual_mask
     batch = embeds.shape[0]

@@ -36,6 +36,7 @@ METHODS = (
     "text-attention",
     "arr-coc-free",
     "arr-coc",
+    "arr-coc-saccade",
 )
 BUDGETS = ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400")
 
@@ -153,7 +154,9 @@ class Harness:
         if method == "downsample":
             small = [downsample_image(s["image"], self.processor.image_processor, t) for s, t in zip(samples, targets)]
             texts, out = self._generate(
-                dict(self.processor(images=small, text=[s["question"] for s in samples])), budget=ALL_TOKENS
+                dict(self.processor(images=small, text=[s["question"] for s in samples])),
+                budget=ALL_TOKENS,
+                encoding="single",
             )
             used = out.tokens_used.tolist()
             natives = [h * w for h, w in grids]
@@ -162,7 +165,11 @@ class Harness:
                 used,
                 [torch.full(g, n_used == n, dtype=torch.bool) for g, n_used, n in zip(grids, used, natives)],
             )
-        options = {"vision_features": features}
+        if method == "arr-coc-saccade":  # encodes its own gist and crops: no shared features
+            self.model.config.mode = "trained"
+            texts, out = self._generate(inputs, budget=targets, encoding="saccade")
+            return texts, out.tokens_used.tolist(), [r.detail_map() for r in out.realizations]
+        options = {"vision_features": features, "encoding": "single"}
         if method == "full":
             options["budget"] = ALL_TOKENS
         elif method in ("arr-coc", "arr-coc-free"):

@@ -72,7 +72,12 @@ def realization_figure(image: Image.Image, realization, caption: str = "", knowi
     axes = axes[0]
     draw_relevance(axes[0], image, realization.relevance.detach().cpu().numpy())
     used, native = realization.tokens_used, realization.native_count
-    draw_allocation(axes[1], image, realization.allocation, f"{used} / {native} tokens (green: full detail)")
+    legend = (
+        "green: encoded at full resolution, blue: gist tokens"
+        if getattr(realization, "encoding", "single") == "saccade"
+        else "green: full detail"
+    )
+    draw_allocation(axes[1], image, realization.allocation, f"{used} / {native} tokens ({legend})")
     if knowing_maps:
         for ax, name in zip(axes[2:], ("information", "salience", "coupling")):
             draw_relevance(ax, image, getattr(realization, name).detach().cpu().numpy(), name)

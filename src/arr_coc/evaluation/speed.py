@@ -1,9 +1,10 @@
 """Speed and memory of arr-coc against the full-token backbone, as ratios measured in one run.
 
-Per (model, image size, batch size, budget): vision-encoder time, relevance-realization time,
+Per (model, image size, batch size, encoding, budget): vision-encoder time, relevance-realization time,
 language-model prefill time, time to first token (all of them plus the first decoding step),
 decoding tokens/s, and peak tensor memory of the whole first-token path (from the PyTorch
 profiler's allocation events). Every time is the median of ``repeats`` runs after a warm-up.
+Saccade rows time the encoder inside the saccade (gist + crops) with hooks on the encoder module.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class SpeedRow:
     size: int
     batch: int
     budget: str
+    encoding: str
     visual_tokens: float  # per image, really used
     native_tokens: int
     vision_s: float
@@ -46,16 +48,34 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+class EncoderClock:
+    """Seconds spent inside the vision encoder while the ``with`` block runs (forward hooks)."""
+
+    def __init__(self, model):
+        self.visual, self.seconds, self._start = model.vlm.model.visual, 0.0, 0.0
+
+    def __enter__(self) -> EncoderClock:
+        self._handles = [
+            self.visual.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter())),
+            self.visual.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._start)),
+        ]  # fmt: skip
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def peak_tensor_mb(fn) -> float:
     """Peak bytes of live tensors allocated while ``fn`` runs (profiler memory events), in MB."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # allocations are counted on the op that made them (self, so nested ops count once); frees are "[memory]" events
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak / 2**20
 
@@ -67,14 +87,19 @@ def page_image(size: int, seed: int = 0) -> Image.Image:
     return generate("doc-fields", eval_seeds(1, seed)[0])["image"].resize((size, size), Image.BICUBIC)
 
 
-def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, new_tokens: int) -> tuple:
-    """(relevance s, prefill s, time to first token s, decode tokens/s, peak MB, mean tokens used) at one budget."""
+def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, new_tokens: int,
+                    encoding: str = "single") -> tuple:  # fmt: skip
+    """(vision s or None, relevance s, prefill s, time to first token s, decode tokens/s, peak MB, mean tokens
+    used) at one budget. Single encoding reuses ``features`` (its vision time is measured once per image
+    size); a saccade runs its own encoder calls, timed inside."""
     batch = inputs["input_ids"].shape[0]
+    saccade = encoding == "saccade"
 
     def realize(with_features=True):
         return model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                      inputs["image_grid_thw"], inputs["question_mask"], budget=budget,
-                                     vision_features=features if with_features else None)  # fmt: skip
+                                     vision_features=features if with_features and not saccade else None,
+                                     encoding=encoding)  # fmt: skip
 
     def prefill(c):
         return model(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
@@ -83,30 +108,46 @@ def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, ne
     def first_token():
         return prefill(realize(with_features=False)).logits.argmax(-1)
 
-    relevance_time, compressed = _median_time(realize, repeats)
+    vision_time = None
+    if saccade:
+        realize()  # warm-up
+        totals, encoder = [], []
+        for _ in range(repeats):
+            with EncoderClock(model) as clock:
+                start = time.perf_counter()
+                compressed = realize()
+                totals.append(time.perf_counter() - start)
+            encoder.append(clock.seconds)
+        vision_time = statistics.median(encoder)
+        relevance_time = statistics.median(totals) - vision_time
+    else:
+        relevance_time, compressed = _median_time(realize, repeats)
     prefill_time, _ = _median_time(lambda: prefill(compressed), repeats)
     ttft, _ = _median_time(first_token, repeats)
     generate_time, _ = _median_time(
         lambda: model.generate(
             **inputs,
             budget=budget,
-            vision_features=features,
+            vision_features=None if saccade else features,
+            encoding=encoding,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
         ),  # fmt: skip
         1,
     )
-    decode_rate = batch * (new_tokens - 1) / max(generate_time - relevance_time - prefill_time, 1e-6)
+    decode_rate = (
+        batch * (new_tokens - 1) / max(generate_time - (vision_time or 0) - relevance_time - prefill_time, 1e-6)
+    )
     used = float(compressed.tokens_used.float().mean())
-    return relevance_time, prefill_time, ttft, decode_rate, peak_tensor_mb(first_token), used
+    return vision_time, relevance_time, prefill_time, ttft, decode_rate, peak_tensor_mb(first_token), used
 
 
 @torch.no_grad()
-def measure(
-    model, processor, name: str, size: int, batch: int, budgets, repeats: int = 3, new_tokens: int = 8
-) -> list[SpeedRow]:
-    """One image size and batch size: full first, then each budget ("1/8" fractions or token counts)."""
+def measure(model, processor, name: str, size: int, batch: int, budgets, repeats: int = 3, new_tokens: int = 8,
+            encodings=("single",)) -> list[SpeedRow]:  # fmt: skip
+    """One image size and batch size: full first, then each budget ("1/8" fractions or token counts) in each
+    encoding."""
     images = [page_image(size, i) for i in range(batch)]
     inputs = processor(images=images, text=["What is the Total?"] * batch)
     vision_time, features = _median_time(
@@ -114,14 +155,14 @@ def measure(
     )
     native = math.prod(features[0].grid)
     rows = []
-    for spec in ["full", *budgets]:
+    runs = [("full", "single")] + [(spec, encoding) for encoding in encodings for spec in budgets]
+    for spec, encoding in runs:
         budget = budget_from_spec(spec, native)
-        relevance, prefill, ttft, decode, peak, used = _budget_timings(
-            model, inputs, features, budget, repeats, new_tokens
+        vision, relevance, prefill, ttft, decode, peak, used = _budget_timings(
+            model, inputs, features, budget, repeats, new_tokens, encoding
         )
-        rows.append(
-            SpeedRow(name, size, batch, spec, used, native, vision_time, relevance, prefill, ttft, decode, peak)
-        )
+        rows.append(SpeedRow(name, size, batch, spec, encoding, used, native, vision_time if vision is None else vision,
+                             relevance, prefill, ttft, decode, peak))  # fmt: skip
     return rows
 
 
@@ -134,6 +175,7 @@ def ratios(rows: list[SpeedRow]) -> list[dict]:
         out.append({
             **asdict(r),
             "prefill_speedup": f.prefill_s / r.prefill_s, "ttft_speedup": f.ttft_s / r.ttft_s,
+            "vision_speedup": f.vision_s / r.vision_s,
             "decode_speedup": r.decode_tokens_per_s / f.decode_tokens_per_s, "memory_ratio": r.peak_mb / f.peak_mb,
             "relevance_share_of_vision": r.relevance_s / r.vision_s,
         })  # fmt: skip

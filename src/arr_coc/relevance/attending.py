@@ -153,16 +153,11 @@ def resolve_budget(native: int, floor: int, allocator: str, auto_tokens: int | N
     if tokens < floor:
         if source == "auto":
             tokens = floor
-        else:  # the ladder's coarsest tiling and the saccade gist have a floor above 1
-            lower = (
-                "a larger gist_scale, or encoding='single'"
-                if allocator == "saccade"
-                else "or allocator='quadtree', which reaches lower (floor 1)"
-            )
+        else:  # only the ladder has a floor above 1
             raise ValueError(
                 f"{source}={budget if source == 'budget' else compression} gives {tokens} tokens, below the "
                 f"{allocator} allocator's floor of {floor} tokens for this {native}-token image; use a budget "
-                f">= {floor}, {lower}"
+                f">= {floor}, or allocator='quadtree', which reaches lower (floor 1)"
             )
     return BudgetDecision(tokens, requested, requested > native, source)
 
@@ -371,22 +366,27 @@ def expand_gist(values: torch.Tensor, height: int, width: int, scale: int) -> to
 
 
 class SaccadePlanner:
-    """Where a saccade looks: ``region_size`` squares, each passed on as its gist tokens (one per
-    ``gist_scale x gist_scale`` native tokens) or encoded again at full detail.
+    """Where a saccade looks. Each gist token covers ``gist_scale x gist_scale`` native tokens; the most
+    relevant ones are replaced by their native tokens, encoded again at full resolution, while the budget
+    lasts (the gist of the whole image is the floor; opening a gist token costs its footprint minus one).
 
-    The gist of the whole image is the floor; regions open to full detail by mean relevance while
-    the budget lasts (each costs its native count minus the gist tokens it replaces).
+    An explicit budget below the gist's token count coarsens the gist until it fits (`fitting`); an
+    automatic budget is raised to the gist's count. Opened footprints are joined into rectangles (runs along a gist row, stacked while rows repeat the
+    run), so each crop the encoder sees has the context of its neighbours.
     """
 
     allocator = "saccade"
 
-    def __init__(self, region_size: int, gist_scale: int):
-        if region_size % gist_scale:
-            raise ValueError(
-                f"gist_scale={gist_scale} is invalid for region_size={region_size}: saccade regions must be whole "
-                f"gist tokens, so gist_scale must divide region_size"
-            )
-        self.region_size, self.gist_scale = region_size, gist_scale
+    def __init__(self, gist_scale: int):
+        self.gist_scale = gist_scale
+
+    @classmethod
+    def fitting(cls, height: int, width: int, gist_scale: int, budget: int) -> SaccadePlanner:
+        """The planner with the finest gist, from ``gist_scale`` up, whose tokens fit an explicit ``budget``."""
+        scale = gist_scale
+        while math.prod(gist_grid(height, width, scale)) > budget:
+            scale += 1
+        return cls(scale)
 
     def floor(self, height: int, width: int) -> int:
         hg, wg = gist_grid(height, width, self.gist_scale)
@@ -400,26 +400,41 @@ class SaccadePlanner:
         return self(relevance, height, width, decision.tokens), decision
 
     def __call__(self, relevance: torch.Tensor, height: int, width: int, budget: int) -> Allocation:
-        s, g = self.region_size, self.gist_scale
+        """relevance [h*w], budget T >= floor -> Allocation: 1 x 1 regions are gist tokens, the rest full detail."""
+        g = self.gist_scale
+        hg, wg = gist_grid(height, width, g)
         r = _prepare(relevance, height, width)
-        boxes = [(y, x, min(y + s, height), min(x + s, width)) for y in range(0, height, s) for x in range(0, width, s)]
-        gists = [
-            [Region(y, x, min(y + g, y1), min(x + g, x1), 1, 1) for y in range(y0, y1, g) for x in range(x0, x1, g)]
-            for y0, x0, y1, x1 in boxes
+        cells = [
+            (i, j, i * g, j * g, min(i * g + g, height), min(j * g + g, width)) for i in range(hg) for j in range(wg)
         ]
-        remaining = budget - sum(len(cells) for cells in gists)
-        opened = set()
-        for i in sorted(
-            range(len(boxes)), key=lambda i: (-r[boxes[i][0] : boxes[i][2], boxes[i][1] : boxes[i][3]].mean(), i)
-        ):
-            y0, x0, y1, x1 = boxes[i]
-            cost = (y1 - y0) * (x1 - x0) - len(gists[i])
+        remaining = budget - len(cells)
+        opened = np.zeros((hg, wg), dtype=bool)
+        for i, j, y0, x0, y1, x1 in sorted(cells, key=lambda c: (-r[c[2] : c[4], c[3] : c[5]].mean(), c[0], c[1])):
+            cost = (y1 - y0) * (x1 - x0) - 1
             if 0 < cost <= remaining:
-                opened.add(i)
-                remaining -= cost
-        regions = []
-        for i, (y0, x0, y1, x1) in enumerate(boxes):
-            regions += [Region(y0, x0, y1, x1, y1 - y0, x1 - x0)] if i in opened else gists[i]
+                opened[i, j], remaining = True, remaining - cost
+        rectangles, running = [], {}  # running: (j0, j1) -> first gist row of a rectangle still growing
+        for i in range(hg + 1):
+            runs = set()
+            j = 0
+            while i < hg and j < wg:
+                if opened[i, j]:
+                    j1 = j
+                    while j1 < wg and opened[i, j1]:
+                        j1 += 1
+                    runs.add((j, j1))
+                    j = j1
+                j += 1
+            for run in sorted(set(running) - runs):
+                rectangles.append((running.pop(run), run[0], i, run[1]))
+            for run in runs:
+                running.setdefault(run, i)
+        regions = [
+            Region(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width), min(i1 * g, height) - i0 * g,
+                   min(j1 * g, width) - j0 * g)
+            for i0, j0, i1, j1 in sorted(rectangles)
+        ]  # fmt: skip
+        regions += [Region(y0, x0, y1, x1, 1, 1) for i, j, y0, x0, y1, x1 in cells if not opened[i, j]]
         return Allocation(height, width, regions, budget)
 
 

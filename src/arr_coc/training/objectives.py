@@ -124,7 +124,7 @@ def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
     """
     c = model.compress_inputs(
         inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"], inputs["image_grid_thw"],
-        inputs.get("question_mask"), inputs["labels"], budget=ALL_TOKENS,
+        inputs.get("question_mask"), inputs["labels"], budget=ALL_TOKENS, encoding="single",
     )  # fmt: skip
     embeds = c.inputs_embeds.detach().requires_grad_(True)
     extra = [e.detach() for e in c.visual_extra]

@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML file with any of these options (the command line wins)")
     p.add_argument("--model", default=None, help="an arr-coc model (folder, Hub id or 'arr-coc-tiny') to train")
     p.add_argument("--backbone", default=None, help="or a stock Qwen2-VL-family backbone to wrap with fresh heads")
+    p.add_argument(
+        "--encoding", choices=("single", "saccade"), default=None,
+        help="train the heads for this encoding (saccade: relevance on the gist; needs localise/distill/budget terms)",
+    )  # fmt: skip
     p.add_argument("--output-dir", default=None, help="checkpoints, logs and the final model")
     p.add_argument(
         "--data",
@@ -154,6 +158,9 @@ def train(options: dict) -> dict:
         model = ArrCocForConditionalGeneration.from_pretrained(options["model"])
         processor = ArrCocProcessor.from_pretrained(options["model"])
     model.config.mode = "trained"
+    if options.get("encoding"):
+        model.config.encoding = options["encoding"]
+        model.config.check()
     surgery.freeze(model, "all")
     surgery.unfreeze(model, *[p.strip() for p in str(options["train_parts"]).split(",") if p.strip()])
     if options.get("lora_r"):
