@@ -405,12 +405,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         cell, centres = cell_assignment(allocation)
         cell = cell.to(gist.tokens.device)
         sources = [[gist.tokens, *gist.extra]]
-        out_index = [
-            cell[torch.tensor([r.y0 * w + r.x0 for r in allocation.regions if r not in opened], dtype=torch.long)]
-        ]
-        source_index = [
-            torch.tensor([(r.y0 // scale) * wg + r.x0 // scale for r in allocation.regions if r not in opened])
-        ]
+        gist_regions = [r for r in allocation.regions if r not in opened]
+        out_index = [cell[torch.tensor([r.y0 * w + r.x0 for r in gist_regions], dtype=torch.long)]]
+        source_index = [torch.tensor([(r.y0 // scale) * wg + r.x0 // scale for r in gist_regions], dtype=torch.long)]
         for r, crop in zip(detail, crops):
             native = (torch.arange(r.y0, r.y1)[:, None] * w + torch.arange(r.x0, r.x1)[None, :]).flatten()
             sources.append([crop.tokens, *crop.extra])

@@ -93,13 +93,13 @@ class ArrCocTrainer(Trainer):
             nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
             term = budget_loss(realizations, nll, w.survive_nll)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
-        else:  # DDP expects every tensor the model returned to reach the loss: the budget head's at weight 0
-            loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
         if model.training and not loss.requires_grad:
             raise ValueError(
                 f"no objective in {w} reaches a trainable parameter; with encoding='saccade' the answer loss does not "
                 "reach the relevance heads (regions are chosen, not pooled): add localise=, distill= or budget="
             )
+        if not w.budget:  # DDP expects every tensor the model returned to reach the loss: the budget head's at weight 0
+            loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
         terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
         if model.training:  # evaluation reports its own loss; these are the training terms

@@ -1,0 +1,252 @@
+"""Saccade encoding: a gist first, then full-resolution crops at their true positions (DESIGN.md contract 7)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import TrainingArguments
+
+from arr_coc import ArrCocConfig
+from arr_coc.backbones.shapes import image_processor_for
+from arr_coc.relevance import SaccadePlanner, gist_grid
+from conftest import FAMILIES
+
+
+def _image(family, gh: int, gw: int, seed: int = 0) -> Image.Image:
+    """Random pixels exactly ``gh x gw`` merged tokens large (no resize by the processor)."""
+    unit = (16 if family == "qwen3_vl" else 14) * 2
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (gh * unit, gw * unit, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_layout_round_trips_and_a_crop_is_what_the_processor_makes_of_the_cropped_image(family, make_backbone):
+    from arr_coc.backbones import adapter_for
+
+    adapter, processor = adapter_for(make_backbone(family)), image_processor_for(family)
+    unit = (16 if family == "qwen3_vl" else 14) * 2
+    image = _image(family, 6, 8)
+    out = processor(images=[image], return_tensors="pt")
+    pixels, thw = out["pixel_values"], out["image_grid_thw"][0]
+    again, again_thw = adapter.patchify(adapter.unpatchify(pixels, thw))
+    assert torch.equal(again, pixels) and again_thw[0].tolist() == thw.tolist()
+    box = (1, 2, 4, 7)  # merged rows 1..3, columns 2..6
+    crop = processor(
+        images=[image.crop((box[1] * unit, box[0] * unit, box[3] * unit, box[2] * unit))], return_tensors="pt"
+    )
+    assert torch.allclose(pixels[adapter.crop_patches(thw, box)], crop["pixel_values"], atol=1e-5)
+    # the gist at scale 2 is the image box-averaged 2x2 (PIL's reduce), up to uint8 rounding
+    gist, gist_thw = adapter.gist_pixels(pixels, thw, 2)
+    reduced = processor(images=[image.reduce(2)], return_tensors="pt")
+    assert gist_thw[0].tolist() == reduced["image_grid_thw"][0].tolist() == [1, 6, 8]
+    assert (gist - reduced["pixel_values"]).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_crops_enter_the_encoder_at_their_true_positions(family, make_backbone):
+    """The first vision block sees each crop patch exactly as in the whole image: the same embedded patch
+    (with Qwen3-VL's learned position table) and the same rotary angles."""
+    from arr_coc.backbones import adapter_for
+
+    vlm = make_backbone(family)
+    adapter = adapter_for(vlm)
+    out = image_processor_for(family)(images=[_image(family, 6, 8, seed=1)], return_tensors="pt")
+    pixels, thw = out["pixel_values"], out["image_grid_thw"]
+    seen = []
+    hook = vlm.model.visual.blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True,
+    )  # fmt: skip
+    box = (2, 3, 5, 8)
+    try:
+        with torch.no_grad():
+            adapter.encode_images(pixels, thw)
+            crops = adapter.encode_crops(pixels, thw[0], [box])
+    finally:
+        hook.remove()
+    (full_hidden, (full_cos, full_sin)), (crop_hidden, (crop_cos, crop_sin)) = seen
+    index = adapter.crop_patches(thw[0], box)
+    assert torch.allclose(crop_hidden, full_hidden[index], atol=1e-6)
+    assert torch.allclose(crop_cos, full_cos[index]) and torch.allclose(crop_sin, full_sin[index])
+    assert crops[0].tokens.shape[0] == 3 * 5 and crops[0].grid == (1, 3, 5)
+
+
+@given(
+    h=st.integers(1, 30), w=st.integers(1, 30), scale=st.integers(2, 6), extra=st.integers(0, 400),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_saccade_allocations_tile_the_image_within_the_budget(h, w, scale, extra, seed):
+    planner = SaccadePlanner(scale)
+    floor = planner.floor(h, w)
+    assert floor == math.prod(gist_grid(h, w, scale))
+    budget = min(floor + extra, h * w + 3)
+    relevance = torch.from_numpy(np.random.default_rng(seed).random(h * w)).float()
+    allocation = planner(relevance, h, w, budget)
+    assert bool((allocation.coverage() == 1).all())
+    assert floor <= allocation.tokens_used <= budget
+    for r in allocation.regions:  # gist tokens and detail rectangles both lie on the gist grid
+        assert r.y0 % scale == 0 and r.x0 % scale == 0
+        assert r.y1 in (h, *range(scale, h, scale)) and r.x1 in (w, *range(scale, w, scale))
+        assert (
+            (r.k_h, r.k_w) == (1, 1)
+            and (r.y1 - r.y0, r.x1 - r.x0) == (min(scale, h - r.y0), min(scale, w - r.x0))
+            or r.full_detail
+        )
+    if budget >= h * w:
+        assert allocation.tokens_used == h * w
+
+
+def test_an_explicit_budget_below_the_gist_coarsens_it_and_the_most_relevant_gist_tokens_open_first():
+    assert SaccadePlanner.fitting(16, 16, 4, 16).gist_scale == 4
+    assert SaccadePlanner.fitting(16, 16, 4, 15).gist_scale == 6  # 3 x 3 gist tokens
+    relevance = torch.zeros(16, 16)
+    relevance[4:8, 8:12] = 1.0
+    allocation = SaccadePlanner(4)(relevance.flatten(), 16, 16, 16 + 15)
+    detail = [r for r in allocation.regions if r.tokens > 1]
+    assert [(r.y0, r.x0, r.y1, r.x1) for r in detail] == [(4, 8, 8, 12)]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_batch_with_different_budgets_matches_each_sample_alone(family, make_model, make_processor, samples):
+    model = make_model(family, encoding="saccade", gist_scale=2, min_tokens=8, max_tokens=64)
+    processor = make_processor(family)
+    budgets = [30, 60, 45]
+    batch = processor(images=[s["image"] for s in samples[:3]], text=[s["question"] for s in samples[:3]])
+    together = model.generate(**batch, budget=budgets, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    for i, budget in enumerate(budgets):
+        alone_inputs = processor(images=[samples[i]["image"]], text=[samples[i]["question"]])
+        alone = model.generate(**alone_inputs, budget=budget, max_new_tokens=5, do_sample=False,
+                               return_dict_in_generate=True)  # fmt: skip
+        r = together.realizations[i]
+        assert r.encoding == "saccade" and r.allocation == alone.realizations[0].allocation
+        assert together.tokens_used[i] == alone.tokens_used[0] <= budget
+        assert torch.equal(together.sequences[i, batch["input_ids"].shape[1] :],
+                           alone.sequences[0, alone_inputs["input_ids"].shape[1] :])  # fmt: skip
+        # detail tokens sit at integer native positions, gist tokens at their footprint's centre
+        s = r.gist_scale
+        centres = {(float(y), float(x)) for y, x in r.positions[:, 1:].tolist()}
+        for region in r.allocation.regions:
+            if region.tokens == 1:
+                assert ((region.y0 + region.y1 - 1) / 2, (region.x0 + region.x1 - 1) / 2) in centres
+                assert region.y1 - region.y0 <= s
+            else:
+                assert (float(region.y0), float(region.x0)) in centres
+
+
+def test_with_every_token_a_saccade_is_the_single_encoding(make_model, make_processor, samples):
+    """Budget >= native: one crop, the whole image, at its own positions – the same logits as encoding once."""
+    model, processor = make_model("qwen3_vl", gist_scale=3), make_processor("qwen3_vl")
+    inputs = processor(images=[s["image"] for s in samples[:2]], text=[s["question"] for s in samples[:2]])
+    with torch.no_grad():
+        single = model(**inputs, budget=10_000)
+        saccade = model(**inputs, budget=10_000, encoding="saccade")
+    assert torch.equal(saccade.tokens_used, single.tokens_used)
+    assert torch.allclose(saccade.logits, single.logits, atol=1e-4)
+
+
+def test_kv_cache_generate_matches_a_manual_loop(make_model, make_processor, samples):
+    model, processor = make_model("qwen2_vl", encoding="saccade", gist_scale=2), make_processor("qwen2_vl")
+    inputs = processor(images=[s["image"] for s in samples[:2]], text=[s["question"] for s in samples[:2]])
+    generated = model.generate(**inputs, compression=4, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                               pad_token_id=None)  # fmt: skip
+    with torch.no_grad():
+        out = model(**inputs, compression=4, use_cache=True)
+        mask, positions, cache = out.attention_mask, out.position_ids, out.cache
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        manual = [token]
+        for _ in range(3):
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            positions = positions[..., -1:] + 1
+            out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            manual.append(token)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], torch.cat(manual, dim=1))
+
+
+def test_saccade_settings_save_load_and_errors(tmp_path, make_model, make_processor, samples, make_backbone):
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = make_model("qwen2_vl", encoding="saccade", gist_scale=3), make_processor("qwen2_vl")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert (loaded.config.encoding, loaded.config.gist_scale) == ("saccade", 3)
+    inputs = processor(images=[samples[0]["image"]], text=[samples[0]["question"]])
+    a = model.generate(**inputs, budget=40, max_new_tokens=3, do_sample=False)
+    assert torch.equal(a, loaded.generate(**inputs, budget=40, max_new_tokens=3, do_sample=False))
+    with pytest.raises(ValueError, match="gist_scale=1 is invalid"):
+        ArrCocConfig(vlm_config=make_backbone("qwen2_vl").config, encoding="saccade", gist_scale=1)
+    with pytest.raises(ValueError, match="encoding='tiles' is invalid"):
+        model.generate(**inputs, encoding="tiles")
+    from arr_coc import Allocation
+
+    with pytest.raises(ValueError, match="allocation= fixes a tiling"):
+        model.generate(**inputs, allocation=Allocation.full(1, 1))
+
+
+def test_heads_train_for_saccades_and_the_answer_loss_alone_is_refused(tmp_path, make_model, make_processor, samples):
+    from arr_coc.training import surgery
+    from arr_coc.training.data import VQACollator
+    from arr_coc.training.objectives import box_overlap_map, mass_inside
+    from arr_coc.training.trainer import ArrCocTrainer
+
+    model = make_model("qwen2_vl", mode="trained", encoding="saccade", gist_scale=2, min_tokens=8, max_tokens=64)
+    surgery.freeze(model, "all")
+    surgery.unfreeze(model, "relevance")
+    processor = make_processor("qwen2_vl")
+    examples = [dict(s) for s in samples]
+    batch = VQACollator(processor)(examples)
+
+    def mass() -> float:
+        model.eval()
+        with torch.no_grad():
+            rs = model.realize_relevance(
+                **{k: v for k, v in batch.items() if k not in ("labels", "answer_box", "image_size")}
+            )
+        return float(torch.stack([
+            mass_inside(r.relevance, box_overlap_map(batch["answer_box"][r.sample_index],
+                                                     tuple(batch["image_size"][r.sample_index].tolist()), r.relevance.shape))
+            for r in rs
+        ]).mean())  # fmt: skip
+
+    def trainer(objectives: str, steps: int) -> ArrCocTrainer:
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
+                                 save_strategy="no", logging_steps=100, dataloader_pin_memory=False,
+                                 lr_scheduler_type="constant")  # fmt: skip
+        return ArrCocTrainer(model=model, args=args, train_dataset=examples, data_collator=VQACollator(processor),
+                             objectives=objectives, budget="1/4")  # fmt: skip
+
+    with pytest.raises(ValueError, match="does not reach the relevance heads"):
+        trainer("answer=1", 1).train()
+    before = mass()
+    trainer("answer=1,localise=1", 10).train()
+    after = mass()
+    assert after > before + 0.05, (before, after)
+
+
+def test_pipeline_cli_and_figure_show_the_saccade(tmp_path, make_model, make_processor, samples, capsys):
+    from transformers import pipeline
+
+    from arr_coc import cli
+    from arr_coc.evaluation.plots import realization_figure
+
+    model, processor = make_model("qwen2_vl", gist_scale=2), make_processor("qwen2_vl")
+    pipe = pipeline("relevance-vqa", model=model, processor=processor)
+    out = pipe({"image": samples[0]["image"], "question": samples[0]["question"]}, budget=40, encoding="saccade",
+               max_new_tokens=3)  # fmt: skip
+    assert out["encoding"] == "saccade" and out["tokens_used"] <= 40
+    realization = model.realize_relevance(**processor(images=[samples[0]["image"]], text=["Which?"]), budget=40,
+                                          encoding="saccade")[0]  # fmt: skip
+    assert realization_figure(samples[0]["image"], realization).size[0] > 100
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    samples[0]["image"].save(tmp_path / "x.png")
+    assert cli.main(["run", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--question", "Which?",
+                     "--encoding", "saccade", "--budget", "30", "--json", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    assert '"tokens_used"' in capsys.readouterr().out
