@@ -37,6 +37,41 @@ def loaders(folder: str, offload_dir: str) -> dict:
     }  # fmt: skip
 
 
+@torch.no_grad()
+def exported_heads_timing(folder: str, processor, samples: list[dict]) -> dict:
+    """The relevance heads in PyTorch vs exported to ONNX under onnxruntime, per image (the serving stack's
+    middle step), and whether their allocations agree."""
+    import arr_coc
+    from arr_coc.export import OnnxRelevance, export_heads
+
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(folder, mode="trained").eval()
+    per_image = []
+    for s in samples:
+        inputs = processor(images=[s["image"]], text=[s["question"]])
+        features = model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0]
+        question = model.adapter.embed_tokens(inputs["input_ids"])[0][inputs["question_mask"][0].bool()]
+        per_image.append((features, question))
+    with tempfile.TemporaryDirectory() as out:
+        export_heads(model, out)
+        onnx = OnnxRelevance(out)
+        torch_s, onnx_s, agree = 0.0, 0.0, 0
+        for features, question in per_image:
+            _, h, w = features.grid
+            started = time.perf_counter()
+            info, sal, coup, relevance, _, expected = model.relevance(features.tokens, (h, w), question, True,
+                                                                       model.config.min_tokens, model.config.max_tokens)  # fmt: skip
+            ours, _ = model.allocator.decide(relevance, h, w, float(expected), model.config.min_tokens,
+                                             model.config.max_tokens)  # fmt: skip
+            torch_s += time.perf_counter() - started
+            started = time.perf_counter()
+            _, theirs = onnx(features.tokens.numpy(), question.numpy(), h, w)
+            onnx_s += time.perf_counter() - started
+            agree += ours == theirs
+    n = len(per_image)
+    return {"images": n, "pytorch_ms_per_image": round(1000 * torch_s / n, 2), "onnxruntime_ms_per_image":
+            round(1000 * onnx_s / n, 2), "allocations_equal": agree / n}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="arr-coc-tiny")
@@ -75,10 +110,13 @@ def main(argv=None) -> int:
             })  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)
             del model
+    heads = exported_heads_timing(folder, processor, samples[: min(len(samples), 20)])
+    print(heads, file=sys.stderr, flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": "python benchmarks/loading.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "model": args.model, "n": len(samples), "compression": args.compression, "rows": rows}, f, indent=1)  # fmt: skip
+                   "model": args.model, "n": len(samples), "compression": args.compression, "rows": rows,
+                   "exported_heads": heads}, f, indent=1)  # fmt: skip
     print(args.out)
     return 0
 
