@@ -62,6 +62,9 @@ class ArrCocConfig(PreTrainedConfig):
     balance_weights: list[float] | tuple[float, ...] | None = None
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.vlm_config, PreTrainedConfig):
+            # a new config sets its attention implementation on every sub-config: keep the given backbone's
+            kwargs.setdefault("attn_implementation", self.vlm_config._attn_implementation)
         self.lod_ladder = list(DEFAULT_LADDER if self.lod_ladder is None else self.lod_ladder)
         self.balance_weights = list((0.25, 0.25, 0.5) if self.balance_weights is None else self.balance_weights)
         super().__post_init__(**kwargs)

@@ -279,10 +279,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError(f"unknown options {sorted(overrides)} for an already loaded backbone")
         else:
             vlm = model_or_path
-        # A new config sets its attention implementation on every sub-config: keep the backbone's.
-        config = ArrCocConfig(
-            vlm_config=vlm.config, attn_implementation=vlm.config._attn_implementation, **config_fields
-        )
+        config = ArrCocConfig(vlm_config=vlm.config, **config_fields)
         model = cls(config, vlm=vlm)
         placed = [p.device for p in vlm.parameters() if p.device.type != "meta"]  # meta: offloaded to disk
         model.relevance.to(device=placed[0] if placed else "cpu")  # heads stay fp32 whatever the backbone's dtype
