@@ -101,6 +101,17 @@ def test_disk_offloaded_backbone_gives_the_same_tokens(tmp_path, backbone_dir, b
         full.generate(**batch, compression=4, max_new_tokens=3),
         offloaded.generate(**batch, compression=4, max_new_tokens=3),
     )
+    # from_pretrained on an arr-coc folder takes the same backbone-relative map (the heads stay in memory)
+    full.save_pretrained(tmp_path / "m")
+    reloaded = arr_coc.ArrCocForConditionalGeneration.from_pretrained(
+        str(tmp_path / "m"), device_map={"model.visual": "cpu", "model.language_model": "disk", "lm_head": "cpu"},
+        offload_folder=str(tmp_path / "offload2"),
+    )  # fmt: skip
+    assert reloaded.hf_device_map["vlm.model.language_model"] == "disk" and reloaded.hf_device_map["relevance"] == "cpu"
+    assert torch.equal(
+        full.generate(**batch, compression=4, max_new_tokens=3),
+        reloaded.generate(**batch, compression=4, max_new_tokens=3),
+    )
 
 
 NO_PACKAGE_SCRIPT = """

@@ -259,6 +259,14 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             load_heads_into(model, str(path))
             return model
         kwargs.setdefault("use_safetensors", True)
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and not any(k.split(".")[0] in ("vlm", "relevance") for k in device_map):
+            # the backbone's own module names (as for from_backbone): placed under vlm., the heads beside them
+            heads = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
+            kwargs["device_map"] = {
+                **{f"vlm.{k}" if k else "vlm": d for k, d in device_map.items()},
+                "relevance": heads,
+            }
         return super().from_pretrained(path, *args, **kwargs)
 
     @classmethod
