@@ -167,12 +167,19 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", default="docs/results/eval/results.json")
-    parser.add_argument("--speed", default="docs/results/speed.json")
+    parser.add_argument("--speed", nargs="+", default=["docs/results/speed.json"], help="one or more speed.py outputs")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--eval-command", default="arr-coc eval --n 50 --out docs/results/eval")
     args = parser.parse_args(argv)
     table = json.load(open(args.eval))["table"] if os.path.exists(args.eval) else None
-    speed = json.load(open(args.speed)) if os.path.exists(args.speed) else None
+    runs = [json.load(open(path)) for path in args.speed if os.path.exists(path)]
+    speed = None
+    if runs:  # several runs (e.g. batch 8 only on the small model) read as one table
+        speed = {
+            **runs[0],
+            "command": "\n".join(r["command"] for r in runs),
+            "rows": [x for r in runs for x in r["rows"]],
+        }
     lines = [
         "# Benchmarks",
         "",

@@ -44,8 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vision-depth", type=int, default=4, help="2B-shaped vision blocks (real: 32)")
     parser.add_argument("--text-layers", type=int, default=4, help="2B-shaped language-model layers (real: 28)")
     parser.add_argument("--vocab", type=int, default=151936, help="2B-shaped vocabulary (the real one's size)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="configs slower than this per run get 1 repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (median)")
     parser.add_argument("--out", default="docs/results/speed.json")
     args = parser.parse_args(argv)
 
@@ -67,29 +66,8 @@ def main(argv=None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             for batch in (int(b) for b in args.batches.split(",")):
                 probe = time.time()
-                got = measure(
-                    model,
-                    processor,
-                    name,
-                    size,
-                    batch,
-                    args.budgets.split(","),
-                    repeats=1,
-                    new_tokens=4,
-                    encodings=encodings,
-                )
-                repeats = args.repeats if time.time() - probe < args.max_seconds * 6 else 1
-                if repeats > 1:
-                    got = measure(
-                        model,
-                        processor,
-                        name,
-                        size,
-                        batch,
-                        args.budgets.split(","),
-                        repeats=repeats,
-                        encodings=encodings,
-                    )
+                got = measure(model, processor, name, size, batch, args.budgets.split(","), repeats=args.repeats,
+                              encodings=encodings)  # fmt: skip
                 rows += got
                 print(f"{name} {size}px batch {batch}: {time.time() - probe:.0f}s", file=sys.stderr, flush=True)
     result = {
