@@ -199,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Methods x budgets x tasks on the same held-out samples: JSON, a markdown table and plots."""
+    from .data import parse_data_spec
     from .evaluation.harness import BUDGETS, METHODS, evaluate, synthetic_samples, write_outputs
 
     model, processor = _load(args.model, args.encoding)
@@ -207,14 +208,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
     budgets = BUDGETS if args.budgets == "all" else tuple(b.strip() for b in args.budgets.split(","))
-    if args.data.startswith("synthetic"):
-        tasks = args.data.split(":", 1)[1].split(",") if ":" in args.data else ["box-codes", "doc-fields"]
-        samples = synthetic_samples(tasks, args.n)
+    kind, source = parse_data_spec(args.data)
+    if kind == "synthetic":
+        samples = synthetic_samples(source, args.n)
     else:
         from .data.vqa import load_vqa
 
-        schema, _, source = args.data.partition(":")
-        rows = load_vqa(schema, source or None, split=args.split, limit=args.n)
+        schema = kind
+        rows = load_vqa(schema, source, split=args.split, limit=args.n)
         samples = [dict(r, task=schema, answer_box=None, id=i) for i, r in enumerate(rows)]
     result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer)  # fmt: skip

@@ -104,12 +104,12 @@ def resolve_options(args: argparse.Namespace) -> dict:
 
 
 def _datasets(options: dict):
-    from ..data import synthetic
+    from ..data import parse_data_spec, synthetic
 
-    data = options["data"]
+    kind, source = parse_data_spec(options["data"])
     n_train, n_eval = int(options["train_samples"]), int(options["eval_samples"])
-    if data.startswith("synthetic"):
-        tasks = data.split(":", 1)[1].split(",") if ":" in data else list(synthetic.TASKS)
+    if kind == "synthetic":
+        tasks = source
         start = int(options["seed"]) * 1_000_000
         train = synthetic.dataset(tasks, range(start, start + n_train))
         valid = (
@@ -120,9 +120,8 @@ def _datasets(options: dict):
         return train, valid
     from ..data.vqa import load_vqa
 
-    schema, _, source = data.partition(":")
-    train = load_vqa(schema, source or None, split="train", limit=n_train)
-    valid = load_vqa(schema, source or None, split="validation", limit=n_eval) if n_eval else None
+    train = load_vqa(kind, source, split="train", limit=n_train)
+    valid = load_vqa(kind, source, split="validation", limit=n_eval) if n_eval else None
     return train, valid
 
 
