@@ -1,8 +1,11 @@
-"""Write docs/benchmarks.md from an `arr-coc eval` run and a `benchmarks/speed.py` run.
+"""Write docs/benchmarks.md from an `arr-coc eval` run and `benchmarks/speed.py` runs, and the measured
+sections of docs/loading.md (`benchmarks/loading.py`) and docs/reliability.md (the app's load test).
 
     arr-coc eval --n 50 --out docs/results/eval
     python benchmarks/speed.py --out docs/results/speed.json
-    python benchmarks/report.py --eval docs/results/eval/results.json --speed docs/results/speed.json
+    python benchmarks/loading.py --out docs/results/loading.json
+    python -m arr_coc.app.load --out docs/results/app_load.json
+    python benchmarks/report.py
 
 The reading at the end is computed from the numbers against the targets (met / not met, with the
 measured values); nothing in it is typed in by hand.
@@ -164,11 +167,58 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
     return lines + [""]
 
 
+def loading_section(loading: dict) -> list[str]:
+    lines = [f"Measured here on `{loading['model']}` ({loading['n']} held-out samples, compression {loading['compression']:g}):",
+             "", "```bash", loading["command"], "```", "",
+             "| loading path | memory (MB, `get_memory_footprint`) | load s | s / sample | exact match | answers equal to fp32 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in loading["rows"]:
+        lines.append(f"| {r['path']} | {r['memory_mb']:.2f} | {r['load_s']:.2f} | {r['seconds_per_sample']:.3f} | "
+                     f"{r['exact_match']:.2f} | {r['agreement_with_fp32']:.3f} |")  # fmt: skip
+    h = loading.get("exported_heads")
+    if h:
+        lines += ["", f"Relevance heads per image ({h['images']} images): PyTorch {h['pytorch_ms_per_image']} ms, "
+                  f"ONNX under onnxruntime {h['onnxruntime_ms_per_image']} ms (each with the allocator in Python); "
+                  f"allocations equal on {100 * h['allocations_equal']:.0f}% of them."]  # fmt: skip
+    return lines
+
+
+def app_load_section(load: dict) -> list[str]:
+    return [
+        "```bash", f"python -m arr_coc.app.load --model {load['model']} --concurrent {load['concurrent']} "
+        f"--sequential {load['sequential']} --out docs/results/app_load.json", "```", "",
+        f"Measured here: {load['concurrent']} concurrent then {load['sequential']} sequential requests on loopback, "
+        f"every 10th a malformed upload ({load['malformed']} in all), concurrency limit {load['concurrency_limit']}.", "",
+        "| measure | value |", "|---|---|",
+        f"| unexpected outcomes (a good request failing, or a malformed one answered) | {load['unexpected_outcomes']} |",
+        f"| latency p50 / p99 (good requests) | {load['p50_s']:.2f} s / {load['p99_s']:.2f} s |",
+        f"| requests in flight at most (server's count) | {load['server_peak_in_flight']} (limit {load['concurrency_limit']}) |",
+        f"| served / refused (server's count) | {load['server_served']} / {load['server_refused']} |",
+        f"| resident memory after warm-up → after the run | {load['rss_after_warmup_mb']:.0f} MB → {load['rss_after_run_mb']:.0f} MB "
+        f"({100 * load['rss_growth']:+.1f}%, target within ±10%) |",
+        f"| wall time | {load['wall_s']:.0f} s |",
+    ]  # fmt: skip
+
+
+def replace_block(path: str, name: str, lines: list[str]) -> None:
+    """Put ``lines`` between ``<!-- name -->`` and ``<!-- /name -->`` in the markdown file ``path``."""
+    text = open(path).read()
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", default="docs/results/eval/results.json")
     parser.add_argument("--speed", nargs="+", default=["docs/results/speed.json"], help="one or more speed.py outputs")
     parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--loading", default="docs/results/loading.json")
+    parser.add_argument("--app-load", default="docs/results/app_load.json")
     parser.add_argument("--eval-command", default="arr-coc eval --n 50 --out docs/results/eval")
     args = parser.parse_args(argv)
     table = json.load(open(args.eval))["table"] if os.path.exists(args.eval) else None
@@ -208,6 +258,15 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(args.out)
+    docs = os.path.dirname(args.out)
+    if os.path.exists(args.loading):
+        replace_block(
+            os.path.join(docs, "loading.md"), "loading-results", loading_section(json.load(open(args.loading)))
+        )
+    if os.path.exists(args.app_load):
+        replace_block(
+            os.path.join(docs, "reliability.md"), "app-load", app_load_section(json.load(open(args.app_load)))
+        )
     return 0
 
 
