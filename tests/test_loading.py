@@ -101,6 +101,15 @@ def test_disk_offloaded_backbone_gives_the_same_tokens(tmp_path, backbone_dir, b
         full.generate(**batch, compression=4, max_new_tokens=3),
         offloaded.generate(**batch, compression=4, max_new_tokens=3),
     )
+    # a tied lm_head split from its embeddings is refused clearly (the tiny backbone does not tie them: flip it)
+    tied = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir))
+    tied.config.vlm_config.tie_word_embeddings = True
+    tied.save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="ties them"):
+        arr_coc.ArrCocForConditionalGeneration.from_pretrained(
+            str(tmp_path / "tied"), device_map={"model.language_model": "disk", "": "cpu"},
+            offload_folder=str(tmp_path / "offload3"),
+        )  # fmt: skip
     # from_pretrained on an arr-coc folder takes the same backbone-relative map (the heads stay in memory)
     full.save_pretrained(tmp_path / "m")
     reloaded = arr_coc.ArrCocForConditionalGeneration.from_pretrained(

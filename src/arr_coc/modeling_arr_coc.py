@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForImageTextToText, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .assets import resolve_model_path
@@ -159,6 +159,25 @@ def _check_allocation(allocation: Allocation, h: int, w: int) -> None:
         raise ValueError("allocation regions must cover every token of the grid exactly once (no gaps, no overlaps)")
 
 
+def _check_tied_placement(config, device_map: dict) -> None:
+    """A backbone whose lm_head shares the input embeddings needs both in one place (accelerate otherwise
+    fails with "weight is on the meta device"). ``device_map`` uses the backbone's module names."""
+    config = getattr(config, "vlm_config", config)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+
+    def place(name: str):
+        keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        return device_map[max(keys, key=len)] if keys else None
+
+    head, embeddings = place("lm_head"), place("model.language_model.embed_tokens")
+    if head != embeddings and "disk" in (head, embeddings):
+        raise ValueError(
+            f"device_map puts lm_head on {head!r} and the input embeddings on {embeddings!r}, but this backbone ties "
+            "them (tie_word_embeddings=True): place 'lm_head' with 'model.language_model' (e.g. both on 'disk')"
+        )
+
+
 def _stored_bytes(tensor: torch.Tensor) -> int:
     data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
     if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
@@ -262,6 +281,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and not any(k.split(".")[0] in ("vlm", "relevance") for k in device_map):
             # the backbone's own module names (as for from_backbone): placed under vlm., the heads beside them
+            _check_tied_placement(AutoConfig.from_pretrained(path), device_map)
             heads = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
             kwargs["device_map"] = {
                 **{f"vlm.{k}" if k else "vlm": d for k, d in device_map.items()},
@@ -281,6 +301,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         if isinstance(model_or_path, (str, os.PathLike)):
             path = resolve_model_path(model_or_path)
             prepare_local(path)
+            if isinstance(overrides.get("device_map"), dict):
+                _check_tied_placement(AutoConfig.from_pretrained(path), overrides["device_map"])
             vlm = AutoModelForImageTextToText.from_pretrained(path, **{"use_safetensors": True, **overrides})
             vlm = vlm.vlm if isinstance(vlm, ArrCocForConditionalGeneration) else vlm  # an arr-coc model's backbone
         elif overrides:
