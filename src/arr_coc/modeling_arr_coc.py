@@ -424,7 +424,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         )  # fmt: skip
         allocation, d = planner.decide(to_native(relevance), h, w, float(expected.detach()), config.min_tokens,
                                        config.max_tokens, budget, compression)  # fmt: skip
-        detail = [r for r in allocation.regions if r.full_detail and (r.y1 - r.y0) * (r.x1 - r.x0) > 1]
+        detail = [r for r in allocation.regions if r.tokens > 1]  # the rest are gist tokens, one each
         opened = set(detail)
         crops = adapter.encode_crops(image.pixels, image.thw, [(r.y0, r.x0, r.y1, r.x1) for r in detail])
 
