@@ -117,6 +117,7 @@ def test_disk_offloaded_backbone_gives_the_same_tokens(tmp_path, backbone_dir, b
         offload_folder=str(tmp_path / "offload2"),
     )  # fmt: skip
     assert reloaded.hf_device_map["vlm.model.language_model"] == "disk" and reloaded.hf_device_map["relevance"] == "cpu"
+    assert reloaded.get_memory_footprint() < full.get_memory_footprint()  # the offloaded weights are not in memory
     assert torch.equal(
         full.generate(**batch, compression=4, max_new_tokens=3),
         reloaded.generate(**batch, compression=4, max_new_tokens=3),

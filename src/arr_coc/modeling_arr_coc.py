@@ -338,12 +338,13 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return result
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        """Bytes of the weights (and buffers) as they are stored: quantized tensor subclasses (torchao) count
-        their packed data and scales, not the float size they present."""
+        """Bytes of the weights (and buffers) as they are stored in memory: quantized tensor subclasses
+        (torchao) count their packed data and scales, not the float size they present; weights offloaded to
+        disk (left on the meta device) count nothing."""
         tensors = {id(p): p for p in self.parameters()}
         if return_buffers:
             tensors.update({id(b): b for b in self.buffers()})
-        return sum(_stored_bytes(t) for t in tensors.values())
+        return sum(_stored_bytes(t) for t in tensors.values() if t.device.type != "meta")
 
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()
