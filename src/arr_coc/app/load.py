@@ -27,18 +27,20 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def start_server(model: str, port: int, concurrency: int) -> subprocess.Popen:
+def start_server(model: str, port: int, concurrency: int, log_path: str) -> subprocess.Popen:
     exe = os.path.join(os.path.dirname(sys.executable), "arr-coc")
     cmd = [exe, "app", "--model", model, "--port", str(port), "--concurrency", str(concurrency), "--queue-size", "256"]
     # a few malloc arenas: threads of a long-running server otherwise each grow their own
     env = dict(os.environ, MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # the server's log goes to a file: an undrained pipe fills up and blocks the server's event loop
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 300
     import urllib.request
 
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            raise RuntimeError(f"the app exited with {proc.returncode}: {open(log_path).read()[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
             return proc
@@ -65,7 +67,7 @@ def run_load(model: str, concurrent: int, sequential: int, malformed_every: int 
     with open(bad, "w") as f:
         f.write("this is text, not an image")
 
-    server = start_server(model, port, concurrency)
+    server = start_server(model, port, concurrency, os.path.join(workdir, "server.log"))
     try:
         client_url = f"http://127.0.0.1:{port}/"
 
