@@ -159,7 +159,8 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="image", elem_id="image")
+                # image_mode=None: gradio reads only the header and hands over the path; check_upload decodes
+                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="image")
                 question = gr.Textbox(label="question", elem_id="question")
                 mode = gr.Radio(["auto", "fixed", "ratio"], value="auto", label="budget", elem_id="mode")
                 budget = gr.Number(value=64, label="fixed budget (tokens)", precision=0, elem_id="budget")
