@@ -335,7 +335,14 @@ def _load(small_model, tmp_path, concurrent, sequential, port):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return run_load(
-        str(folder), concurrent, sequential, malformed_every=4, port=port, concurrency=2, workdir=str(tmp_path / "load")
+        str(folder),
+        concurrent,
+        sequential,
+        malformed_every=4,
+        port=port,
+        concurrency=2,
+        workdir=str(tmp_path / "load"),
+        warmup=sequential // 2,
     )
 
 

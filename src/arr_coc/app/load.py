@@ -51,7 +51,7 @@ def start_server(model: str, port: int, concurrency: int, log_path: str) -> subp
 
 
 def run_load(model: str, concurrent: int, sequential: int, malformed_every: int = 10, port: int = 7899,
-             concurrency: int = 2, workdir: str = "/tmp/arr-coc-load") -> dict:  # fmt: skip
+             concurrency: int = 2, workdir: str = "/tmp/arr-coc-load", warmup: int = 50) -> dict:  # fmt: skip
     from gradio_client import Client, handle_file
 
     from ..data.synthetic import eval_seeds, generate
@@ -83,17 +83,12 @@ def run_load(model: str, concurrent: int, sequential: int, malformed_every: int 
             except Exception as error:  # a refused upload comes back as an error, by design
                 return malformed, True, time.perf_counter() - start, str(error)[:200]
 
-        with ThreadPoolExecutor(max_workers=concurrency * 2) as pool:  # warm-up: every sample, at full concurrency
-            list(
-                pool.map(
-                    request,
-                    [
-                        i
-                        for i in range(2 * len(samples))
-                        if not (malformed_every and i % malformed_every == malformed_every - 1)
-                    ],
-                )
-            )
+        # warm-up: the run's own traffic at a smaller scale (a concurrent burst, then sequential requests,
+        # malformed uploads mixed in), so memory is compared in the steady state every kind of request reaches
+        with ThreadPoolExecutor(max_workers=concurrent) as pool:
+            list(pool.map(request, range(concurrent)))
+        for i in range(warmup):
+            request(i)
         warm_rss = rss_mb(server.pid)
         started = time.time()
         with ThreadPoolExecutor(max_workers=concurrent) as pool:
@@ -115,7 +110,8 @@ def run_load(model: str, concurrent: int, sequential: int, malformed_every: int 
     latencies = sorted(r[2] for r in good)
     unexpected = [r[3] for r in results if r[0] != r[1]]
     return {
-        "model": model, "concurrent": concurrent, "sequential": sequential, "malformed": sum(r[0] for r in results),
+        "model": model, "concurrent": concurrent, "sequential": sequential, "warmup": concurrent + warmup,
+        "malformed": sum(r[0] for r in results),
         "unexpected_outcomes": len(unexpected), "examples_of_unexpected": unexpected[:5],
         "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "wall_s": round(wall, 1), "concurrency_limit": concurrency, "server_peak_in_flight": stats["peak_active"],
@@ -131,11 +127,20 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrent", type=int, default=50)
     parser.add_argument("--sequential", type=int, default=500)
     parser.add_argument("--malformed-every", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=50, help="sequential warm-up requests after a warm-up burst")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--port", type=int, default=7899)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    result = run_load(args.model, args.concurrent, args.sequential, args.malformed_every, args.port, args.concurrency)
+    result = run_load(
+        args.model,
+        args.concurrent,
+        args.sequential,
+        args.malformed_every,
+        args.port,
+        args.concurrency,
+        warmup=args.warmup,
+    )
     text = json.dumps(result, indent=1)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
