@@ -26,6 +26,8 @@ def build_2b(vision_depth: int, text_layers: int, vocab: int):
     from arr_coc.backbones.shapes import qwen2_vl_2b_config
 
     processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny")
+    # Qwen2-VL-2B's own pixel range (arr-coc-tiny's caps images at 1280 tokens, 1344 px would shrink)
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
     config = qwen2_vl_2b_config(processor.tokenizer, text_layers=text_layers, vision_depth=vision_depth)
     config.text_config.vocab_size = vocab
     torch.manual_seed(0)
