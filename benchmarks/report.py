@@ -83,14 +83,15 @@ def speed_section(speed: dict) -> list[str]:
               "Times are medians; peak memory is the peak of live tensor bytes on the first-token path "
               "(PyTorch profiler allocation events).", ""]  # fmt: skip
     keys = sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]})
-    lines += ["| model | px | batch | encoding | budget | tokens/img | vision s (× faster) | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
+    lines += ["| model | px | batch | encoding | budget | tokens/img (native) | vision s (× faster) | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in keys:
         for r in (r for r in speed["rows"] if (r["model"], r["size"], r["batch"]) == key):
+            share = "–" if r["encoding"] == "saccade" else f"{100 * r['relevance_share_of_vision']:.1f}%"
             lines.append(
-                f"| {r['model']} | {r['size']} | {r['batch']} | {r['encoding']} | {r['budget']} | {r['visual_tokens']:.0f} | "
-                f"{r['vision_s']:.3f} ({r['vision_speedup']:.2f}) | "
-                f"{100 * r['relevance_share_of_vision']:.1f}% | {r['prefill_s']:.3f} ({r['prefill_speedup']:.2f}) | "
+                f"| {r['model']} | {r['size']} | {r['batch']} | {r['encoding']} | {r['budget']} | {r['visual_tokens']:.0f} "
+                f"({r['native_tokens']}) | {r['vision_s']:.3f} ({r['vision_speedup']:.2f}) | {share} | "
+                f"{r['prefill_s']:.3f} ({r['prefill_speedup']:.2f}) | "
                 f"{r['ttft_s']:.3f} ({r['ttft_speedup']:.2f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}) | "
                 f"{r['peak_mb']:.0f} ({r['memory_ratio']:.2f}) |"
             )
@@ -225,8 +226,9 @@ def main(argv=None) -> int:
     runs = [json.load(open(path)) for path in args.speed if os.path.exists(path)]
     speed = None
     if runs:  # several runs (e.g. batch 8 only on the small model) read as one table
+        with_2b = next((r for r in runs if any(x["model"] == "2b" for x in r["rows"])), runs[0])
         speed = {
-            **runs[0],
+            **with_2b,
             "command": "\n".join(r["command"] for r in runs),
             "rows": [x for r in runs for x in r["rows"]],
         }
