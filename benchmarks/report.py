@@ -81,7 +81,8 @@ def speed_section(speed: dict) -> list[str]:
     lines += [f"Qwen2-VL-2B-shaped: real widths (vision 1280, LM 1536, vocabulary {s['vocab_2b']}), random weights, "
               f"{s['vision_depth_2b']} of 32 vision blocks and {s['text_layers_2b']} of 28 LM layers (so it runs here). "
               "Times are medians; peak memory is the peak of live tensor bytes on the first-token path "
-              "(PyTorch profiler allocation events).", ""]  # fmt: skip
+              "(PyTorch profiler allocation events). `px` is the page's side before the processor, whose pixel range sets "
+              "the native count in brackets. `saccade` rows time the encoder inside the saccade (gist + crops).", ""]  # fmt: skip
     keys = sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]})
     lines += ["| model | px | batch | encoding | budget | tokens/img (native) | vision s (× faster) | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
