@@ -18,9 +18,14 @@ from arr_coc.relevance import SaccadePlanner, gist_grid
 from conftest import FAMILIES
 
 
+def _unit(family) -> int:
+    """Pixels per merged token: patch size x spatial merge of the tiny test backbones."""
+    return (16 if family == "qwen3_vl" else 14) * 2
+
+
 def _image(family, gh: int, gw: int, seed: int = 0) -> Image.Image:
     """Random pixels exactly ``gh x gw`` merged tokens large (no resize by the processor)."""
-    unit = (16 if family == "qwen3_vl" else 14) * 2
+    unit = _unit(family)
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (gh * unit, gw * unit, 3), dtype=np.uint8))
 
@@ -30,7 +35,7 @@ def test_patch_layout_round_trips_and_a_crop_is_what_the_processor_makes_of_the_
     from arr_coc.backbones import adapter_for
 
     adapter, processor = adapter_for(make_backbone(family)), image_processor_for(family)
-    unit = (16 if family == "qwen3_vl" else 14) * 2
+    unit = _unit(family)
     image = _image(family, 6, 8)
     out = processor(images=[image], return_tensors="pt")
     pixels, thw = out["pixel_values"], out["image_grid_thw"][0]
