@@ -456,7 +456,10 @@ class _StepBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         stage, start, stop, batch_size, seed = self.args
-        for step in range(start, stop):
+        worker = torch.utils.data.get_worker_info()
+        # Worker k builds steps start+k, start+k+n, ...; the loader reads workers round-robin, so steps stay in order.
+        first, stride = (worker.id, worker.num_workers) if worker else (0, 1)
+        for step in range(start + first, stop, stride):
             yield collate(_batch_samples(stage, step, batch_size, seed), self.tokenizer, self.image_processor)
 
 
@@ -490,8 +493,12 @@ def dense_loss(head: DenseGlyphHead, vision, batch: dict) -> tuple[torch.Tensor,
 
 def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300, seed: int = 0,
           device: str = "cpu", save_every: int = 200, eval_every: int = 1000, decay: bool = False,
-          batch_size: int | None = None, threads: int | None = None) -> RunState:  # fmt: skip
-    """Run ``steps`` optimizer steps of ``stage``, resuming from the run's checkpoint."""
+          batch_size: int | None = None, threads: int | None = None, workers: int = 1,
+          time_limit: float | None = None) -> RunState:  # fmt: skip
+    """Run ``steps`` optimizer steps of ``stage``, resuming from the run's checkpoint.
+
+    ``time_limit`` (seconds of this call) stops early with a checkpoint; with ``decay`` the learning rate then
+    decays to 0 by whichever ends first, the stage's steps or this call's time."""
     from tqdm.auto import tqdm
 
     if threads:
@@ -508,16 +515,21 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
     model.train()
     log = open(_paths(run)["log.jsonl"], "a")
     start_step = state.step
+    hardware = f"CPU, {torch.get_num_threads()} threads"
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        hardware = torch.cuda.get_device_name(torch.device(device))
     batches = torch.utils.data.DataLoader(
         _StepBatches(stage, start_step, steps, batch_size, seed, tokenizer, image_processor),
-        batch_size=None, num_workers=1, prefetch_factor=4,
+        batch_size=None, num_workers=workers, prefetch_factor=4, pin_memory=device.startswith("cuda"),
     )  # fmt: skip
     bar = tqdm(zip(range(start_step, steps), batches), initial=start_step, total=steps, desc=f"{stage}")
-    t_last = time.time()
+    t_start = t_last = time.time()
     for step, batch in bar:
+        elapsed = (time.time() - t_start) / time_limit if time_limit else 0.0
         scale = 1.0
         if decay:
-            scale = max(0.0, 1.0 - step / steps)
+            scale = max(0.0, 1.0 - max(step / steps, elapsed))
         for g in optimizer.param_groups:
             g["lr"] = _lr(state.total_steps, lr, warmup) * scale
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -546,7 +558,7 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
         rec = {"stage": stage, "step": state.step, "total_steps": state.total_steps, "seen": state.seen,
                "wall_s": round(state.wall_s, 1), "lm_loss": round(lm_loss, 4), "dense_loss": round(d_loss.item(), 4),
                "patch_acc": round(patch_acc, 4), "slot_acc": round(slot_acc, 4), "answer_tok_acc": round(tok_acc, 4),
-               "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+               "lr": optimizer.param_groups[0]["lr"], "device": hardware}  # fmt: skip
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(
             lm=f"{lm_loss:.3f}",
@@ -555,7 +567,8 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
             slot=f"{slot_acc:.2f}",
             ans=f"{tok_acc:.2f}",
         )
-        if state.step % save_every == 0 or state.step == steps:
+        out_of_time = bool(time_limit) and time.time() - t_start >= time_limit
+        if state.step % save_every == 0 or state.step == steps or out_of_time:
             log.flush()
             _save_checkpoint(run, model, head, optimizer, state)
         if eval_every and spec.lm_weight and state.step % eval_every == 0:
@@ -565,6 +578,9 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
                 f.write(json.dumps(result) + "\n")
             bar.write(json.dumps(result))
             model.train()
+        if out_of_time:
+            bar.write(f"time limit {time_limit:.0f} s reached at step {state.step}")
+            break
     log.close()
     return state
 
@@ -597,23 +613,65 @@ TINY_SETTINGS = dict(allocator="quadtree", min_tokens=16, max_tokens=256, region
 
 
 def stage_summary(run: str) -> list[dict]:
-    """Per stage of the run's log: steps, samples seen and wall time."""
+    """Per stage of the run's log: steps, samples seen, wall time, and the steps run on each device."""
     stages: dict[str, dict] = {}
+    previous_wall = 0.0
     with open(_paths(run)["log.jsonl"]) as f:
         for line in f:
             rec = json.loads(line)
-            row = stages.setdefault(
-                rec["stage"], {"stage": rec["stage"], "steps": 0, "seen": 0, "first_wall_s": rec["wall_s"]}
-            )
-            row.update(
-                steps=rec["step"], last_wall_s=rec["wall_s"], patch_acc=rec.get("patch_acc"), lm_loss=rec.get("lm_loss")
-            )
-    previous = 0.0
-    for row in stages.values():
-        row["wall_s"] = round(row.pop("last_wall_s") - previous, 1)
-        previous += row["wall_s"]
-        row.pop("first_wall_s")
+            row = stages.setdefault(rec["stage"], {"stage": rec["stage"], "steps": 0, "wall_s": 0.0, "devices": {}})
+            row["steps"] = rec["step"]
+            row["wall_s"] = round(row["wall_s"] + rec["wall_s"] - previous_wall, 1)
+            device = rec.get("device", "unrecorded")
+            row["devices"][device] = row["devices"].get(device, 0) + 1
+            previous_wall = rec["wall_s"]
     return list(stages.values())
+
+
+def plot_curves(run: str, out: str, window: int = 50) -> str:
+    """PNG of the run's learning curves: training losses/accuracies (moving mean over ``window`` steps) by
+    step, stage boundaries, and the validation exact match during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(_paths(run)["log.jsonl"]) as f:
+        rows = [json.loads(line) for line in f]
+    evals = []
+    if os.path.exists(_paths(run)["eval.jsonl"]):
+        with open(_paths(run)["eval.jsonl"]) as f:
+            evals = [json.loads(line) for line in f]
+    steps = np.array([r["total_steps"] for r in rows])
+
+    def smooth(key: str) -> np.ndarray:
+        values = np.array([r.get(key, float("nan")) for r in rows], dtype=float)
+        kernel = np.ones(window) / window
+        valid = np.convolve(~np.isnan(values), kernel, mode="same")
+        return np.convolve(np.nan_to_num(values), kernel, mode="same") / np.where(valid > 0, valid, np.nan)
+
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    ax_loss.plot(steps, smooth("dense_loss"), label="dense reading loss")
+    ax_loss.plot(steps, smooth("lm_loss"), label="answer LM loss")
+    ax_loss.set_yscale("log")
+    ax_acc.plot(steps, smooth("patch_acc"), label="patch character accuracy")
+    ax_acc.plot(steps, smooth("answer_tok_acc"), label="answer-token accuracy (teacher forced)")
+    for task, marker in zip(TASKS, "os"):
+        ax_acc.plot([e["total_steps"] for e in evals], [e[task] for e in evals], marker + "-",
+                    label=f"validation exact match, {task}")  # fmt: skip
+    for r0, r1 in zip(rows, rows[1:]):
+        if r1["stage"] != r0["stage"]:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(r1["total_steps"], color="grey", lw=0.8, ls=":")
+            ax_loss.text(r1["total_steps"], ax_loss.get_ylim()[1], f" {r1['stage']}", va="top", fontsize=8)
+    ax_acc.set_xlabel("optimizer step (all stages)")
+    ax_acc.set_ylim(0, 1)
+    for ax in (ax_loss, ax_acc):
+        ax.legend(fontsize=8, loc="lower left" if ax is ax_loss else "upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 MODEL_CARD = """---
@@ -648,15 +706,17 @@ exactly with two splits (at most 6 gist tokens around it), so every benchmark bu
 reachable while the answer's region keeps full detail. `region_size={region_size}` and
 `lod_ladder={lod_ladder}` are there for users who switch to the ladder.
 
-## How it was trained (this project's commands, on {machine})
+## How it was trained (this project's commands)
 ```bash
 python -m arr_coc.training.tiny_backbone init --run runs/tiny
 {commands}
 python -m arr_coc.training.tiny_backbone export --run runs/tiny --out src/arr_coc/assets/arr-coc-tiny{heads_flag}
 ```
-| stage | steps | what it learns | wall time |
-|---|---|---|---|
+| stage | steps | what it learns | where (steps) | wall time |
+|---|---|---|---|---|
 {stages}
+
+{notes}
 
 Recipe: the answer's language-model loss alone, from scratch, stays at chance; so the vision encoder
 first learns to read from pages of random words with dense per-patch character targets (the renderer
@@ -670,10 +730,10 @@ Exact match on {eval_n} held-out samples per task (seeds never used in training)
 """
 
 
-def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200, commands: str = "") -> str:
+def export_model(
+    run: str, out: str, heads: str | None = None, eval_n: int = 200, commands: str = "", notes: str = ""
+) -> str:
     """Write the run's backbone as an arr-coc model folder (model + processor + model card)."""
-    import platform
-
     from safetensors.torch import load_file
 
     from ..data.synthetic import EVAL_SEED_START
@@ -703,7 +763,9 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
     )
     vc, tc = backbone.config.vision_config, backbone.config.text_config
     stages = "\n".join(
-        f"| {r['stage']} | {r['steps']} | {STAGE_NOTES.get(r['stage'], '')} | {r['wall_s'] / 3600:.2f} h |"
+        f"| {r['stage']} | {r['steps']} | {STAGE_NOTES.get(r['stage'], '')} | "
+        + ", ".join(f"{device}: {n}" for device, n in r["devices"].items())
+        + f" | {r['wall_s'] / 3600:.2f} h |"
         for r in stage_summary(run)
     )
     card = MODEL_CARD.format(
@@ -712,16 +774,18 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
         heads="trained with `arr-coc train` (mode `trained`)" if heads else "untrained (the model runs `training_free`)",
         size_mb=os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20, region_size=TINY_SETTINGS["region_size"],
         lod_ladder=TINY_SETTINGS["lod_ladder"], min_tokens=TINY_SETTINGS["min_tokens"], max_tokens=TINY_SETTINGS["max_tokens"],
-        machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads", commands=commands.strip(),
+        commands=commands.strip(), notes=notes.strip(),
         heads_flag=f" --heads {heads}" if heads else "", stages=stages, eval_n=eval_n,
         box_codes=accuracy.get("box-codes", float("nan")), doc_fields=accuracy.get("doc-fields", float("nan")),
         status="This meets the target of 0.90 per task." if accuracy and min(accuracy.values()) >= 0.9 else
-        "This is an intermediate checkpoint, below the target of 0.90 per task: its training continues.",
+        "This is below the project's target of 0.90 per task; the learning curves are in docs/training.md.",
     )  # fmt: skip
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
+    # The first 40 of the same seeds: what the test suite's regression guard recomputes.
+    first_40 = evaluate_model(backbone, tokenizer, image_processor, n=40, seeds_from=EVAL_SEED_START) if eval_n else {}
     with open(os.path.join(out, "heldout_accuracy.json"), "w") as f:
-        json.dump({"n_per_task": eval_n, **accuracy}, f)
+        json.dump({"n_per_task": eval_n, **accuracy, "first_40": first_40}, f)
     return out
 
 
@@ -751,6 +815,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=1, help="data-building worker processes")
+    p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=1000)
     p = sub.add_parser("export", help="write the backbone as an arr-coc model folder (model + processor)")
@@ -761,6 +827,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--eval-n", type=int, default=200, help="held-out samples per task for the model card's accuracy")
     p.add_argument("--commands", default="", help="the training commands to print in the model card")
+    p.add_argument("--notes", default="", help="notes on the run to print under the model card's stage table")
+    p = sub.add_parser("curves", help="plot the run's learning curves to a PNG")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
     p = sub.add_parser("evaluate", help="exact match per task on validation or held-out seeds")
     p.add_argument("--run", required=True)
     p.add_argument("--n", type=int, default=200)
@@ -770,11 +840,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "init":
         init_run(args.run, args.seed)
     elif args.cmd == "export":
-        print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands))
+        print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
+    elif args.cmd == "curves":
+        print(plot_curves(args.run, args.out))
     elif args.cmd == "train":
         train(args.run, args.stage, args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, device=args.device,
               save_every=args.save_every, eval_every=args.eval_every, decay=args.decay,
-              batch_size=args.batch_size, threads=args.threads)  # fmt: skip
+              batch_size=args.batch_size, threads=args.threads, workers=args.workers,
+              time_limit=args.time_limit)  # fmt: skip
     else:
         from ..data.synthetic import EVAL_SEED_START
 
