@@ -60,6 +60,8 @@ def test_the_shipped_model_reads_held_out_samples_at_full_tokens():
             answers = arr_coc.pipeline.answer(
                 model, processor, [s["image"] for s in batch], [s["question"] for s in batch], budget=ALL_TOKENS
             )
-            correct += sum(normalize_answer(a["answer"]) == normalize_answer(s["answer"]) for a, s in zip(answers, batch))
+            correct += sum(
+                normalize_answer(a["answer"]) == normalize_answer(s["answer"]) for a, s in zip(answers, batch)
+            )
             assert all(a["tokens_used"] == a["native_tokens"] for a in answers)
         assert correct / len(samples) >= min(0.85, card["first_40"][task] - 0.05), (task, correct)
