@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     import arr_coc
     from arr_coc.data.synthetic import normalize_answer
     from arr_coc.evaluation.harness import synthetic_samples
+    from arr_coc.pipeline import answer_batches
 
     folder = arr_coc.resolve_model_path(args.model)
     processor = arr_coc.ArrCocProcessor.from_pretrained(folder)
@@ -93,15 +94,10 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(folder, **options).eval()
             load_s = time.perf_counter() - started
-            answers, correct, started = [], 0, time.perf_counter()
-            for i in range(0, len(samples), 4):
-                batch = samples[i : i + 4]
-                inputs = processor(images=[s["image"] for s in batch], text=[s["question"] for s in batch])
-                out = model.generate(**inputs, compression=args.compression, max_new_tokens=8, do_sample=False)
-                texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                answers += [t.strip() for t in texts]
-                correct += sum(normalize_answer(t) == normalize_answer(s["answer"]) for t, s in zip(texts, batch))
+            started = time.perf_counter()
+            answers = answer_batches(model, processor, samples, compression=args.compression)
             seconds = time.perf_counter() - started
+            correct = sum(normalize_answer(a) == normalize_answer(s["answer"]) for a, s in zip(answers, samples))
             reference = reference or answers
             rows.append({
                 "path": name, "memory_mb": round(model.get_memory_footprint() / 2**20, 2), "load_s": round(load_s, 2),

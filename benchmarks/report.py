@@ -35,7 +35,16 @@ def accuracy_section(table: list[dict]) -> list[str]:
     ]
     methods = [
         m
-        for m in ("downsample", "uniform-pool", "random", "query-agnostic", "text-attention", "arr-coc-free", "arr-coc")
+        for m in (
+            "downsample",
+            "uniform-pool",
+            "random",
+            "query-agnostic",
+            "text-attention",
+            "arr-coc-free",
+            "arr-coc",
+            "arr-coc-saccade",
+        )
         if any(r["method"] == m for r in table)
     ]
     for task in tasks:

@@ -32,19 +32,19 @@ def batch(make_processor, samples):
     )
 
 
-def _int8():
-    from torchao.quantization import Int8WeightOnlyConfig
+def quantization_config(name: str):
+    if name == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
 
-    return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+        return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    if name == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("name", ["bnb-8bit", "bnb-4bit", "torchao-int8"])
 def test_quantized_backbones_generate_on_cpu_with_full_precision_heads(name, backbone_dir, batch):
-    config = {
-        "bnb-8bit": lambda: BitsAndBytesConfig(load_in_8bit=True),
-        "bnb-4bit": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
-        "torchao-int8": _int8,
-    }[name]()
+    config = quantization_config(name)
     full = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), allocator="quadtree")
     quantized = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), allocator="quadtree",
                                                                       quantization_config=config, device_map="cpu")  # fmt: skip
@@ -61,6 +61,28 @@ def test_quantized_backbones_generate_on_cpu_with_full_precision_heads(name, bac
     assert linears and not any(is_quantized(m) for m in linears)
     assert all(p.dtype == torch.float32 and type(p.data) is torch.Tensor for p in quantized.relevance.parameters())
     assert quantized.get_memory_footprint() < full.get_memory_footprint()
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32_answers():
+    """arr-coc-tiny (fp32) at compression 4 on 10 held-out samples per task: (samples, answers)."""
+    from arr_coc.evaluation.harness import synthetic_samples
+
+    samples = synthetic_samples(["box-codes", "doc-fields"], 10)
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained("arr-coc-tiny").eval()
+    processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny")
+    return samples, processor, arr_coc.pipeline.answer_batches(model, processor, samples, compression=4)
+
+
+@pytest.mark.parametrize("name,target", [("bnb-8bit", 0.95), ("torchao-int8", 0.95), ("bnb-4bit", 0.85)])
+def test_quantized_arr_coc_tiny_answers_like_fp32(name, target, tiny_fp32_answers):
+    config = quantization_config(name)
+    samples, processor, reference = tiny_fp32_answers
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(
+        "arr-coc-tiny", quantization_config=config, device_map="cpu"
+    ).eval()
+    answers = arr_coc.pipeline.answer_batches(model, processor, samples, compression=4)
+    assert sum(a == b for a, b in zip(answers, reference)) / len(samples) >= target, (answers, reference)
 
 
 def test_quantization_through_from_pretrained_keeps_the_heads_unquantized(tmp_path, backbone_dir, batch):

@@ -200,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Methods x budgets x tasks on the same held-out samples: JSON, a markdown table and plots."""
     from .data import parse_data_spec
-    from .evaluation.harness import BUDGETS, METHODS, evaluate, synthetic_samples, write_outputs
+    from .evaluation.harness import BUDGETS, METHODS, evaluate, example_allocations, synthetic_samples, write_outputs
 
     model, processor = _load(args.model, args.encoding)
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
@@ -220,6 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer)  # fmt: skip
     paths = write_outputs(result, args.out, title=f"{args.model} on {args.data} (n={args.n} per task)")
+    paths["examples"] = example_allocations(model, processor, samples, args.out)
     print(open(paths["markdown"]).read() if not args.json else json.dumps(paths))
     return 0
 

@@ -43,6 +43,17 @@ def answer(model, processor, images: list, questions: list[str], budget=None, co
     ]
 
 
+def answer_batches(model, processor, samples: list[dict], batch_size: int = 4, **options) -> list[str]:
+    """Greedy answers for samples ``{"image", "question"}``, ``batch_size`` at a time; ``options`` (budget,
+    compression, encoding, ...) go to `answer`."""
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        answers += [a["answer"] for a in answer(model, processor, [s["image"] for s in batch],
+                                                [s["question"] for s in batch], **options)]  # fmt: skip
+    return answers
+
+
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
