@@ -19,6 +19,8 @@ import math
 import os
 import sys
 
+from arr_coc.evaluation.harness import BUDGETS, METHODS
+
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
 BASELINES = ("downsample", "uniform-pool", "random", "query-agnostic", "text-attention")
 
@@ -30,23 +32,8 @@ def _fmt(v, digits=2):
 def accuracy_section(table: list[dict]) -> list[str]:
     lines = ["## Accuracy kept per visual-token budget", ""]
     tasks = sorted({r["task"] for r in table})
-    budgets = [
-        b for b in ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400") if any(r["budget"] == b for r in table)
-    ]
-    methods = [
-        m
-        for m in (
-            "downsample",
-            "uniform-pool",
-            "random",
-            "query-agnostic",
-            "text-attention",
-            "arr-coc-free",
-            "arr-coc",
-            "arr-coc-saccade",
-        )
-        if any(r["method"] == m for r in table)
-    ]
+    budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
+    methods = [m for m in METHODS if m != "full" and any(r["method"] == m for r in table)]
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")
         lines += [
