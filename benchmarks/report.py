@@ -22,6 +22,7 @@ import sys
 from arr_coc.evaluation.harness import BUDGETS, METHODS
 
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
+SACCADE_HEADS = "arr-coc-saccade (saccade-trained heads)"
 BASELINES = ("downsample", "uniform-pool", "random", "query-agnostic", "text-attention")
 
 
@@ -33,7 +34,7 @@ def accuracy_section(table: list[dict]) -> list[str]:
     lines = ["## Accuracy kept per visual-token budget", ""]
     tasks = sorted({r["task"] for r in table})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
-    methods = [m for m in METHODS if m != "full" and any(r["method"] == m for r in table)]
+    methods = [m for m in (*METHODS, SACCADE_HEADS) if m != "full" and any(r["method"] == m for r in table)]
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")
         lines += [
@@ -97,8 +98,8 @@ def speed_section(speed: dict) -> list[str]:
 
 def _saccade_kept(table: list[dict] | None) -> str:
     """Accuracy kept by the saccade at 1/8 per task (arr-coc-tiny's evaluation), for the saccade target."""
-    rows = [r for r in table or [] if r["method"] == "arr-coc-saccade" and r["budget"] == "1/8"]
-    return "".join(f"; keeps {_fmt(r['kept'])} of full on {r['task']} (target ≥ 0.95)" for r in rows)
+    rows = [r for r in table or [] if r["method"] in ("arr-coc-saccade", SACCADE_HEADS) and r["budget"] == "1/8"]
+    return "".join(f"; {r['method']} keeps {_fmt(r['kept'])} of full on {r['task']} (target ≥ 0.95)" for r in rows)
 
 
 def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
@@ -127,6 +128,10 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
                         losses.append(f"{b} at {budget} ({other['exact_match']:.2f} vs {ours['exact_match']:.2f})")
             lines.append(f"- {task}: arr-coc trained beats every baseline at every budget ≤ 1/2: "
                          + ("met." if not losses else "NOT met – ties or losses: " + "; ".join(losses) + "."))  # fmt: skip
+            pairs = [(b, row(task, "arr-coc", b), row(task, "arr-coc-free", b)) for b in ("1/4", "1/8", "1/16")]
+            lines.append(f"- {task}: trained vs training-free heads, exact match: "
+                         + ", ".join(f"{b}: {t['exact_match']:.2f} vs {f['exact_match']:.2f}" for b, t, f in pairs if t and f)
+                         + ".")  # fmt: skip
             free_losses = [
                 f"{budget} ({row(task, 'arr-coc-free', budget)['exact_match']:.2f} vs {row(task, 'uniform-pool', budget)['exact_match']:.2f})"
                 for budget in ("1/4", "1/8", "1/16")
@@ -218,8 +223,19 @@ def main(argv=None) -> int:
     parser.add_argument("--loading", default="docs/results/loading.json")
     parser.add_argument("--app-load", default="docs/results/app_load.json")
     parser.add_argument("--eval-command", default="arr-coc eval --n 50 --out docs/results/eval")
+    parser.add_argument(
+        "--saccade-eval",
+        default="docs/results/eval_saccade/results.json",
+        help="an eval of a model whose heads were trained for saccades (its arr-coc-saccade rows)",
+    )
+    parser.add_argument("--saccade-eval-command", default="arr-coc train --config configs/train_tiny_saccade.yaml\n"
+                        "arr-coc eval --model runs/tiny-saccade-heads --methods full,arr-coc-saccade --n 50 "
+                        "--out docs/results/eval_saccade")  # fmt: skip
     args = parser.parse_args(argv)
     table = json.load(open(args.eval))["table"] if os.path.exists(args.eval) else None
+    if table and os.path.exists(args.saccade_eval):  # the saccade with heads trained for it, beside the shared heads
+        table += [dict(r, method=SACCADE_HEADS) for r in json.load(open(args.saccade_eval))["table"]
+                  if r["method"] == "arr-coc-saccade"]  # fmt: skip
     runs = [json.load(open(path)) for path in args.speed if os.path.exists(path)]
     speed = None
     if runs:  # several runs (e.g. batch 8 only on the small model) read as one table
@@ -236,6 +252,8 @@ def main(argv=None) -> int:
         "",
     ]
     lines += ["## Commands", "", "```bash", args.eval_command]
+    if os.path.exists(args.saccade_eval):
+        lines.append(args.saccade_eval_command)
     if speed:
         lines.append(speed["command"])
     lines += ["python benchmarks/report.py", "```", ""]

@@ -136,7 +136,10 @@ def test_cli_run_single_and_batch_in_process(tmp_path, model_dir, loaded, sample
 def test_cli_eval_train_help_and_errors_in_process(tmp_path, model_dir, capsys):
     code, out, _ = _cli(capsys, "eval", "--model", str(model_dir), "--n", "1", "--methods", "full,uniform-pool,arr-coc",
                         "--budgets", "1/4", "--out", str(tmp_path / "eval"), "--json")  # fmt: skip
-    assert code == 0 and os.path.exists(json.loads(out)["markdown"])
+    paths = json.loads(out)
+    assert code == 0 and os.path.exists(paths["markdown"])
+    assert [os.path.basename(p) for p in paths["examples"]] == ["example_box-codes.png", "example_doc-fields.png"]
+    assert all(Image.open(p).size[0] > 200 for p in paths["examples"])
     for command in ("run", "demo", "eval", "train", "app", "data"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command, "--help"])
