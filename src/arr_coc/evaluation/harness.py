@@ -271,27 +271,23 @@ def write_outputs(result: EvalResult, out_dir: str, title: str = "arr-coc evalua
 
 
 @torch.no_grad()
-def example_allocations(model, processor, samples: list[dict], out_dir: str, budget: str = "1/8") -> list[str]:
-    """``example_<task>.png`` per task: its first sample's relevance, knowing maps and allocation at ``budget``,
-    with the model's own mode and encoding."""
+def example_allocations(model, processor, samples: list[dict], out_dir: str, compression: float = 8) -> list[str]:
+    """``example_<task>.png`` per task: its first sample's relevance, knowing maps and allocation at 1/``compression``
+    of native, with the model's own mode and encoding."""
     from ..pipeline import answer
     from .plots import realization_figure
 
+    os.makedirs(out_dir, exist_ok=True)
     paths = []
     for task in sorted({s["task"] for s in samples}):
         s = next(s for s in samples if s["task"] == task)
-        native = model.encode_images(*_pixels(processor, s))[0]
-        target = budget_from_spec(budget, native.grid[1] * native.grid[2])
-        result = answer(model, processor, [s["image"]], [s["question"]], budget=target)[0]
-        caption = f"{task}, {budget} of native: Q: {s['question']}  A: {result['answer']}  (expected {s['answer']})"
+        result = answer(model, processor, [s["image"]], [s["question"]], compression=compression)[0]
+        caption = (
+            f"{task}, 1/{compression:g} of native: Q: {s['question']}  A: {result['answer']}  (expected {s['answer']})"
+        )
         paths.append(os.path.join(out_dir, f"example_{task}.png"))
         realization_figure(s["image"], result["realization"], caption, knowing_maps=True).save(paths[-1])
     return paths
-
-
-def _pixels(processor, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = processor(images=[sample["image"]], text=[sample["question"]])
-    return inputs["pixel_values"], inputs["image_grid_thw"]
 
 
 def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
