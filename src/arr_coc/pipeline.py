@@ -47,8 +47,7 @@ def answer_batches(model, processor, samples: list[dict], batch_size: int = 4, *
     """Greedy answers for samples ``{"image", "question"}``, ``batch_size`` at a time; ``options`` (budget,
     compression, encoding, ...) go to `answer`."""
     answers = []
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
+    for batch in _chunks(samples, batch_size):
         answers += [a["answer"] for a in answer(model, processor, [s["image"] for s in batch],
                                                 [s["question"] for s in batch], **options)]  # fmt: skip
     return answers
