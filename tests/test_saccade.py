@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from transformers import TrainingArguments
 
 from arr_coc import ArrCocConfig
 from arr_coc.backbones.shapes import image_processor_for
-from arr_coc.relevance import SaccadePlanner, gist_grid
+from arr_coc.relevance import SaccadePlanner, TokenAllocator
 from conftest import FAMILIES
 
 
@@ -84,37 +82,49 @@ def test_crops_enter_the_encoder_at_their_true_positions(family, make_backbone):
 
 @given(
     h=st.integers(1, 30), w=st.integers(1, 30), scale=st.integers(2, 6), extra=st.integers(0, 400),
+    allocator=st.sampled_from([("quadtree", 8, [1, 4, 16, 64]), ("ladder", 4, [1, 4]), ("ladder", 6, [4, 9])]),
     seed=st.integers(0, 2**16),
 )  # fmt: skip
-def test_saccade_allocations_tile_the_image_within_the_budget(h, w, scale, extra, seed):
-    planner = SaccadePlanner(scale)
-    floor = planner.floor(h, w)
-    assert floor == math.prod(gist_grid(h, w, scale))
+def test_a_saccade_reads_exactly_the_regions_finer_than_the_gist_at_full_resolution(h, w, scale, extra, allocator,
+                                                                                    seed):  # fmt: skip
+    planner = SaccadePlanner(TokenAllocator(*allocator), scale)
+    floor = planner.allocator.floor(h, w)
     budget = min(floor + extra, h * w + 3)
     relevance = torch.from_numpy(np.random.default_rng(seed).random(h * w)).float()
-    allocation = planner(relevance, h, w, budget)
-    assert bool((allocation.coverage() == 1).all())
-    assert floor <= allocation.tokens_used <= budget
-    for r in allocation.regions:  # gist tokens and detail rectangles both lie on the gist grid
-        assert r.y0 % scale == 0 and r.x0 % scale == 0
-        assert r.y1 in (h, *range(scale, h, scale)) and r.x1 in (w, *range(scale, w, scale))
-        assert (
-            (r.k_h, r.k_w) == (1, 1)
-            and (r.y1 - r.y0, r.x1 - r.x0) == (min(scale, h - r.y0), min(scale, w - r.x0))
-            or r.full_detail
-        )
+    allocation, decision = planner.decide(relevance, h, w, 0.0, 1, h * w, budget=budget)
+    assert allocation == planner.allocator(relevance, h, w, decision.tokens)  # the single encoding's allocation
+    # the crops: disjoint rectangles on the gist grid, covering every region finer than the gist and nothing
+    # else but the rest of the gist cells such regions touch
+    encoded = torch.zeros(h, w, dtype=torch.long)
+    boxes = planner.crops(allocation)
+    for y0, x0, y1, x1 in boxes:
+        assert y0 % scale == 0 and x0 % scale == 0 and y1 in (h, *range(scale, h, scale))
+        encoded[y0:y1, x0:x1] += 1
+    assert int(encoded.max()) <= 1
+    touched = torch.zeros(h, w, dtype=torch.bool)
+    rows, cols = torch.arange(h) // scale, torch.arange(w) // scale
+    cell_area = (torch.bincount(rows)[rows][:, None] * torch.bincount(cols)[cols][None, :]).double()
+    for r in allocation.regions:  # full detail, or more tokens than the gist tokens' shares over the region
+        if r.full_detail or r.tokens > float((1 / cell_area[r.y0 : r.y1, r.x0 : r.x1]).sum()) + 1e-9:
+            assert bool(encoded[r.y0 : r.y1, r.x0 : r.x1].all())
+            gy0, gx0 = r.y0 // scale * scale, r.x0 // scale * scale
+            touched[gy0 : -(-r.y1 // scale) * scale, gx0 : -(-r.x1 // scale) * scale] = True
+    assert torch.equal(encoded.bool(), touched)
     if budget >= h * w:
-        assert allocation.tokens_used == h * w
+        assert boxes == [(0, 0, h, w)]
 
 
-def test_an_explicit_budget_below_the_gist_coarsens_it_and_the_most_relevant_gist_tokens_open_first():
-    assert SaccadePlanner.fitting(16, 16, 4, 16).gist_scale == 4
-    assert SaccadePlanner.fitting(16, 16, 4, 15).gist_scale == 6  # 3 x 3 gist tokens
+def test_a_budget_below_the_gist_is_reachable_and_the_relevant_cell_is_read_at_full_resolution():
     relevance = torch.zeros(16, 16)
     relevance[4:8, 8:12] = 1.0
-    allocation = SaccadePlanner(4)(relevance.flatten(), 16, 16, 16 + 15)
-    detail = [r for r in allocation.regions if r.tokens > 1]
-    assert [(r.y0, r.x0, r.y1, r.x1) for r in detail] == [(4, 8, 8, 12)]
+    planner = SaccadePlanner(TokenAllocator("quadtree", 8, [1, 4, 16, 64]), 4)
+    allocation = planner.allocator(relevance.flatten(), 16, 16, 8)
+    # fewer tokens than the gist's 16 (far gist tokens pooled together), yet the relevant cell is split
+    # finer than the gist: it alone is encoded again
+    assert allocation.tokens_used <= 8 < 16 and planner.crops(allocation) == [(4, 8, 8, 12)]
+    allocation = planner.allocator(relevance.flatten(), 16, 16, 24)
+    assert bool(allocation.detail_map()[4:8, 8:12].all()) and int(allocation.detail_map().sum()) == 16
+    assert (4, 8, 8, 12) in planner.crops(allocation)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
@@ -133,14 +143,14 @@ def test_batch_with_different_budgets_matches_each_sample_alone(family, make_mod
         assert together.tokens_used[i] == alone.tokens_used[0] <= budget
         assert torch.equal(together.sequences[i, batch["input_ids"].shape[1] :],
                            alone.sequences[0, alone_inputs["input_ids"].shape[1] :])  # fmt: skip
-        # detail tokens sit at integer native positions, gist tokens at their footprint's centre
+        # full-detail tokens sit at integer native positions, gist tokens at their footprint's centre
         s = r.gist_scale
         centres = {(float(y), float(x)) for y, x in r.positions[:, 1:].tolist()}
         for region in r.allocation.regions:
             if region.tokens == 1:
                 assert ((region.y0 + region.y1 - 1) / 2, (region.x0 + region.x1 - 1) / 2) in centres
                 assert region.y1 - region.y0 <= s
-            else:
+            elif region.full_detail:
                 assert (float(region.y0), float(region.x0)) in centres
 
 
@@ -194,7 +204,7 @@ def test_saccade_settings_save_load_and_errors(tmp_path, make_model, make_proces
         model.generate(**inputs, allocation=Allocation.full(1, 1))
 
 
-def test_heads_train_for_saccades_and_the_answer_loss_alone_is_refused(tmp_path, make_model, make_processor, samples):
+def test_heads_train_for_saccades_with_the_answer_loss_and_localisation(tmp_path, make_model, make_processor, samples):
     from arr_coc.training import surgery
     from arr_coc.training.data import VQACollator
     from arr_coc.training.objectives import box_overlap_map, mass_inside
@@ -227,12 +237,19 @@ def test_heads_train_for_saccades_and_the_answer_loss_alone_is_refused(tmp_path,
         return ArrCocTrainer(model=model, args=args, train_dataset=examples, data_collator=VQACollator(processor),
                              objectives=objectives, budget="1/4")  # fmt: skip
 
-    with pytest.raises(ValueError, match="does not reach the relevance heads"):
-        trainer("answer=1", 1).train()
+    # coarse regions pool gist tokens weighted by relevance, as in the single encoding: the answer loss
+    # alone reaches the heads
+    heads_before = [p.detach().clone() for p in model.relevance.parameters()]
+    trainer("answer=1", 1).train()
+    assert any(not torch.equal(a, p) for a, p in zip(heads_before, model.relevance.parameters()))
     before = mass()
     trainer("answer=1,localise=1", 10).train()
     after = mass()
     assert after > before + 0.05, (before, after)
+    surgery.freeze(model, "relevance")
+    surgery.unfreeze(model, "relevance.budget")  # reached by the budget term only
+    with pytest.raises(ValueError, match="reaches a trainable parameter"):
+        trainer("answer=1", 1).train()
 
 
 def test_pipeline_cli_and_figure_show_the_saccade(tmp_path, make_model, make_processor, samples, capsys):

@@ -34,10 +34,10 @@ class ArrCocConfig(PreTrainedConfig):
             most `region_size**2`; a region's own size (full detail) is always the top level.
         mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads).
         encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
-            at 1/`gist_scale` of the resolution, then only the parts that matter at full resolution; the gist's
-            tokens count toward the budget; `allocator`, `region_size` and `lod_ladder` apply to "single").
+            at 1/`gist_scale` of the resolution and allocate on it, then read only the regions finer than the
+            gist at full resolution; `allocator`, `region_size` and `lod_ladder` apply to both).
         gist_scale (`int`): the saccade gist's downscale per side: one gist token per `gist_scale**2` native
-            tokens; a gist token that matters is replaced by those native tokens, encoded at full resolution.
+            tokens; the gist cells under a region finer than that are encoded again at full resolution.
         relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.

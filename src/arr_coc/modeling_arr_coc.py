@@ -10,9 +10,10 @@ The whole forward pass, per image (DESIGN.md's data flow)::
     realizing:  realizer(V, allocation, relevance)                 -> tokens [T', d] at centre positions
     language model <- [text before | compressed tokens | text after] with M-RoPE positions
 
-With ``encoding="saccade"`` the encoder first sees a gist (the image at 1/gist_scale), the maps and the
-budget come from the gist's tokens, and only the regions chosen for detail are encoded again, at full
-resolution and at their true positions: gist tokens + detail tokens go to the language model.
+With ``encoding="saccade"`` the encoder first sees a gist (the image at 1/gist_scale), the maps, the
+budget and the allocation come from the gist's tokens, and only the gist cells under regions finer than
+the gist are encoded again, at full resolution and at their true positions; every region is pooled from
+those crops or from the gist.
 """
 
 from __future__ import annotations
@@ -38,9 +39,7 @@ from .relevance import (
     RelevanceRealizer,
     SaccadePlanner,
     TokenAllocator,
-    cell_assignment,
     expand_gist,
-    resolve_budget,
 )
 from .relevance.knowing import CouplingScorer
 
@@ -68,7 +67,7 @@ class RelevanceRealization:
     positions: torch.Tensor  # [T', 3] (t, y, x) relative to the image's first position
     sample_index: int = 0
     image_index: int = 0  # within its sample
-    encoding: str = "single"  # "saccade": maps come from the gist, 1x1 regions are gist tokens
+    encoding: str = "single"  # "saccade": maps come from the gist; regions finer than it from crops
     gist_scale: int | None = None  # the saccade's gist: one token per gist_scale x gist_scale native tokens
 
     @property
@@ -397,8 +396,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
     def _realize_saccade(self, image: SaccadeImage, question: torch.Tensor, budget, compression,
                          allocation: Allocation | None, pooling: str | None) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
-        """One image by saccade: encode the gist -> relevance on it -> regions for detail within the budget
-        -> encode those crops at full resolution -> gist + detail tokens in raster order of their centres."""
+        """One image by saccade: encode the gist -> relevance and the allocation on it, as in the single
+        encoding -> encode the gist cells under regions finer than the gist at full resolution -> every
+        region pooled from those crops or from the gist, in raster order of the tokens' centres."""
         if allocation is not None:
             raise ValueError(
                 "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
@@ -406,12 +406,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             )
         config, heads, adapter = self.config, self.relevance, self.adapter
         _, h, w = image.grid
-        planner = SaccadePlanner(config.gist_scale)
-        if budget is not None or compression is not None:  # known before encoding: a gist that fits it
-            explicit = resolve_budget(h * w, 1, planner.allocator, None, config.min_tokens, config.max_tokens,
-                                      budget, compression)  # fmt: skip
-            planner = SaccadePlanner.fitting(h, w, config.gist_scale, explicit.tokens)
-        scale = planner.gist_scale
+        planner, scale = SaccadePlanner(self.allocator, config.gist_scale), config.gist_scale
         gist = adapter.encode_images(*adapter.gist_pixels(image.pixels, image.thw, scale))[0]
         _, hg, wg = gist.grid
         head_dtype = next(heads.parameters()).dtype
@@ -425,28 +420,17 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         )  # fmt: skip
         allocation, d = planner.decide(to_native(relevance), h, w, float(expected.detach()), config.min_tokens,
                                        config.max_tokens, budget, compression)  # fmt: skip
-        detail = [r for r in allocation.regions if r.tokens > 1]  # the rest are gist tokens, one each
-        opened = set(detail)
-        crops = adapter.encode_crops(image.pixels, image.thw, [(r.y0, r.x0, r.y1, r.x1) for r in detail])
-
-        # Every output token's source: a gist token, or a token of a crop (native index -> output index).
-        cell, centres = cell_assignment(allocation)
-        cell = cell.to(gist.tokens.device)
-        sources = [[gist.tokens, *gist.extra]]
-        gist_regions = [r for r in allocation.regions if r not in opened]
-        out_index = [cell[torch.tensor([r.y0 * w + r.x0 for r in gist_regions], dtype=torch.long)]]
-        source_index = [torch.tensor([(r.y0 // scale) * wg + r.x0 // scale for r in gist_regions], dtype=torch.long)]
-        for r, crop in zip(detail, crops):
-            native = (torch.arange(r.y0, r.y1)[:, None] * w + torch.arange(r.x0, r.x1)[None, :]).flatten()
-            sources.append([crop.tokens, *crop.extra])
-            out_index.append(cell[native])
-            source_index.append(torch.arange(native.numel()))
-        tokens = []
-        for k in range(len(sources[0])):
-            out = gist.tokens.new_empty(centres.shape[0], sources[0][k].shape[-1])
-            for src, o, i in zip(sources, out_index, source_index):
-                out[o.to(out.device)] = src[k][i.to(out.device)]
-            tokens.append(out)
+        boxes = planner.crops(allocation)
+        crops = adapter.encode_crops(image.pixels, image.thw, boxes)
+        # Every native token's features: its gist token's, or its own from a crop; then pooled per region as
+        # in the single encoding (a coarse region pools the gist tokens under it).
+        gist_of = (torch.arange(h)[:, None] // scale * wg + torch.arange(w)[None, :] // scale).flatten()
+        native = [x[gist_of.to(x.device)] for x in (gist.tokens, *gist.extra)]
+        for (y0, x0, y1, x1), crop in zip(boxes, crops):
+            index = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten()
+            for x, c in zip(native, (crop.tokens, *crop.extra)):
+                x[index.to(x.device)] = c
+        tokens, centres = RelevanceRealizer(config.pooling)(native, allocation, to_native(relevance), pooling)
         positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
         realization = RelevanceRealization(
             information=to_native(info).view(h, w), salience=to_native(salience).view(h, w),

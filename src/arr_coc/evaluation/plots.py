@@ -39,9 +39,14 @@ def draw_relevance(ax, image: Image.Image, relevance, title: str = "relevance") 
     ax.axis("off")
 
 
-def draw_allocation(ax, image: Image.Image, allocation, title: str | None = None) -> None:
-    """The image with every region outlined and shaded by its detail (pooled tokens per native token)."""
+def draw_allocation(
+    ax, image: Image.Image, allocation, title: str | None = None, gist_scale: int | None = None
+) -> None:
+    """The image with every region outlined and shaded by its detail (pooled tokens per native token);
+    green: full detail, or with ``gist_scale`` (a saccade) read at full resolution; blue: the rest."""
     from matplotlib.patches import Rectangle
+
+    from ..relevance import reads_full_resolution
 
     sy, sx = _grid_to_pixels(image, (allocation.height, allocation.width))
     ax.imshow(image)
@@ -50,7 +55,9 @@ def draw_allocation(ax, image: Image.Image, allocation, title: str | None = None
         detail = region.tokens / area
         x, y = region.x0 * sx, region.y0 * sy
         w, h = (region.x1 - region.x0) * sx, (region.y1 - region.y0) * sy
-        colour = (0.1, 0.85, 0.2) if region.full_detail else (0.2, 0.4, 1.0)
+        sharp = (region.full_detail if gist_scale is None
+                 else reads_full_resolution(region, gist_scale, allocation.height, allocation.width))  # fmt: skip
+        colour = (0.1, 0.85, 0.2) if sharp else (0.2, 0.4, 1.0)
         ax.add_patch(
             Rectangle((x, y), w, h, facecolor=(*colour, 0.15 + 0.3 * detail), edgecolor=(*colour, 0.9), linewidth=1.2)
         )
@@ -72,12 +79,10 @@ def realization_figure(image: Image.Image, realization, caption: str = "", knowi
     axes = axes[0]
     draw_relevance(axes[0], image, realization.relevance.detach().cpu().numpy())
     used, native = realization.tokens_used, realization.native_count
-    legend = (
-        "green: encoded at full resolution, blue: gist tokens"
-        if getattr(realization, "encoding", "single") == "saccade"
-        else "green: full detail"
-    )
-    draw_allocation(axes[1], image, realization.allocation, f"{used} / {native} tokens ({legend})")
+    saccade = getattr(realization, "encoding", "single") == "saccade"
+    legend = "green: full resolution, blue: gist" if saccade else "green: full detail"
+    draw_allocation(axes[1], image, realization.allocation, f"{used} / {native} tokens ({legend})",
+                    realization.gist_scale if saccade else None)  # fmt: skip
     if knowing_maps:
         for ax, name in zip(axes[2:], ("information", "salience", "coupling")):
             draw_relevance(ax, image, getattr(realization, name).detach().cpu().numpy(), name)

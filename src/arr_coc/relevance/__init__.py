@@ -16,6 +16,7 @@ from .attending import (
     budget_from_spec,
     expand_gist,
     gist_grid,
+    reads_full_resolution,
     resolve_budget,
 )
 from .balancing import TensionBalancer
@@ -58,5 +59,5 @@ __all__ = [
     "budget_from_spec",
     "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "InformationScorer", "Region",
     "RelevanceHeads", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
-    "SaccadePlanner", "cell_assignment", "expand_gist", "gist_grid", "resolve_budget",
+    "SaccadePlanner", "cell_assignment", "expand_gist", "reads_full_resolution", "gist_grid", "resolve_budget",
 ]  # fmt: skip

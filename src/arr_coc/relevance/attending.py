@@ -365,54 +365,49 @@ def expand_gist(values: torch.Tensor, height: int, width: int, scale: int) -> to
     return grid[:height, :width].reshape(-1)
 
 
-class SaccadePlanner:
-    """Where a saccade looks. Each gist token covers ``gist_scale x gist_scale`` native tokens; the most
-    relevant ones are replaced by their native tokens, encoded again at full resolution, while the budget
-    lasts (the gist of the whole image is the floor; opening a gist token costs its footprint minus one).
+def reads_full_resolution(region: Region, gist_scale: int, height: int, width: int) -> bool:
+    """Whether a saccade reads a region from the image at full resolution: at full detail, or with more
+    tokens than the gist has over it (each gist token counted by the share of its cell the region covers;
+    edge cells are smaller)."""
 
-    An explicit budget below the gist's token count coarsens the gist until it fits (`fitting`); an
-    automatic budget is raised to the gist's count. Opened footprints are joined into rectangles (runs along a gist row, stacked while rows repeat the
-    run), so each crop the encoder sees has the context of its neighbours.
+    def share(lo: int, hi: int, size: int) -> float:  # gist tokens per axis over [lo, hi)
+        g = gist_scale
+        return sum((min(hi, c + g) - max(lo, c)) / (min(c + g, size) - c) for c in range(lo // g * g, hi, g))
+
+    return (
+        region.full_detail
+        or region.tokens > share(region.y0, region.y1, height) * share(region.x0, region.x1, width) + 1e-9
+    )
+
+
+class SaccadePlanner:
+    """Where a saccade looks: the model's allocator, run on the gist's relevance, decides the tokens as in
+    the single encoding; a region finer than the gist (`reads_full_resolution`) is read from the image at
+    full resolution, the rest from the gist.
+
+    So a saccade spends its budget exactly like the single encoding – far regions may pool several gist
+    tokens into one – and the encoder sees the gist plus crops of the gist cells under fine regions.
     """
 
-    allocator = "saccade"
-
-    def __init__(self, gist_scale: int):
-        self.gist_scale = gist_scale
-
-    @classmethod
-    def fitting(cls, height: int, width: int, gist_scale: int, budget: int) -> SaccadePlanner:
-        """The planner with the finest gist, from ``gist_scale`` up, whose tokens fit an explicit ``budget``."""
-        scale = gist_scale
-        while math.prod(gist_grid(height, width, scale)) > budget:
-            scale += 1
-        return cls(scale)
-
-    def floor(self, height: int, width: int) -> int:
-        hg, wg = gist_grid(height, width, self.gist_scale)
-        return hg * wg
+    def __init__(self, allocator: TokenAllocator, gist_scale: int):
+        self.allocator, self.gist_scale = allocator, gist_scale
 
     def decide(self, relevance: torch.Tensor, height: int, width: int, expected_tokens: float, min_tokens: int,
                max_tokens: int, budget=None, compression=None) -> tuple[Allocation, BudgetDecision]:  # fmt: skip
         """relevance [h*w] (the gist's, expanded to the native grid) -> (allocation, decision)."""
-        decision = resolve_budget(height * width, self.floor(height, width), self.allocator, math.ceil(expected_tokens),
-                                  min_tokens, max_tokens, budget, compression)  # fmt: skip
-        return self(relevance, height, width, decision.tokens), decision
+        return self.allocator.decide(relevance, height, width, expected_tokens, min_tokens, max_tokens, budget,
+                                     compression)  # fmt: skip
 
-    def __call__(self, relevance: torch.Tensor, height: int, width: int, budget: int) -> Allocation:
-        """relevance [h*w], budget T >= floor -> Allocation: 1 x 1 regions are gist tokens, the rest full detail."""
-        g = self.gist_scale
+    def crops(self, allocation: Allocation) -> list[tuple[int, int, int, int]]:
+        """The merged-grid boxes (y0, x0, y1, x1) the encoder sees at full resolution: the gist cells under
+        regions read at full resolution, joined into rectangles (runs along a gist row, stacked while rows
+        repeat the run), so a crop has the context of its neighbours."""
+        g, height, width = self.gist_scale, allocation.height, allocation.width
         hg, wg = gist_grid(height, width, g)
-        r = _prepare(relevance, height, width)
-        cells = [
-            (i, j, i * g, j * g, min(i * g + g, height), min(j * g + g, width)) for i in range(hg) for j in range(wg)
-        ]
-        remaining = budget - len(cells)
         opened = np.zeros((hg, wg), dtype=bool)
-        for i, j, y0, x0, y1, x1 in sorted(cells, key=lambda c: (-r[c[2] : c[4], c[3] : c[5]].mean(), c[0], c[1])):
-            cost = (y1 - y0) * (x1 - x0) - 1
-            if 0 < cost <= remaining:
-                opened[i, j], remaining = True, remaining - cost
+        for r in allocation.regions:
+            if reads_full_resolution(r, g, height, width):
+                opened[r.y0 // g : -(-r.y1 // g), r.x0 // g : -(-r.x1 // g)] = True
         rectangles, running = [], {}  # running: (j0, j1) -> first gist row of a rectangle still growing
         for i in range(hg + 1):
             runs = set()
@@ -429,13 +424,7 @@ class SaccadePlanner:
                 rectangles.append((running.pop(run), run[0], i, run[1]))
             for run in runs:
                 running.setdefault(run, i)
-        regions = [
-            Region(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width), min(i1 * g, height) - i0 * g,
-                   min(j1 * g, width) - j0 * g)
-            for i0, j0, i1, j1 in sorted(rectangles)
-        ]  # fmt: skip
-        regions += [Region(y0, x0, y1, x1, 1, 1) for i, j, y0, x0, y1, x1 in cells if not opened[i, j]]
-        return Allocation(height, width, regions, budget)
+        return [(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width)) for i0, j0, i1, j1 in sorted(rectangles)]
 
 
 def _best_splits(s: np.ndarray, y0: int, x0: int, y1: int, x1: int, mass: float):

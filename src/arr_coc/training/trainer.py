@@ -95,8 +95,8 @@ class ArrCocTrainer(Trainer):
             loss, terms["budget"] = loss + w.budget * term, term.detach()
         if model.training and not loss.requires_grad:
             raise ValueError(
-                f"no objective in {w} reaches a trainable parameter; with encoding='saccade' the answer loss does not "
-                "reach the relevance heads (regions are chosen, not pooled): add localise=, distill= or budget="
+                f"no objective in {w} reaches a trainable parameter: unfreeze a part the loss reaches, or add "
+                "localise=, distill= or budget= for the relevance heads"
             )
         if not w.budget:  # DDP expects every tensor the model returned to reach the loss: the budget head's at weight 0
             loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
