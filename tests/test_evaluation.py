@@ -164,3 +164,20 @@ def test_text_attention_from_last_matches_eager_attention(make_backbone, make_pr
     expected = eager[:, :, -1].mean(dim=1)
     mask = c.attention_mask.bool()
     assert torch.allclose(ours[mask], expected[mask], atol=1e-5)
+
+
+def test_speed_rows_cover_both_encodings_with_positive_times_and_ratios(make_model, make_processor):
+    from arr_coc.evaluation.speed import measure, ratios
+
+    model = make_model("qwen2_vl", gist_scale=2).eval()
+    rows = ratios(measure(model, make_processor("qwen2_vl"), "test", 224, 2, ["1/4"], repeats=1, new_tokens=3,
+                          encodings=("single", "saccade")))  # fmt: skip
+    assert [(r["budget"], r["encoding"]) for r in rows] == [("full", "single"), ("1/4", "single"), ("1/4", "saccade")]
+    timed = ("vision_s", "relevance_s", "prefill_s", "ttft_s", "decode_tokens_per_s", "peak_mb")
+    for r in rows:
+        assert 0 < r["visual_tokens"] <= r["native_tokens"]
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in timed), r
+        # decoding a token on the KV cache costs a share of the first token's path, never nothing
+        assert r["decode_tokens_per_s"] < 2 * 100 / r["ttft_s"], r
+    assert rows[0]["ttft_speedup"] == rows[0]["decode_speedup"] == 1.0
+    assert all(r["visual_tokens"] <= math.ceil(rows[0]["native_tokens"] / 4) for r in rows[1:])
