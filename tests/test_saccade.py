@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from arr_coc import ArrCocConfig
 from arr_coc.backbones.shapes import image_processor_for
-from arr_coc.relevance import SaccadePlanner, TokenAllocator
+from arr_coc.relevance import TokenAllocator, saccade_crops
 from conftest import FAMILIES
 
 
@@ -87,16 +87,15 @@ def test_crops_enter_the_encoder_at_their_true_positions(family, make_backbone):
 )  # fmt: skip
 def test_a_saccade_reads_exactly_the_regions_finer_than_the_gist_at_full_resolution(h, w, scale, extra, allocator,
                                                                                     seed):  # fmt: skip
-    planner = SaccadePlanner(TokenAllocator(*allocator), scale)
-    floor = planner.allocator.floor(h, w)
+    allocator = TokenAllocator(*allocator)
+    floor = allocator.floor(h, w)
     budget = min(floor + extra, h * w + 3)
     relevance = torch.from_numpy(np.random.default_rng(seed).random(h * w)).float()
-    allocation, decision = planner.decide(relevance, h, w, 0.0, 1, h * w, budget=budget)
-    assert allocation == planner.allocator(relevance, h, w, decision.tokens)  # the single encoding's allocation
+    allocation = allocator(relevance, h, w, budget)
     # the crops: disjoint rectangles on the gist grid, covering every region finer than the gist and nothing
     # else but the rest of the gist cells such regions touch
     encoded = torch.zeros(h, w, dtype=torch.long)
-    boxes = planner.crops(allocation)
+    boxes = saccade_crops(allocation, scale)
     for y0, x0, y1, x1 in boxes:
         assert y0 % scale == 0 and x0 % scale == 0 and y1 in (h, *range(scale, h, scale))
         encoded[y0:y1, x0:x1] += 1
@@ -117,14 +116,14 @@ def test_a_saccade_reads_exactly_the_regions_finer_than_the_gist_at_full_resolut
 def test_a_budget_below_the_gist_is_reachable_and_the_relevant_cell_is_read_at_full_resolution():
     relevance = torch.zeros(16, 16)
     relevance[4:8, 8:12] = 1.0
-    planner = SaccadePlanner(TokenAllocator("quadtree", 8, [1, 4, 16, 64]), 4)
-    allocation = planner.allocator(relevance.flatten(), 16, 16, 8)
+    allocator = TokenAllocator("quadtree", 8, [1, 4, 16, 64])
+    allocation = allocator(relevance.flatten(), 16, 16, 8)
     # fewer tokens than the gist's 16 (far gist tokens pooled together), yet the relevant cell is split
     # finer than the gist: it alone is encoded again
-    assert allocation.tokens_used <= 8 < 16 and planner.crops(allocation) == [(4, 8, 8, 12)]
-    allocation = planner.allocator(relevance.flatten(), 16, 16, 24)
+    assert allocation.tokens_used <= 8 < 16 and saccade_crops(allocation, 4) == [(4, 8, 8, 12)]
+    allocation = allocator(relevance.flatten(), 16, 16, 24)
     assert bool(allocation.detail_map()[4:8, 8:12].all()) and int(allocation.detail_map().sum()) == 16
-    assert (4, 8, 8, 12) in planner.crops(allocation)
+    assert (4, 8, 8, 12) in saccade_crops(allocation, 4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])

@@ -37,9 +37,9 @@ from .relevance import (
     Allocation,
     RelevanceHeads,
     RelevanceRealizer,
-    SaccadePlanner,
     TokenAllocator,
     expand_gist,
+    saccade_crops,
 )
 from .relevance.knowing import CouplingScorer
 
@@ -406,7 +406,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             )
         config, heads, adapter = self.config, self.relevance, self.adapter
         _, h, w = image.grid
-        planner, scale = SaccadePlanner(self.allocator, config.gist_scale), config.gist_scale
+        scale = config.gist_scale
         gist = adapter.encode_images(*adapter.gist_pixels(image.pixels, image.thw, scale))[0]
         _, hg, wg = gist.grid
         head_dtype = next(heads.parameters()).dtype
@@ -418,9 +418,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             gist.tokens.to(head_dtype), (hg, wg), question.to(head_dtype), config.mode == "trained",
             config.min_tokens, config.max_tokens, to_native,
         )  # fmt: skip
-        allocation, d = planner.decide(to_native(relevance), h, w, float(expected.detach()), config.min_tokens,
-                                       config.max_tokens, budget, compression)  # fmt: skip
-        boxes = planner.crops(allocation)
+        allocation, d = self.allocator.decide(to_native(relevance), h, w, float(expected.detach()),
+                                              config.min_tokens, config.max_tokens, budget, compression)  # fmt: skip
+        boxes = saccade_crops(allocation, scale)
         crops = adapter.encode_crops(image.pixels, image.thw, boxes)
         # Every native token's features: its gist token's, or its own from a crop; then pooled per region as
         # in the single encoding (a coarse region pools the gist tokens under it).

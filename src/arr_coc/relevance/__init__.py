@@ -11,13 +11,13 @@ from .attending import (
     BudgetCalculator,
     BudgetDecision,
     Region,
-    SaccadePlanner,
     TokenAllocator,
     budget_from_spec,
     expand_gist,
     gist_grid,
     reads_full_resolution,
     resolve_budget,
+    saccade_crops,
 )
 from .balancing import TensionBalancer
 from .knowing import CouplingScorer, InformationScorer, SalienceScorer
@@ -59,5 +59,5 @@ __all__ = [
     "budget_from_spec",
     "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "InformationScorer", "Region",
     "RelevanceHeads", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
-    "SaccadePlanner", "cell_assignment", "expand_gist", "reads_full_resolution", "gist_grid", "resolve_budget",
+    "cell_assignment", "expand_gist", "gist_grid", "reads_full_resolution", "resolve_budget", "saccade_crops",
 ]  # fmt: skip

@@ -380,51 +380,35 @@ def reads_full_resolution(region: Region, gist_scale: int, height: int, width: i
     )
 
 
-class SaccadePlanner:
-    """Where a saccade looks: the model's allocator, run on the gist's relevance, decides the tokens as in
-    the single encoding; a region finer than the gist (`reads_full_resolution`) is read from the image at
-    full resolution, the rest from the gist.
-
-    So a saccade spends its budget exactly like the single encoding – far regions may pool several gist
-    tokens into one – and the encoder sees the gist plus crops of the gist cells under fine regions.
-    """
-
-    def __init__(self, allocator: TokenAllocator, gist_scale: int):
-        self.allocator, self.gist_scale = allocator, gist_scale
-
-    def decide(self, relevance: torch.Tensor, height: int, width: int, expected_tokens: float, min_tokens: int,
-               max_tokens: int, budget=None, compression=None) -> tuple[Allocation, BudgetDecision]:  # fmt: skip
-        """relevance [h*w] (the gist's, expanded to the native grid) -> (allocation, decision)."""
-        return self.allocator.decide(relevance, height, width, expected_tokens, min_tokens, max_tokens, budget,
-                                     compression)  # fmt: skip
-
-    def crops(self, allocation: Allocation) -> list[tuple[int, int, int, int]]:
-        """The merged-grid boxes (y0, x0, y1, x1) the encoder sees at full resolution: the gist cells under
-        regions read at full resolution, joined into rectangles (runs along a gist row, stacked while rows
-        repeat the run), so a crop has the context of its neighbours."""
-        g, height, width = self.gist_scale, allocation.height, allocation.width
-        hg, wg = gist_grid(height, width, g)
-        opened = np.zeros((hg, wg), dtype=bool)
-        for r in allocation.regions:
-            if reads_full_resolution(r, g, height, width):
-                opened[r.y0 // g : -(-r.y1 // g), r.x0 // g : -(-r.x1 // g)] = True
-        rectangles, running = [], {}  # running: (j0, j1) -> first gist row of a rectangle still growing
-        for i in range(hg + 1):
-            runs = set()
-            j = 0
-            while i < hg and j < wg:
-                if opened[i, j]:
-                    j1 = j
-                    while j1 < wg and opened[i, j1]:
-                        j1 += 1
-                    runs.add((j, j1))
-                    j = j1
-                j += 1
-            for run in sorted(set(running) - runs):
-                rectangles.append((running.pop(run), run[0], i, run[1]))
-            for run in runs:
-                running.setdefault(run, i)
-        return [(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width)) for i0, j0, i1, j1 in sorted(rectangles)]
+def saccade_crops(allocation: Allocation, gist_scale: int) -> list[tuple[int, int, int, int]]:
+    """The merged-grid boxes (y0, x0, y1, x1) a saccade encodes again at full resolution: the gist cells
+    under the regions it reads at full resolution (`reads_full_resolution`), joined into rectangles (runs
+    along a gist row, stacked while rows repeat the run), so a crop has the context of its neighbours.
+    The allocation itself is the single encoding's, from the gist's relevance; every other region is
+    pooled from the gist."""
+    g, height, width = gist_scale, allocation.height, allocation.width
+    hg, wg = gist_grid(height, width, g)
+    opened = np.zeros((hg, wg), dtype=bool)
+    for r in allocation.regions:
+        if reads_full_resolution(r, g, height, width):
+            opened[r.y0 // g : -(-r.y1 // g), r.x0 // g : -(-r.x1 // g)] = True
+    rectangles, running = [], {}  # running: (j0, j1) -> first gist row of a rectangle still growing
+    for i in range(hg + 1):
+        runs = set()
+        j = 0
+        while i < hg and j < wg:
+            if opened[i, j]:
+                j1 = j
+                while j1 < wg and opened[i, j1]:
+                    j1 += 1
+                runs.add((j, j1))
+                j = j1
+            j += 1
+        for run in sorted(set(running) - runs):
+            rectangles.append((running.pop(run), run[0], i, run[1]))
+        for run in runs:
+            running.setdefault(run, i)
+    return [(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width)) for i0, j0, i1, j1 in sorted(rectangles)]
 
 
 def _best_splits(s: np.ndarray, y0: int, x0: int, y1: int, x1: int, mass: float):
