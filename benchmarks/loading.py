@@ -19,20 +19,13 @@ import torch
 
 
 def loaders(folder: str, offload_dir: str) -> dict:
-    from transformers import BitsAndBytesConfig, TorchAoConfig
-
-    def int8():
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    from arr_coc.evaluation.quantization import QUANTIZATIONS, quantization_config
 
     return {
         "fp32": {},
         "bf16": {"dtype": torch.bfloat16},
         "fp16": {"dtype": torch.float16},
-        "bnb-8bit": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"},
-        "bnb-4bit": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"},
-        "torchao-int8": {"quantization_config": int8(), "device_map": "cpu"},
+        **{name: {"quantization_config": quantization_config(name), "device_map": "cpu"} for name in QUANTIZATIONS},
         "disk-offload": {"device_map": {"model.visual": "cpu", "model.language_model": "disk", "lm_head": "disk"}, "offload_folder": offload_dir},
     }  # fmt: skip
 

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, TorchAoConfig
 
 import arr_coc
+from arr_coc.evaluation.quantization import quantization_config
 from arr_coc.export import OnnxRelevance, export_heads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,16 +30,6 @@ def batch(make_processor, samples):
     return make_processor("qwen2_vl")(
         images=[s["image"] for s in samples[:2]], text=[s["question"] for s in samples[:2]]
     )
-
-
-def quantization_config(name: str):
-    if name == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
-    if name == "bnb-8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("name", ["bnb-8bit", "bnb-4bit", "torchao-int8"])
@@ -91,7 +81,7 @@ def test_quantization_through_from_pretrained_keeps_the_heads_unquantized(tmp_pa
     model = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), mode="trained")
     model.save_pretrained(tmp_path / "m")
     loaded = arr_coc.ArrCocForConditionalGeneration.from_pretrained(
-        tmp_path / "m", quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+        tmp_path / "m", quantization_config=quantization_config("bnb-8bit"), device_map="cpu"
     )
     assert type(loaded.vlm.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
     assert type(loaded.relevance.coupling.visual_proj[1]).__name__ == "Linear"
