@@ -418,7 +418,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             gist.tokens.to(head_dtype), (hg, wg), question.to(head_dtype), config.mode == "trained",
             config.min_tokens, config.max_tokens, to_native,
         )  # fmt: skip
-        allocation, d = self.allocator.decide(to_native(relevance), h, w, float(expected.detach()),
+        native_relevance = to_native(relevance)  # [h*w]: the allocator's, the pooling weights, the report's
+        allocation, d = self.allocator.decide(native_relevance, h, w, float(expected.detach()),
                                               config.min_tokens, config.max_tokens, budget, compression)  # fmt: skip
         boxes = saccade_crops(allocation, scale)
         crops = adapter.encode_crops(image.pixels, image.thw, boxes)
@@ -430,11 +431,11 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             index = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten()
             for x, c in zip(native, (crop.tokens, *crop.extra)):
                 x[index.to(x.device)] = c
-        tokens, centres = RelevanceRealizer(config.pooling)(native, allocation, to_native(relevance), pooling)
+        tokens, centres = RelevanceRealizer(config.pooling)(native, allocation, native_relevance, pooling)
         positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
         realization = RelevanceRealization(
             information=to_native(info).view(h, w), salience=to_native(salience).view(h, w),
-            coupling=to_native(coupling).view(h, w), relevance=to_native(relevance).view(h, w),
+            coupling=to_native(coupling).view(h, w), relevance=native_relevance.view(h, w),
             balance_weights=weights, allocation=allocation, budget=d.tokens, requested_budget=d.requested,
             budget_clipped=d.clipped, budget_source=d.source, expected_tokens=expected, native_count=h * w,
             positions=positions, encoding="saccade", gist_scale=scale,
