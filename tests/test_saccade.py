@@ -271,3 +271,74 @@ def test_pipeline_cli_and_figure_show_the_saccade(tmp_path, make_model, make_pro
     assert cli.main(["run", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--question", "Which?",
                      "--encoding", "saccade", "--budget", "30", "--json", "--max-new-tokens", "2"]) == 0  # fmt: skip
     assert '"tokens_used"' in capsys.readouterr().out
+
+
+def test_gist_cell_means_average_each_cells_tokens_and_edge_cells_only_their_own():
+    from arr_coc.training.objectives import gist_cell_means
+
+    tokens = torch.arange(5 * 3, dtype=torch.float32).view(15, 1)  # a 5 x 3 grid, value = raster index
+    means = gist_cell_means(tokens, 5, 3, 2).view(3, 2)
+    assert means[0, 0] == (0 + 1 + 3 + 4) / 4 and means[0, 1] == (2 + 5) / 2
+    assert means[2, 0] == (12 + 13) / 2 and means[2, 1] == 14
+
+
+@given(h=st.integers(1, 12), w=st.integers(1, 12), scale=st.integers(2, 4), seed=st.integers(0, 99))
+def test_training_crops_lie_on_gist_cells_inside_the_image(h, w, scale, seed):
+    from arr_coc.training.objectives import random_crops
+
+    boxes = random_crops(h, w, scale, torch.Generator().manual_seed(seed))
+    assert boxes == random_crops(h, w, scale, torch.Generator().manual_seed(seed))
+    assert 1 <= len(boxes) <= 4
+    for y0, x0, y1, x1 in boxes:
+        assert y0 % scale == 0 and x0 % scale == 0 and 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
+        assert y1 - y0 <= 3 * scale and x1 - x0 <= 3 * scale
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_consistency_pulls_gist_and_crop_tokens_toward_the_whole_images_and_leaves_the_rest(
+    family, tmp_path, make_model, make_processor, samples
+):
+    from arr_coc.training import surgery
+    from arr_coc.training.data import VQACollator
+    from arr_coc.training.objectives import consistency_loss
+    from arr_coc.training.trainer import ArrCocTrainer
+
+    model = make_model(family, encoding="saccade", gist_scale=2)
+    processor = make_processor(family)
+    examples = [dict(s) for s in samples]
+    batch = VQACollator(processor)(examples)
+    names = set(model.state_dict())
+    language_before = {k: v.clone() for k, v in model.vlm.model.language_model.state_dict().items()}
+    visual_before = {k: v.clone() for k, v in model.vlm.model.visual.state_dict().items()}
+
+    def trainer(steps: int) -> ArrCocTrainer:
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-4, report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
+                                 save_strategy="no", logging_steps=100, dataloader_pin_memory=False,
+                                 lr_scheduler_type="constant")  # fmt: skip
+        return ArrCocTrainer(model=model, args=args, train_dataset=examples, data_collator=VQACollator(processor),
+                             objectives="consistency=1")  # fmt: skip
+
+    surgery.freeze(model, "all")
+    with pytest.raises(ValueError, match="consistency= for the vision encoder"):
+        trainer(1).train()
+    surgery.unfreeze(model, "vision_encoder", "merger")
+    run = trainer(8)
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            return float(
+                consistency_loss(model, batch["pixel_values"], batch["image_grid_thw"], run._teacher, generator)
+            )
+
+    before = loss_now()
+    run.train()
+    after = loss_now()
+    assert after < 0.7 * before, (before, after)
+    teacher = run._teacher.state_dict()
+    assert all(torch.equal(visual_before[k], teacher[k]) for k in visual_before), "the teacher moved"
+    assert any(not torch.equal(visual_before[k], v) for k, v in model.vlm.model.visual.state_dict().items())
+    language = model.vlm.model.language_model.state_dict()
+    assert all(torch.equal(language_before[k], language[k]) for k in language_before)
+    assert set(model.state_dict()) == names, "the teacher must not become part of the saved model"

@@ -7,11 +7,15 @@
 (c) budget    a differentiable expected-token term: the budget head's expected tokens, pushed down
               where the answer survives at the budget it chose and up where it does not;
 (d) localise  when a sample has an ``answer_box``: the relevance map should cover the box
-              (binary cross-entropy against each token's overlap with the box, plus the mass inside).
+              (binary cross-entropy against each token's overlap with the box, plus the mass inside);
+(e) consistency  for saccade encoding, the vision encoder itself: its gist tokens toward the frozen
+              encoder's tokens of the whole image averaged per gist cell, its crop tokens toward the
+              whole image's tokens at the same places, and its whole-image tokens unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 from ..modeling_arr_coc import IGNORE_INDEX
 from ..relevance import ALL_TOKENS
+from ..relevance.attending import gist_grid
 
 
 @dataclass
@@ -28,6 +33,7 @@ class ObjectiveWeights:
     distill: float = 0.0
     budget: float = 0.0
     localise: float = 0.0
+    consistency: float = 0.0
     survive_nll: float = 0.5  # (c): an answer "survives" when its mean token NLL is below this
 
     @classmethod
@@ -141,6 +147,79 @@ def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
         )
         maps.append(row[before : before + r.native_count].view(r.relevance.shape))
     return maps
+
+
+@contextlib.contextmanager
+def vision_encoder_swapped(model, visual: torch.nn.Module):
+    """Run ``model``'s backbone with another vision tower (the frozen teacher of (e)) inside the block."""
+    inner = model.vlm.model
+    own = inner.visual
+    inner.visual = visual
+    try:
+        yield
+    finally:
+        inner.visual = own
+
+
+def gist_cell_means(tokens: torch.Tensor, height: int, width: int, scale: int) -> torch.Tensor:
+    """[h*w, D] native tokens -> [hg*wg, D]: the mean over each gist cell's tokens (edge cells are smaller)."""
+    hg, wg = gist_grid(height, width, scale)
+    grid = tokens.new_zeros(hg * scale, wg * scale, tokens.shape[-1])
+    grid[:height, :width] = tokens.view(height, width, -1)
+    count = tokens.new_zeros(hg * scale, wg * scale)
+    count[:height, :width] = 1
+    sums = grid.view(hg, scale, wg, scale, -1).sum((1, 3))
+    return (sums / count.view(hg, scale, wg, scale).sum((1, 3))[..., None]).view(hg * wg, -1)
+
+
+def random_crops(height: int, width: int, scale: int, generator: torch.Generator,
+                 most: int = 4, largest: int = 3) -> list[tuple[int, int, int, int]]:  # fmt: skip
+    """1..``most`` merged-grid boxes (y0, x0, y1, x1) of 1..``largest`` gist cells a side, on gist cells,
+    clipped to the image – the shapes `saccade_crops` produces."""
+    hg, wg = gist_grid(height, width, scale)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=generator))
+
+    boxes = []
+    for _ in range(1 + draw(most)):
+        rows, cols = 1 + draw(min(largest, hg)), 1 + draw(min(largest, wg))
+        i, j = draw(hg - rows + 1), draw(wg - cols + 1)
+        boxes.append((i * scale, j * scale, min((i + rows) * scale, height), min((j + cols) * scale, width)))
+    return boxes
+
+
+def consistency_loss(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, teacher: torch.nn.Module,
+                     generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """(e): mean over images of the squared error of the vision encoder's gist, crop and whole-image tokens
+    (with any extra per-token features) against the teacher's whole-image tokens, relative to the teacher
+    tokens' mean square. ``teacher``: a frozen copy of the vision tower from before training."""
+    adapter, scale = model.adapter, model.config.gist_scale
+    terms, start = [], 0
+    for thw in image_grid_thw:
+        pixels = pixel_values[start : start + int(thw.prod())]
+        start += int(thw.prod())
+        _, h, w = adapter.merged_grid(thw.tolist())
+        with torch.no_grad(), vision_encoder_swapped(model, teacher):
+            target = adapter.encode_images(pixels, thw[None])[0]
+        full = adapter.encode_images(pixels, thw[None])[0]
+        gist = adapter.encode_images(*adapter.gist_pixels(pixels, thw, scale))[0]
+        boxes = random_crops(h, w, scale, generator)
+        crops = adapter.encode_crops(pixels, thw, boxes)
+        for k, wanted in enumerate(_per_token(target)):
+            grid = wanted.view(h, w, -1)
+            pairs = [(_per_token(full)[k], wanted), (_per_token(gist)[k], gist_cell_means(wanted, h, w, scale))]
+            pairs += [
+                (_per_token(crop)[k], grid[y0:y1, x0:x1].reshape(-1, grid.shape[-1]))
+                for crop, (y0, x0, y1, x1) in zip(crops, boxes)
+            ]
+            norm = wanted.float().pow(2).mean().clamp_min(1e-12)
+            terms += [F.mse_loss(student.float(), goal.float()) / norm for student, goal in pairs]
+    return torch.stack(terms).mean()
+
+
+def _per_token(features) -> tuple[torch.Tensor, ...]:
+    return (features.tokens, *features.extra)
 
 
 def _zero(realizations) -> torch.Tensor:

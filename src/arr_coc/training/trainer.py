@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -14,6 +15,7 @@ from .objectives import (
     ObjectiveWeights,
     attribution_targets,
     budget_loss,
+    consistency_loss,
     distillation_loss,
     expected_budget_share,
     localisation_loss,
@@ -45,6 +47,12 @@ class ArrCocTrainer(Trainer):
         self.budget = budget
         self.compression_range = compression_range
         self._terms: dict[str, list[float]] = {}
+        # (e)'s teacher: the vision tower as given (a resumed run loads its trained weights only later), frozen
+        self._teacher = None
+        if self.objectives.consistency:
+            if self.args.world_size > 1:  # (e) runs the encoder outside the DDP wrapper's forward
+                raise ValueError("the consistency objective trains in one process: run it without torchrun/accelerate")
+            self._teacher = copy.deepcopy(self.model.vlm.model.visual).requires_grad_(False).eval()
 
     def create_optimizer(self, model=None):
         """Per-part learning rates and layer-wise decay (`surgery.parameter_groups`) when asked for."""
@@ -78,6 +86,26 @@ class ArrCocTrainer(Trainer):
         boxes, sizes = inputs.pop("answer_box", None), inputs.pop("image_size", None)
         w = self.objectives
         core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        loss, terms, outputs = torch.zeros((), device=inputs["input_ids"].device), {}, None
+        if return_outputs or w.answer or w.localise or w.distill or w.budget:  # (e) alone needs no language model
+            loss, terms, outputs = self._compressed_terms(model, core, inputs, boxes, sizes)
+        if w.consistency:
+            g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
+            term = consistency_loss(core, inputs["pixel_values"], inputs["image_grid_thw"], self._teacher, g)
+            loss, terms["consistency"] = loss + w.consistency * term, term.detach()
+        if model.training and not loss.requires_grad:
+            raise ValueError(
+                f"no objective in {w} reaches a trainable parameter: unfreeze a part the loss reaches, add "
+                "localise=, distill= or budget= for the relevance heads, or consistency= for the vision encoder"
+            )
+        if model.training:  # evaluation reports its own loss; these are the training terms
+            for k, v in terms.items():
+                self._terms.setdefault(k, []).append(float(v))
+        return (loss, outputs) if return_outputs else loss
+
+    def _compressed_terms(self, model, core, inputs: dict, boxes, sizes):
+        """Objectives (a)-(d) on one forward pass with the compressed tokens -> (loss, logged terms, outputs)."""
+        w = self.objectives
         targets = attribution_targets(core, inputs) if w.distill else None
         outputs = model(**inputs, **self._budget_kwargs(inputs["input_ids"].shape[0]))
         realizations = outputs.realizations
@@ -93,19 +121,11 @@ class ArrCocTrainer(Trainer):
             nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
             term = budget_loss(realizations, nll, w.survive_nll)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
-        if model.training and not loss.requires_grad:
-            raise ValueError(
-                f"no objective in {w} reaches a trainable parameter: unfreeze a part the loss reaches, or add "
-                "localise=, distill= or budget= for the relevance heads"
-            )
         if not w.budget:  # DDP expects every tensor the model returned to reach the loss: the budget head's at weight 0
             loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
         terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
-        if model.training:  # evaluation reports its own loss; these are the training terms
-            for k, v in terms.items():
-                self._terms.setdefault(k, []).append(float(v))
-        return (loss, outputs) if return_outputs else loss
+        return loss, terms, outputs
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         for k, values in self._terms.items():
