@@ -98,6 +98,8 @@ class ArrCocTrainer(Trainer):
                 f"no objective in {w} reaches a trainable parameter: unfreeze a part the loss reaches, add "
                 "localise=, distill= or budget= for the relevance heads, or consistency= for the vision encoder"
             )
+        if outputs is not None and not w.budget:  # DDP expects every tensor the model returned to reach the loss
+            loss = loss + 0.0 * sum(r.expected_tokens for r in outputs.realizations)
         if model.training:  # evaluation reports its own loss; these are the training terms
             for k, v in terms.items():
                 self._terms.setdefault(k, []).append(float(v))
@@ -121,8 +123,6 @@ class ArrCocTrainer(Trainer):
             nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
             term = budget_loss(realizations, nll, w.survive_nll)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
-        if not w.budget:  # DDP expects every tensor the model returned to reach the loss: the budget head's at weight 0
-            loss = loss + 0.0 * sum(r.expected_tokens for r in realizations)
         terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
         return loss, terms, outputs
