@@ -175,7 +175,7 @@ def gist_cell_means(tokens: torch.Tensor, height: int, width: int, scale: int) -
 def random_crops(height: int, width: int, scale: int, generator: torch.Generator,
                  most: int = 4, largest: int = 3) -> list[tuple[int, int, int, int]]:  # fmt: skip
     """1..``most`` merged-grid boxes (y0, x0, y1, x1) of 1..``largest`` gist cells a side, on gist cells,
-    clipped to the image – the shapes `saccade_crops` produces."""
+    clipped to the image, like the rectangles `saccade_crops` joins."""
     hg, wg = gist_grid(height, width, scale)
 
     def draw(high: int) -> int:
@@ -197,8 +197,7 @@ def consistency_loss(model, pixel_values: torch.Tensor, image_grid_thw: torch.Te
     adapter, scale = model.adapter, model.config.gist_scale
     terms, start = [], 0
     for thw in image_grid_thw:
-        pixels = pixel_values[start : start + int(thw.prod())]
-        start += int(thw.prod())
+        pixels, start = pixel_values[start : start + int(thw.prod())], start + int(thw.prod())
         _, h, w = adapter.merged_grid(thw.tolist())
         with torch.no_grad(), vision_encoder_swapped(model, teacher):
             target = adapter.encode_images(pixels, thw[None])[0]
