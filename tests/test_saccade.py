@@ -203,6 +203,19 @@ def test_saccade_settings_save_load_and_errors(tmp_path, make_model, make_proces
         model.generate(**inputs, allocation=Allocation.full(1, 1))
 
 
+def _trainer(model, processor, examples, tmp_path, objectives: str, steps: int, learning_rate: float, **kwargs):
+    """An `ArrCocTrainer` on ``examples`` in batches of 4 at a constant learning rate, saving nothing."""
+    from arr_coc.training.data import VQACollator
+    from arr_coc.training.trainer import ArrCocTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=learning_rate, report_to=[], use_cpu=True, seed=0,
+                             remove_unused_columns=False, save_strategy="no", logging_steps=100,
+                             dataloader_pin_memory=False, lr_scheduler_type="constant")  # fmt: skip
+    return ArrCocTrainer(model=model, args=args, train_dataset=examples, data_collator=VQACollator(processor),
+                         objectives=objectives, **kwargs)  # fmt: skip
+
+
 def test_heads_train_for_saccades_with_the_answer_loss_and_localisation(tmp_path, make_model, make_processor, samples):
     from arr_coc.training import surgery
     from arr_coc.training.data import VQACollator
@@ -229,12 +242,7 @@ def test_heads_train_for_saccades_with_the_answer_loss_and_localisation(tmp_path
         ]).mean())  # fmt: skip
 
     def trainer(objectives: str, steps: int) -> ArrCocTrainer:
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                                 learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
-                                 save_strategy="no", logging_steps=100, dataloader_pin_memory=False,
-                                 lr_scheduler_type="constant")  # fmt: skip
-        return ArrCocTrainer(model=model, args=args, train_dataset=examples, data_collator=VQACollator(processor),
-                             objectives=objectives, budget="1/4")  # fmt: skip
+        return _trainer(model, processor, examples, tmp_path, objectives, steps, 1e-2, budget="1/4")
 
     # coarse regions pool gist tokens weighted by relevance, as in the single encoding: the answer loss
     # alone reaches the heads
@@ -312,12 +320,7 @@ def test_consistency_pulls_gist_and_crop_tokens_toward_the_whole_images_and_leav
     visual_before = {k: v.clone() for k, v in model.vlm.model.visual.state_dict().items()}
 
     def trainer(steps: int) -> ArrCocTrainer:
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                                 learning_rate=1e-4, report_to=[], use_cpu=True, seed=0, remove_unused_columns=False,
-                                 save_strategy="no", logging_steps=100, dataloader_pin_memory=False,
-                                 lr_scheduler_type="constant")  # fmt: skip
-        return ArrCocTrainer(model=model, args=args, train_dataset=examples, data_collator=VQACollator(processor),
-                             objectives="consistency=1")  # fmt: skip
+        return _trainer(model, processor, examples, tmp_path, "consistency=1", steps, 1e-4)
 
     surgery.freeze(model, "all")
     with pytest.raises(ValueError, match="consistency= for the vision encoder"):

@@ -67,12 +67,16 @@ class ArrCocTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def _step_generator(self) -> torch.Generator:
+        """Seeded by the run's seed and the step, so every DDP process and a resumed run draw the same."""
+        return torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
+
     def _budget_kwargs(self, batch_size: int) -> dict:
         if self.budget == "auto":
             return {}
         if self.budget == "random":
             # one ratio per sample of the global batch, so every process of a DDP run draws the same ones
-            g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
+            g = self._step_generator()
             lo, hi = (torch.log(torch.tensor(float(v))) for v in self.compression_range)
             offset = self.args.process_index * batch_size
             ratios = torch.exp(lo + (hi - lo) * torch.rand(offset + batch_size, generator=g))[offset:]
@@ -90,8 +94,9 @@ class ArrCocTrainer(Trainer):
         if return_outputs or w.answer or w.localise or w.distill or w.budget:  # (e) alone needs no language model
             loss, terms, outputs = self._compressed_terms(model, core, inputs, boxes, sizes)
         if w.consistency:
-            g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
-            term = consistency_loss(core, inputs["pixel_values"], inputs["image_grid_thw"], self._teacher, g)
+            term = consistency_loss(
+                core, inputs["pixel_values"], inputs["image_grid_thw"], self._teacher, self._step_generator()
+            )
             loss, terms["consistency"] = loss + w.consistency * term, term.detach()
         if model.training and not loss.requires_grad:
             raise ValueError(
