@@ -61,8 +61,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Dense targets: each merged token (28 x 28 px) has 2 halves of up to 4 characters each.
-SLOT_ROWS, SLOT_COLS = 2, 4
+# Dense targets: each merged token (28 x 28 px) has 2 halves of up to 6 characters each (6: text at half scale).
+SLOT_ROWS, SLOT_COLS = 2, 6
 GLYPH_CHARS = sorted(set(CHARSET) | set("".join(LABELS)) | {":"})
 GROUPS = list(PALETTE) + list(LABELS)
 MAX_INDEX = 6  # code/value characters 0..5; 6 = label text
@@ -191,6 +191,8 @@ class Stage:
     max_margin: int  # largest crop margin in px
     batch_size: int
     lm_weight: float  # the answer's language-model loss (0: vision only)
+    min_scale: float = 1.0  # native dynamic resolution: each image resized by a random factor in [min_scale, 1]
+    p_unscaled: float = 1.0  # probability of keeping the image's own scale
 
 
 STAGES = {
@@ -198,7 +200,37 @@ STAGES = {
     "glyphs": Stage(0.0, 28, 32, 1.0),  # tight crops around the answer box
     "crops": Stage(0.1, 224, 16, 1.0),
     "full": Stage(0.6, 448, 8, 1.0),
+    # whole images and crops given as whole images, at random scales down to ~8 px glyphs
+    "native": Stage(0.6, 448, 16, 1.0, min_scale=0.45, p_unscaled=0.35),
 }
+
+RESAMPLING = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)
+
+
+def rescale_sample(sample: dict, scale: float, resample: int = Image.Resampling.BICUBIC) -> dict:
+    """The sample with its image resized by ``scale`` (at least 28 px a side), boxes and glyphs scaled alike."""
+    image: Image.Image = sample["image"]
+    W, H = image.size
+    size = (max(28, round(W * scale)), max(28, round(H * scale)))
+    sx, sy = size[0] / W, size[1] / H
+    out = dict(sample)
+    out["image"] = image.resize(size, resample)
+    if sample.get("answer_box") is not None:
+        x0, y0, x1, y1 = sample["answer_box"]
+        out["answer_box"] = (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy))
+    if "glyphs" in sample:
+        out["glyphs"] = [(ch, gx0 * sx, gy0 * sy, gx1 * sx, gy1 * sy, group, index)
+                         for ch, gx0, gy0, gx1, gy1, group, index in sample["glyphs"]]  # fmt: skip
+    return out
+
+
+def random_scale(sample: dict, rng: np.random.Generator, spec: Stage) -> dict:
+    """Native dynamic resolution: keep the sample's scale with probability ``p_unscaled``, else resize it by a
+    factor drawn uniformly from [min_scale, 1] with a random resampling filter."""
+    if spec.min_scale >= 1.0 or rng.random() < spec.p_unscaled:
+        return sample
+    scale = float(rng.uniform(spec.min_scale, 1.0))
+    return rescale_sample(sample, scale, RESAMPLING[int(rng.integers(0, len(RESAMPLING)))])
 
 
 def crop_sample(sample: dict, rng: np.random.Generator, p_full: float, max_margin: int) -> dict:
@@ -342,6 +374,27 @@ def init_run(run: str, seed: int = 0) -> None:
     )
 
 
+def init_from_model(run: str, model_dir: str, seed: int = 0) -> None:
+    """Start a run from an exported arr-coc model folder (e.g. the shipped arr-coc-tiny): its backbone, tokenizer
+    and image processor, with a new dense head."""
+    from transformers import AutoTokenizer
+
+    from ..assets import resolve_model_path
+    from ..modeling_arr_coc import ArrCocForConditionalGeneration
+
+    torch.manual_seed(seed)
+    path = resolve_model_path(model_dir)
+    model = ArrCocForConditionalGeneration.from_pretrained(path).vlm.float()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    head = DenseGlyphHead(model.config.text_config.hidden_size, model.config.vision_config.embed_dim)
+    base = _paths(run)["base"]
+    os.makedirs(base, exist_ok=True)
+    tokenizer.save_pretrained(base)
+    tiny_image_processor().save_pretrained(base)
+    _save_checkpoint(run, model, head, None, RunState())
+    print(f"initialised {run} from {path}")
+
+
 def _save_checkpoint(run: str, model, head, optimizer, state: RunState) -> None:
     """Write the checkpoint into a sibling folder, then swap it in by rename."""
     final = _paths(run)["checkpoint"]
@@ -442,7 +495,8 @@ def _batch_samples(stage: str, step: int, batch_size: int, seed: int) -> list[di
     for i in range(batch_size):
         task = TASKS[(step * batch_size + i) % 2]
         sample_seed = int(rng.integers(0, 500_000_000))
-        samples.append(crop_sample(generate(task, sample_seed, layout=True), rng, spec.p_full, spec.max_margin))
+        sample = crop_sample(generate(task, sample_seed, layout=True), rng, spec.p_full, spec.max_margin)
+        samples.append(random_scale(sample, rng, spec))
     return samples
 
 
@@ -494,11 +548,14 @@ def dense_loss(head: DenseGlyphHead, vision, batch: dict) -> tuple[torch.Tensor,
 def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300, seed: int = 0,
           device: str = "cpu", save_every: int = 200, eval_every: int = 1000, decay: bool = False,
           batch_size: int | None = None, threads: int | None = None, workers: int = 1,
-          time_limit: float | None = None) -> RunState:  # fmt: skip
+          time_limit: float | None = None, save_minutes: float = 8.0, head_warmup: int = 0) -> RunState:  # fmt: skip
     """Run ``steps`` optimizer steps of ``stage``, resuming from the run's checkpoint.
 
     ``time_limit`` (seconds of this call) stops early with a checkpoint; with ``decay`` the learning rate then
-    decays to 0 by whichever ends first, the stage's steps or this call's time."""
+    decays to 0 by whichever ends first, the stage's steps or this call's time. A checkpoint is written every
+    ``save_every`` steps and whenever ``save_minutes`` have passed since the last one, so a stopped run loses
+    at most that much. ``head_warmup``: the first steps of this call train only the dense head (backbone
+    frozen; for a new head on a trained backbone)."""
     from tqdm.auto import tqdm
 
     if threads:
@@ -524,8 +581,9 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
         batch_size=None, num_workers=workers, prefetch_factor=4, pin_memory=device.startswith("cuda"),
     )  # fmt: skip
     bar = tqdm(zip(range(start_step, steps), batches), initial=start_step, total=steps, desc=f"{stage}")
-    t_start = t_last = time.time()
+    t_start = t_last = t_saved = time.time()
     for step, batch in bar:
+        head_only = step - start_step < head_warmup
         elapsed = (time.time() - t_start) / time_limit if time_limit else 0.0
         scale = 1.0
         if decay:
@@ -533,10 +591,11 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
         for g in optimizer.param_groups:
             g["lr"] = _lr(state.total_steps, lr, warmup) * scale
         batch = {k: v.to(device) for k, v in batch.items()}
-        vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        with torch.set_grad_enabled(not head_only):
+            vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
         d_loss, patch_acc, slot_acc = dense_loss(head, vision, batch)
         loss, lm_loss, tok_acc = d_loss, float("nan"), float("nan")
-        if spec.lm_weight:
+        if spec.lm_weight and not head_only:
             out = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
@@ -568,11 +627,16 @@ def train(run: str, stage: str, steps: int, lr: float = 5e-4, warmup: int = 300,
             ans=f"{tok_acc:.2f}",
         )
         out_of_time = bool(time_limit) and time.time() - t_start >= time_limit
-        if state.step % save_every == 0 or state.step == steps or out_of_time:
+        due = time.time() - t_saved >= save_minutes * 60
+        if state.step % save_every == 0 or state.step == steps or out_of_time or due:
             log.flush()
             _save_checkpoint(run, model, head, optimizer, state)
+            t_saved = time.time()
         if eval_every and spec.lm_weight and state.step % eval_every == 0:
             result = evaluate_model(model, tokenizer, image_processor, n=40, device=device)
+            if spec.min_scale < 1.0:
+                at_07 = evaluate_model(model, tokenizer, image_processor, n=40, device=device, scale=0.7)
+                result.update({f"{task}@0.7": v for task, v in at_07.items()})
             result.update(stage=stage, step=state.step, total_steps=state.total_steps, wall_s=round(state.wall_s, 1))
             with open(_paths(run)["eval.jsonl"], "a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -590,15 +654,18 @@ VALID_SEED_START = 900_000_000  # validation during training: never trained on, 
 
 @torch.no_grad()
 def evaluate_model(model, tokenizer, image_processor, n: int = 100, seeds_from: int = VALID_SEED_START,
-                   device: str = "cpu", batch_size: int = 8, first: int | None = None) -> dict:  # fmt: skip
+                   device: str = "cpu", batch_size: int = 8, first: int | None = None,
+                   scale: float = 1.0) -> dict:  # fmt: skip
     """Exact match per task with all visual tokens (greedy decoding); with ``first``, also the exact match of
-    the first ``first`` samples per task under ``"first_{first}"``."""
+    the first ``first`` samples per task under ``"first_{first}"``. ``scale``: each image resized by this
+    factor (bicubic) before the processor."""
     model.eval()
     result, head = {}, {}
     for task in TASKS:
         correct = []
         for start in range(0, n, batch_size):
             samples = [generate(task, seeds_from + i) for i in range(start, min(n, start + batch_size))]
+            samples = [rescale_sample(x, scale) for x in samples] if scale != 1.0 else samples
             batch = collate(samples, tokenizer, image_processor, with_answers=False)
             batch.pop("labels")
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -799,6 +866,7 @@ STAGE_NOTES = {
     "glyphs": "tight crops around the answer's box/line: reading the code in order",
     "crops": "crops with up to 224 px of context, 10% whole images",
     "full": "whole images 60% of the time, crops with up to 448 px of context otherwise",
+    "native": "whole images 60% of the time, else crops with up to 448 px of context given as the image; 65% of images resized by a random factor in [0.45, 1]",
 }
 
 
@@ -808,6 +876,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("init", help="train the tokenizer and write an untrained model")
     p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("init-from", help="start a run from an exported arr-coc model's backbone (new dense head)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--model", default="arr-coc-tiny")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="train one curriculum stage (resumes from the run's checkpoint)")
     p.add_argument("--run", required=True)
@@ -823,6 +895,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1, help="data-building worker processes")
     p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--save-minutes", type=float, default=8.0, help="also checkpoint when this many minutes passed")
+    p.add_argument("--head-warmup", type=int, default=0, help="first steps of this call train only the dense head")
     p.add_argument("--eval-every", type=int, default=1000)
     p = sub.add_parser("export", help="write the backbone as an arr-coc model folder (model + processor)")
     p.add_argument("--run", required=True)
@@ -844,6 +918,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cmd == "init":
         init_run(args.run, args.seed)
+    elif args.cmd == "init-from":
+        init_from_model(args.run, args.model, args.seed)
     elif args.cmd == "export":
         print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
     elif args.cmd == "curves":
@@ -852,7 +928,7 @@ def main(argv: list[str] | None = None) -> None:
         train(args.run, args.stage, args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed, device=args.device,
               save_every=args.save_every, eval_every=args.eval_every, decay=args.decay,
               batch_size=args.batch_size, threads=args.threads, workers=args.workers,
-              time_limit=args.time_limit)  # fmt: skip
+              time_limit=args.time_limit, save_minutes=args.save_minutes, head_warmup=args.head_warmup)  # fmt: skip
     else:
         from ..data.synthetic import EVAL_SEED_START
 
