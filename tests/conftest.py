@@ -15,7 +15,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from arr_coc.training.tiny_backbone import train_tokenizer
+    from arr_coc.tiny.tokenizer import train_tokenizer
 
     return train_tokenizer(vocab_size=400, n=60)
 

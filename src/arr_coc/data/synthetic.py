@@ -60,7 +60,8 @@ def font_path() -> str:
 
 
 @lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def font_at(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans Bold at ``size`` px."""
     # BASIC layout: glyph positions must not depend on whether libraqm is installed.
     return ImageFont.truetype(font_path(), size, layout_engine=ImageFont.Layout.BASIC)
 
@@ -75,14 +76,14 @@ class Glyph:
 
 def _text_extent(text: str, size: int) -> tuple[int, int, int, int]:
     """Ink box of ``text`` drawn at the origin: (x0, y0, x1, y1)."""
-    return _font(size).getbbox(text)
+    return font_at(size).getbbox(text)
 
 
-def _draw_text(
+def draw_text(
     draw: ImageDraw.ImageDraw, origin: tuple[int, int], text: str, size: int, fill, group: str, index_from: int | None
 ) -> list[Glyph]:
     """Draw ``text`` one character at a time (no kerning) and return each glyph's ink box."""
-    font = _font(size)
+    font = font_at(size)
     x, y = origin
     glyphs = []
     for i, ch in enumerate(text):
@@ -97,8 +98,8 @@ def _draw_text(
 
 
 def _string_extent(text: str, size: int) -> tuple[float, int, int, int]:
-    """Ink box of ``text`` as `_draw_text` lays it out: (x0, y0, x1, y1) relative to the origin."""
-    font = _font(size)
+    """Ink box of ``text`` as `draw_text` lays it out: (x0, y0, x1, y1) relative to the origin."""
+    font = font_at(size)
     x, x0, x1, y0, y1 = 0.0, None, 0.0, 10**9, -(10**9)
     for ch in text:
         if not ch.isspace():
@@ -118,7 +119,8 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int]) -> tuple[int, i
     return tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in rgb)
 
 
-def _dark(rng: np.random.Generator) -> tuple[int, int, int]:
+def dark_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A text colour: each channel in [0, 40]."""
     return tuple(int(c) for c in rng.integers(0, 41, size=3))
 
 
@@ -173,7 +175,7 @@ def _box_codes(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple, 
         # Centre the ink box of the code inside the box.
         ox = (box[0] + box[2]) / 2 - (ix0 + ix1) / 2
         oy = (box[1] + box[3]) / 2 - (iy0 + iy1) / 2
-        glyphs += _draw_text(draw, (round(ox), round(oy)), code, size, _dark(rng), colour, 0)
+        glyphs += draw_text(draw, (round(ox), round(oy)), code, size, dark_colour(rng), colour, 0)
     target = int(rng.integers(0, len(specs)))
     colour, code, _, box, _ = specs[target]
     return image, f"What is the code in the {colour} box?", code, box, glyphs, items
@@ -206,7 +208,7 @@ def _doc_fields(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple,
         left = int(rng.integers(0, max(1, int(width - line_w)))) - int(x0)
         origin = (left, top - y0)
         text = f"{label}: {value}"
-        glyphs += _draw_text(draw, origin, text, size, _dark(rng), label, len(label) + 2)
+        glyphs += draw_text(draw, origin, text, size, dark_colour(rng), label, len(label) + 2)
         boxes.append((int(np.floor(left + x0)), top, int(np.ceil(left + x1)), top + (y1 - y0)))
         items.append({"label": label, "value": value, "font_size": size, "box": boxes[-1]})
         top += y1 - y0

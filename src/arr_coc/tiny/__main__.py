@@ -1,0 +1,115 @@
+"""``python -m arr_coc.tiny``: build arr-coc-tiny – tokenizer, backbone curriculum, export with its model card.
+
+One command per step; every training call resumes from the run's last checkpoint, with the schedule the stage was
+started with::
+
+    python -m arr_coc.tiny init      --run runs/tiny                    # tokenizer + untrained backbone
+    python -m arr_coc.tiny init-from --run runs/tiny --model arr-coc-tiny  # or continue from a shipped backbone
+    python -m arr_coc.tiny train     --run runs/tiny --stage native --steps 3000 --lr 2e-4 --decay
+    python -m arr_coc.tiny train     --run runs/tiny --stage native       # continue after a stop (same schedule)
+    python -m arr_coc.tiny evaluate  --run runs/tiny --n 200 --held-out
+    python -m arr_coc.tiny curves    --run runs/tiny --out docs/results/tiny_curves.png
+    python -m arr_coc.tiny export    --run runs/tiny --out src/arr_coc/assets/arr-coc-tiny --heads runs/tiny-heads
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .data import STAGES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m arr_coc.tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("init", help="train the tokenizer and write an untrained backbone")
+    p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("init-from", help="start a run from an exported arr-coc model's backbone (new dense head)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--model", default="arr-coc-tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="train one curriculum stage (resumes from the run's checkpoint and schedule)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--stage", choices=list(STAGES), required=True)
+    schedule = p.add_argument_group("schedule (fixed when the stage starts; leave out to continue it)")
+    schedule.add_argument("--steps", type=int, help="optimizer steps of the schedule")
+    schedule.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    schedule.add_argument("--head-lr", type=float, help="the dense head's peak learning rate (default: --lr)")
+    schedule.add_argument("--warmup", type=int, help="linear warmup steps (default 300)")
+    schedule.add_argument("--decay", action="store_true", default=None,
+                          help="decay the learning rate linearly to 0 by the end of the steps or the time limit")  # fmt: skip
+    schedule.add_argument("--time-limit", type=float, help="training seconds of the schedule, over all calls")
+    schedule.add_argument("--batch-size", type=int, help="samples per step (default: the stage's)")
+    schedule.add_argument("--head-warmup", type=int, help="first steps train only the dense head")
+    p.add_argument("--new-schedule", action="store_true", help="start a new schedule from the current weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the data ahead of the model")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--save-minutes", type=float, default=8.0, help="also checkpoint when this many minutes passed")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p = sub.add_parser("export", help="write the backbone (+ trained heads) as an arr-coc model folder")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--heads", default=None, help="an arr-coc model or heads-only folder whose relevance heads to ship")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out samples per task and condition for the card")
+    p.add_argument("--commands", default="", help="the training commands to print in the model card")
+    p.add_argument("--notes", default="", help="notes on the run to print under the model card's stage table")
+    p = sub.add_parser("curves", help="plot the run's learning curves to a PNG")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("evaluate", help="exact match per task on validation or held-out seeds")
+    p.add_argument("--run", required=True)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--held-out", action="store_true", help="held-out seeds, every condition (scales, crops)")
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "init":
+        from .train import init_run
+
+        init_run(args.run, args.seed)
+    elif args.cmd == "init-from":
+        from .train import init_from_model
+
+        init_from_model(args.run, args.model, args.seed)
+    elif args.cmd == "train":
+        from .train import Schedule, train
+
+        fields = [f for f in Schedule.__dataclass_fields__ if not f.startswith("start_")]
+        try:
+            train(args.run, args.stage, {f: getattr(args, f) for f in fields}, new_schedule=args.new_schedule,
+                  seed=args.seed, device=args.device, save_every=args.save_every, save_minutes=args.save_minutes,
+                  eval_every=args.eval_every, threads=args.threads, workers=args.workers)  # fmt: skip
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    elif args.cmd == "export":
+        from .card import export_model
+
+        print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
+    elif args.cmd == "curves":
+        from .card import plot_curves
+
+        print(plot_curves(args.run, args.out))
+    else:
+        from .evaluate import VALID_SEED_START, evaluate_model, reading_report
+        from .train import load_run
+
+        model, _, tokenizer, image_processor, _, _ = load_run(args.run, args.device)
+        if args.held_out:
+            result = reading_report(model, tokenizer, image_processor, n=args.n, device=args.device)
+        else:
+            result = evaluate_model(model, tokenizer, image_processor, n=args.n, seeds_from=VALID_SEED_START,
+                                    device=args.device)  # fmt: skip
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""arr-coc-tiny's shipping: the run's learning curves, its stage table, and the export of the backbone with
+trained relevance heads as an arr-coc model folder with its model card and measured reading accuracy."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ..data.synthetic import TASKS
+from .data import STAGES
+from .evaluate import reading_report
+from .model import TINY_SETTINGS
+from .tokenizer import CHAT_TEMPLATE
+from .train import load_run, run_paths
+
+
+def stage_summary(run: str) -> list[dict]:
+    """Per stage of the run's log: steps, wall time, and the steps run on each device."""
+    stages: dict[str, dict] = {}
+    previous_wall = 0.0
+    with open(run_paths(run)["log.jsonl"]) as f:
+        for line in f:
+            rec = json.loads(line)
+            row = stages.setdefault(rec["stage"], {"stage": rec["stage"], "steps": 0, "wall_s": 0.0, "devices": {}})
+            row["steps"] = rec["step"]
+            row["wall_s"] = round(row["wall_s"] + rec["wall_s"] - previous_wall, 1)
+            device = rec.get("device", "unrecorded")
+            row["devices"][device] = row["devices"].get(device, 0) + 1
+            previous_wall = rec["wall_s"]
+    return list(stages.values())
+
+
+def plot_curves(run: str, out: str, window: int = 50) -> str:
+    """PNG of the run's learning curves: training losses/accuracies (moving mean over ``window`` steps) by
+    step, stage boundaries, and the validation exact match during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(run_paths(run)["log.jsonl"]) as f:
+        rows = [json.loads(line) for line in f]
+    evals = []
+    if os.path.exists(run_paths(run)["eval.jsonl"]):
+        with open(run_paths(run)["eval.jsonl"]) as f:
+            evals = [json.loads(line) for line in f]
+    steps = np.array([r["total_steps"] for r in rows])
+
+    def smooth(key: str) -> np.ndarray:
+        values = np.array([r.get(key, float("nan")) for r in rows], dtype=float)
+        kernel = np.ones(window) / window
+        valid = np.convolve(~np.isnan(values), kernel, mode="same")
+        return np.convolve(np.nan_to_num(values), kernel, mode="same") / np.where(valid > 0, valid, np.nan)
+
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    ax_loss.plot(steps, smooth("dense_loss"), label="dense reading loss")
+    ax_loss.plot(steps, smooth("lm_loss"), label="answer LM loss")
+    ax_loss.set_yscale("log")
+    ax_acc.plot(steps, smooth("patch_acc"), label="patch character accuracy")
+    ax_acc.plot(steps, smooth("answer_tok_acc"), label="answer-token accuracy (teacher forced)")
+    for task, marker in zip(TASKS, "os"):
+        ax_acc.plot([e["total_steps"] for e in evals], [e[task] for e in evals], marker + "-",
+                    label=f"validation exact match, {task}")  # fmt: skip
+    for r0, r1 in zip(rows, rows[1:]):
+        if r1["stage"] != r0["stage"]:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(r1["total_steps"], color="grey", lw=0.8, ls=":")
+            ax_loss.text(r1["total_steps"], ax_loss.get_ylim()[1], f" {r1['stage']}", va="top", fontsize=8)
+    ax_acc.set_xlabel("optimizer step (all stages)")
+    ax_acc.set_ylim(0, 1)
+    for ax in (ax_loss, ax_acc):
+        ax.legend(fontsize=8, loc="lower left" if ax is ax_loss else "upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+MODEL_CARD = """---
+library_name: transformers
+tags: [arr-coc, qwen2-vl, visual-token-compression]
+---
+# arr-coc-tiny
+
+The embedded default of arr-coc – a complete small vision-language model that
+ships inside the package, so the main job runs on a machine with no network. It is the demo, the test
+fixture and the benchmark subject, trained from scratch by this project's own scripts on its own
+synthetic reading tasks (`box-codes`, `doc-fields`: the answer is a short code inside one box or line
+that the question names). It reads only those tasks' codes: a real receipt's numbers or names come out wrong.
+
+## What is inside
+- **Backbone**: `Qwen2VLForConditionalGeneration` (the real transformers classes) at tiny widths:
+  vision {vision_depth} blocks x {vision_width}, language model {text_layers} layers x {text_width},
+  {parameters:.2f} M parameters; one visual token per 28 x 28 px, like Qwen2-VL.
+- **Tokenizer**: byte-level BPE trained by this project with `tokenizers` on the tasks' text and the chat
+  template, {vocab} entries, Qwen's special tokens; runs of capitals/digits split into single characters,
+  so an answer is one token per character.
+- **Relevance heads**: {heads}.
+- **Checkpoint**: safetensors, {size_mb:.1f} MB.
+
+## Allocator settings and why
+`allocator="quadtree"`, automatic budget in [{min_tokens}, {max_tokens}]. The tasks' images have
+256–768 native tokens, so 1/16 of native is 16–48 tokens, while the answer's box spans 6–35 tokens. A
+ladder of fixed regions cannot reach that: every region costs at least one token and a region holding
+the answer costs its whole area at full detail (with `region_size=20` a region is most of the image).
+The point quadtree starts from one gist token for the whole image and cuts the answer's box out
+exactly with two splits (at most 6 gist tokens around it), so every benchmark budget down to 1/16 is
+reachable while the answer's region keeps full detail. `region_size={region_size}` and
+`lod_ladder={lod_ladder}` are there for users who switch to the ladder.
+
+## How it was trained (this project's commands)
+```bash
+{commands}
+python -m arr_coc.tiny export --run runs/tiny --out src/arr_coc/assets/arr-coc-tiny{heads_flag}
+```
+| stage | steps | what it learns | where (steps) | wall time |
+|---|---|---|---|---|
+{stages}
+
+{notes}
+
+Recipe: the answer's language-model loss alone, from scratch, stays at chance; so the vision encoder
+first learns to read from pages of random words with dense per-patch character targets (the renderer
+knows where every glyph is), then per merged token the characters of each half in reading order with
+the box/line they belong to; the answer loss joins on tight crops around the answer's box, and the
+crops grow to whole images, then to whole images and crops at random scales (native dynamic resolution).
+Seeded; every stage resumes from its last checkpoint.
+
+## Reading accuracy with all visual tokens
+Exact match on {eval_n} held-out samples per task (seeds never used in training), 95% interval in brackets:
+
+| condition | box-codes | doc-fields |
+|---|---|---|
+{accuracy_rows}
+
+{status}
+"""
+
+CONDITION_NAMES = {
+    "full": "the page as generated",
+    "scale_0.85": "resized to 0.85x before the processor",
+    "scale_0.7": "resized to 0.7x",
+    "scale_0.5": "resized to 0.5x",
+    "crop": "a crop around the answer (28-112 px margin) as the image",
+    "second_generator": "an independently written generator of the task contract",
+}
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` samples."""
+    if n == 0:
+        return (0.0, 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200, commands: str = "",
+                 notes: str = "", second_generator=None) -> str:  # fmt: skip
+    """Write the run's backbone (with the trained relevance heads of ``heads``, an arr-coc model or heads-only
+    folder) as an arr-coc model folder: model, processor, model card, and ``heldout_accuracy.json`` with
+    `reading_report` (the test suite's guards recompute its ``first_40`` entries)."""
+    from ..io import load_heads_into
+    from ..modeling_arr_coc import ArrCocForConditionalGeneration
+    from ..processing_arr_coc import ArrCocProcessor
+
+    backbone, _, tokenizer, image_processor, _, _ = load_run(run)
+    model = ArrCocForConditionalGeneration.from_backbone(backbone.eval(), **TINY_SETTINGS)
+    if heads:
+        load_heads_into(model, heads)
+        model.config.mode = "trained"
+    model.save_pretrained(out)
+    processor = ArrCocProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    report = reading_report(backbone, tokenizer, image_processor, n=eval_n, second_generator=second_generator)
+    vc, tc = backbone.config.vision_config, backbone.config.text_config
+    stages = "\n".join(
+        f"| {r['stage']} | {r['steps']} | {STAGES[r['stage']].notes} | "
+        + ", ".join(f"{device}: {n}" for device, n in r["devices"].items())
+        + f" | {r['wall_s'] / 3600:.2f} h |"
+        for r in stage_summary(run)
+    )
+
+    def cell(value: float) -> str:
+        lo, hi = wilson_interval(value, eval_n)
+        return f"{value:.3f} [{lo:.2f}, {hi:.2f}]"
+
+    rows = "\n".join(
+        f"| {CONDITION_NAMES[name]} | " + " | ".join(cell(result[task]) for task in TASKS) + " |"
+        for name, result in report.items()
+    )
+    full = report["full"]
+    card = MODEL_CARD.format(
+        vision_depth=vc.depth, vision_width=vc.embed_dim, text_layers=tc.num_hidden_layers, text_width=tc.hidden_size,
+        parameters=sum(p.numel() for p in backbone.parameters()) / 1e6, vocab=len(tokenizer),
+        heads="trained with `arr-coc train` (mode `trained`)" if heads else "untrained (the model runs `training_free`)",
+        size_mb=os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20, region_size=TINY_SETTINGS["region_size"],
+        lod_ladder=TINY_SETTINGS["lod_ladder"], min_tokens=TINY_SETTINGS["min_tokens"], max_tokens=TINY_SETTINGS["max_tokens"],
+        commands=commands.strip(), notes=notes.strip(), heads_flag=f" --heads {heads}" if heads else "",
+        stages=stages, eval_n=eval_n, accuracy_rows=rows,
+        status="This meets the project's target of 0.95 per task." if min(full[t] for t in TASKS) >= 0.95 else
+        "This is below the project's target of 0.95 per task; the learning curves are in docs/training.md.",
+    )  # fmt: skip
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+    with open(os.path.join(out, "heldout_accuracy.json"), "w") as f:
+        json.dump({"n_per_task": eval_n, **{t: full[t] for t in TASKS}, "first_40": full["first_40"],
+                   "conditions": report}, f, indent=1)  # fmt: skip
+    return out
