@@ -19,6 +19,14 @@ import json
 
 from .data import STAGES
 
+# The one command a lent GPU runs (about 9 minutes of training; no exploration on the GPU): the `native` stage
+# from the run's weights, 14 processes rendering data. docs/training.md shows it with the commands around it.
+GPU_COMMAND = (
+    "python -m arr_coc.tiny train --run {run} --stage native --new-schedule --steps 100000 --batch-size 32 "
+    "--lr 3e-4 --head-lr 3e-3 --warmup 200 --head-warmup 100 --decay --time-limit 540 --eval-every 0 "
+    "--device cuda --workers 14"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m arr_coc.tiny", description=__doc__,

@@ -1,0 +1,122 @@
+"""arr-coc-tiny's recipe (`arr_coc.tiny`): resumable training that continues the same curve after a kill, the
+prepared GPU command on the CPU, and the reading conditions (rescaled pages, crops around the answer)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+from arr_coc.data.synthetic import generate
+from arr_coc.tiny import train as tiny_train
+from arr_coc.tiny.__main__ import GPU_COMMAND, main
+from arr_coc.tiny.data import rescale_sample
+from arr_coc.tiny.evaluate import CROP_MARGIN, crop_around_answer
+
+OPTIONS = dict(steps=3, lr=1e-4, head_lr=1e-3, warmup=1, decay=True, time_limit=None, batch_size=2, head_warmup=1)
+
+
+def _losses(run) -> list[float]:
+    with open(tiny_train.run_paths(str(run))["log.jsonl"]) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def fresh_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    tiny_train.init_from_model(str(run), "arr-coc-tiny")
+    return run
+
+
+def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, monkeypatch):
+    import shutil
+
+    torch.set_num_threads(1)  # the same kernels in both runs
+    uninterrupted, killed = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(fresh_run, uninterrupted)
+    shutil.copytree(fresh_run, killed)
+    tiny_train.train(str(uninterrupted), "native", OPTIONS, save_every=1, eval_every=0, workers=0)
+
+    # The second checkpoint's write dies before its swap: the run keeps step 1's checkpoint (weights, optimizer,
+    # data position, schedule) and the same command picks up from there.
+    save, calls = tiny_train.save_checkpoint, []
+
+    def dying_save(run, model, head, optimizer, state):
+        calls.append(state.step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        save(run, model, head, optimizer, state)
+
+    monkeypatch.setattr(tiny_train, "save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_train.train(str(killed), "native", OPTIONS, save_every=1, eval_every=0, workers=0)
+    monkeypatch.setattr(tiny_train, "save_checkpoint", save)
+    state = tiny_train.load_run(str(killed))[4]
+    assert state.step == 1 and state.schedule["steps"] == 3
+    tiny_train.train(str(killed), "native", {}, save_every=1, eval_every=0, workers=0)  # no options: continue
+
+    a, b = _losses(uninterrupted), _losses(killed)
+    assert len(a) == 3 and len(b) == 2 + 2  # steps 1, 2 (lost with the kill), then 2 and 3 again
+    assert b[:2] == a[:2]
+    assert b[2:] == a[1:], "the resumed run must continue the uninterrupted run's curve"
+    assert a[1] != a[2]
+
+
+def test_continuing_with_other_schedule_options_is_refused(fresh_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fresh_run, run)
+    tiny_train.train(str(run), "native", dict(OPTIONS, steps=1), eval_every=0, workers=0)
+    with pytest.raises(ValueError, match=r"--lr 0.001 \(stored: 0.0001\).*--new-schedule"):
+        tiny_train.train(str(run), "native", {"lr": 1e-3}, eval_every=0, workers=0)
+    with pytest.raises(SystemExit, match="--new-schedule"):
+        main(["train", "--run", str(run), "--stage", "native", "--lr", "1e-3"])
+    with pytest.raises(ValueError, match="needs --steps"):
+        tiny_train.train(str(run), "full", {"lr": 1e-3}, eval_every=0, workers=0)
+
+
+def test_the_prepared_gpu_command_runs_on_the_cpu(fresh_run, tmp_path):
+    """The one command documented for a lent GPU, run for two steps with --device cpu."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fresh_run, run)
+    args = shlex.split(GPU_COMMAND.format(run=run))
+    assert args[:3] == ["python", "-m", "arr_coc.tiny"] and "--device" in args and "cuda" in args
+    args = args[3:]
+    for flag, value in (("--device", "cpu"), ("--workers", "0"), ("--steps", "2"), ("--batch-size", "2")):
+        args[args.index(flag) + 1] = value
+    main(args)
+    state = tiny_train.load_run(str(run))[4]
+    assert state.stage == "native" and state.step == 2 and state.schedule["decay"]
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.7, 0.85])
+@pytest.mark.parametrize("task", ["box-codes", "doc-fields"])
+def test_rescaled_samples_keep_their_answer_inside_the_scaled_box(task, scale):
+    for seed in range(3):
+        sample = generate(task, seed, layout=True)
+        small = rescale_sample(sample, scale)
+        W, H = sample["image"].size
+        assert small["image"].size == (round(W * scale), round(H * scale))
+        x0, y0, x1, y1 = small["answer_box"]
+        ink = np.asarray(small["image"].convert("L"))[y0:y1, x0:x1]
+        assert (ink < 100).any(), "the answer's dark text is inside the scaled answer box"
+        for (_, *box, _, _), (_, *scaled, _, _) in zip(sample["glyphs"], small["glyphs"]):
+            assert scaled == pytest.approx([v * scale for v in box], rel=0.02, abs=1)
+
+
+def test_crops_around_the_answer_keep_a_margin_in_the_documented_range():
+    for seed in range(20):
+        sample = generate("doc-fields", seed)
+        crop = crop_around_answer(sample, seed)
+        x0, y0, x1, y1 = crop["answer_box"]
+        W, H = crop["image"].size
+        assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+        full_box = sample["answer_box"]
+        for margin, room in ((x0, full_box[0]), (y0, full_box[1])):
+            assert min(room, CROP_MARGIN[0]) <= margin <= min(room, CROP_MARGIN[1])
