@@ -7,6 +7,8 @@ started with::
     python -m arr_coc.tiny init-from --run runs/tiny --model arr-coc-tiny  # or continue from a shipped backbone
     python -m arr_coc.tiny train     --run runs/tiny --stage native --steps 3000 --lr 2e-4 --decay
     python -m arr_coc.tiny train     --run runs/tiny --stage native       # continue after a stop (same schedule)
+    python -m arr_coc.tiny cache     --run runs/tiny --stage select --n 4000   # encode a pool once (vision frozen)
+    python -m arr_coc.tiny train     --run runs/tiny --stage select --steps 2000 --lr 2e-4 --decay
     python -m arr_coc.tiny evaluate  --run runs/tiny --n 200 --held-out
     python -m arr_coc.tiny curves    --run runs/tiny --out docs/results/tiny_curves.png
     python -m arr_coc.tiny export    --run runs/tiny --out src/arr_coc/assets/arr-coc-tiny --heads runs/tiny-heads
@@ -60,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--save-minutes", type=float, default=8.0, help="also checkpoint when this many minutes passed")
     p.add_argument("--eval-every", type=int, default=1000)
+    p = sub.add_parser("cache", help="encode a stage's pool once for a stage whose vision encoder is frozen")
+    p.add_argument("--run", required=True)
+    p.add_argument("--stage", choices=[name for name, spec in STAGES.items() if spec.cached], required=True)
+    p.add_argument("--n", type=int, required=True, help="samples in the pool")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="write the backbone (+ trained heads) as an arr-coc model folder")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
@@ -98,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
                   eval_every=args.eval_every, threads=args.threads, workers=args.workers)  # fmt: skip
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+    elif args.cmd == "cache":
+        from .cached import build_cache
+
+        print(build_cache(args.run, args.stage, args.n, seed=args.seed, device=args.device))
     elif args.cmd == "export":
         from .card import export_model
 

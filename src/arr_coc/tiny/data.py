@@ -25,6 +25,7 @@ class Stage:
     notes: str  # what the stage teaches (the model card's stage table)
     min_scale: float = 1.0  # native dynamic resolution: each image resized by a random factor in [min_scale, 1]
     p_unscaled: float = 1.0  # probability of keeping the image's own scale
+    cached: bool = False  # vision encoder frozen: the language model trains on a pool encoded once (`cached`)
 
 
 STAGES = {
@@ -37,6 +38,12 @@ STAGES = {
         "native dynamic resolution: whole images 60% of the time, else crops with up to 448 px of context given "
         "as the image; 65% of images resized by a random factor in [0.45, 1] (glyphs down to ~8 px)",
         min_scale=0.45, p_unscaled=0.35,
+    ),
+    "select": Stage(
+        0.8, 448, 16, 1.0,
+        "the language model alone on a pool encoded once (vision frozen): finding the named box or line, whole "
+        "images 80% of the time, 60% of images resized by a random factor in [0.45, 1]",
+        min_scale=0.45, p_unscaled=0.4, cached=True,
     ),
 }  # fmt: skip
 

@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..io import atomic_directory, recover
+from .cached import CachedBatches, cache_dir, vision_fingerprint
 from .data import STAGES, StepBatches
 from .evaluate import evaluate_model
 from .model import GLYPH_CHARS, IGNORE, DenseGlyphHead, tiny_image_processor, tiny_vlm_config
@@ -219,9 +221,15 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         torch.backends.cuda.matmul.allow_tf32 = True
         hardware = torch.cuda.get_device_name(torch.device(device))
     stop = schedule.start_step + schedule.steps
+    if spec.cached:
+        source = CachedBatches(cache_dir(run, stage), state.step, stop, schedule.batch_size, seed,
+                               tokenizer.pad_token_id, model.config.image_token_id, vision_fingerprint(model))  # fmt: skip
+        model.model.visual.requires_grad_(False)
+        workers = 0  # the pool is in memory
+    else:
+        source = StepBatches(stage, state.step, stop, schedule.batch_size, seed, tokenizer, image_processor)
     batches = torch.utils.data.DataLoader(
-        StepBatches(stage, state.step, stop, schedule.batch_size, seed, tokenizer, image_processor),
-        batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+        source, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
         pin_memory=device.startswith("cuda"),
     )  # fmt: skip
     log = open(run_paths(run)["log.jsonl"], "a")
@@ -235,9 +243,14 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         for g, peak, is_head in zip(optimizer.param_groups, peaks, (False, True)):
             g["lr"] = peak * schedule.factor(step, state.stage_wall_s, head=is_head)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.set_grad_enabled(not head_only):
-            vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-        d_loss, patch_acc, slot_acc = dense_loss(head, vision, batch)
+        if spec.cached:
+            split = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+            vision = BaseModelOutputWithPooling(pooler_output=batch.pop("features").split(split))
+            d_loss, patch_acc, slot_acc = torch.zeros((), device=device), float("nan"), float("nan")
+        else:
+            with torch.set_grad_enabled(not head_only):
+                vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            d_loss, patch_acc, slot_acc = dense_loss(head, vision, batch)
         loss, lm_loss, tok_acc = d_loss, float("nan"), float("nan")
         if spec.lm_weight and not head_only:
             out = model(
