@@ -1,0 +1,193 @@
+"""The selection rules of published token pruners, as pure functions on one image.
+
+Each function sees one image (never a packed batch; `split_images` cuts a packed encoder output into images),
+is deterministic (ties go to the lower raster index), and returns the kept token indices in raster order, so
+kept tokens keep their own M-RoPE positions. The budgeted ones keep ``min(budget, n)`` tokens, never more.
+Features are compared in float64 whatever dtype they come in.
+
+- `cdpruner_select`: CDPruner (Zhang et al., NeurIPS 2025, arXiv:2506.10967; github Theia-4869/CDPruner,
+  ``llava/model/llava_arch.py``) – the greedy MAP of a DPP whose kernel weighs token similarity by each
+  token's relevance to the instruction, solved with the fast greedy of Chen et al. (NeurIPS 2018).
+- `divprune_select`: DivPrune (Alvar et al., CVPR 2025, arXiv:2503.02175; github vbdi/divprune,
+  ``LLaVA/llava/model/llava_arch.py``) – the greedy max–min diversity subset under cosine distance.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+_RANK_EPS = 1e-10  # Chen et al.'s stopping threshold on the conditional gain d_j^2
+
+
+def split_images(packed: torch.Tensor, grid_thw: torch.Tensor, merge_size: int = 2) -> list[torch.Tensor]:
+    """A packed encoder output [sum_i t_i*h_i*w_i / merge_size^2, ...] -> one [t*h*w / merge_size^2, ...]
+    tensor per image, in the order of ``grid_thw`` [I, 3] (patch grids, as the processor emits them).
+
+    Raises ValueError when the rows do not add up to the grids."""
+    counts = [int(t * h * w) // merge_size**2 for t, h, w in grid_thw.tolist()]
+    if sum(counts) != packed.shape[0]:
+        raise ValueError(f"the packed tensor has {packed.shape[0]} rows but grid_thw {grid_thw.tolist()} with "
+                         f"merge size {merge_size} accounts for {sum(counts)}; pass the grids of these images")  # fmt: skip
+    return list(torch.split(packed, counts))
+
+
+def _keep_count(budget: int, n: int) -> int:
+    k = operator.index(budget)
+    if k <= 0:
+        raise ValueError(f"the budget must be a positive number of tokens, got {k}; a method that keeps no visual "
+                         "token is 'drop the image', not a pruner")  # fmt: skip
+    return min(k, n)
+
+
+def _tokens(x: torch.Tensor, name: str = "tokens") -> torch.Tensor:
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be [n, d] with n >= 1 (one image's tokens), got shape {tuple(x.shape)}")
+    return x.detach().to(torch.float64)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[n, d], [m, d] -> [n, m] cosine similarity (a zero vector is orthogonal to everything)."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def _raster(order: torch.Tensor) -> torch.Tensor:
+    return torch.sort(order).values
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """For loops of k dependent steps on [n]-sized tensors: intra-op threads only add synchronisation there
+    (measured: the DPP greedy ran 100x slower on 2 threads than on 1 on the shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- CDPruner
+
+
+def instruction_relevance(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Each visual token's relevance to the instruction, min–max normalised over the image (CDPruner).
+
+    tokens [n, d], text [m, d] (same space) -> [n] in (0, 1]: the mean over the m text rows of the cosine
+    similarity, then ``(r - min + 1e-6) / (max - min)`` as in the official code; all ones when every token
+    is equally relevant. The official LLaVA code negates the cosine first because CLIP's patch embeddings
+    score inversely against its text embedding; no negation here (see docs/baselines_notes.md).
+    Raises ValueError on empty or mismatched inputs."""
+    v, t = _tokens(tokens), _tokens(text, "text")
+    if v.shape[1] != t.shape[1]:
+        raise ValueError(f"tokens have width {v.shape[1]} but the text embedding has {t.shape[1]}; "
+                         "both must live in one space (the language model's input embeddings)")  # fmt: skip
+    r = _cosine(v, t).mean(dim=1)
+    spread = r.max() - r.min()
+    if spread <= 1e-12:
+        return torch.ones_like(r)
+    return (r - r.min() + 1e-6) / spread
+
+
+def conditional_kernel(tokens: torch.Tensor, relevance: torch.Tensor, theta: float | None = None) -> torch.Tensor:
+    """CDPruner's DPP kernel L = diag(q) · S · diag(q): tokens [n, d], relevance [n] -> [n, n] (float64).
+
+    S is the cosine similarity of the tokens; q is the relevance, or ``exp(alpha * relevance)`` with
+    ``alpha = theta / (2 (1 - theta))`` when ``theta`` in [0, 1) is given (the relevance/diversity trade-off of
+    Chen et al. 2018, commented out in the official code; theta = 0 is pure diversity).
+    Raises ValueError for theta outside [0, 1) or a relevance of the wrong length."""
+    v = _tokens(tokens)
+    q = relevance.detach().to(torch.float64).flatten()
+    if q.shape[0] != v.shape[0]:
+        raise ValueError(f"relevance has {q.shape[0]} entries for {v.shape[0]} tokens")
+    if theta is not None:
+        if not 0.0 <= theta < 1.0:
+            raise ValueError(f"theta must be in [0, 1), got {theta}")
+        q = torch.exp(theta / (2.0 * (1.0 - theta)) * q)
+    return q[:, None] * _cosine(v, v) * q[None, :]
+
+
+def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """The greedy MAP of a DPP, in the order the tokens are chosen: kernel [n, n] (PSD) -> [min(k, n)] long.
+
+    Fast greedy of Chen, Zhang & Zhou (NeurIPS 2018, Algorithm 1), as CDPruner runs it: each step adds the
+    token with the largest conditional gain d_j^2 (the increase of log det), updating every d_i^2 with one
+    incremental Cholesky row. When no gain exceeds 1e-10 (the kernel's rank is spent: duplicates) Chen et
+    al. stop; to still spend the budget the remaining slots take the unchosen tokens by descending kernel
+    diagonal (CDPruner: by relevance). The first j chosen are the answer for budget j (reuse one order for
+    every budget). Raises ValueError for a non-square kernel or k <= 0."""
+    if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
+        raise ValueError(f"the kernel must be a non-empty square [n, n] matrix, got shape {tuple(kernel.shape)}")
+    L = kernel.detach().to(torch.float64)
+    n = L.shape[0]
+    k = _keep_count(k, n)
+    d2 = torch.diagonal(L).clone()
+    rows = L.new_zeros(k, n)  # the incremental Cholesky rows c_i of Chen et al.
+    chosen = torch.zeros(n, dtype=torch.bool)
+    order: list[int] = []
+    with _one_thread():
+        for i in range(k):
+            gain = d2.masked_fill(chosen, -torch.inf)
+            j = int(torch.argmax(gain))
+            if gain[j] <= _RANK_EPS:
+                break
+            e = (L[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(d2[j])
+            rows[i] = e
+            d2 = d2 - e * e
+            chosen[j] = True
+            order.append(j)
+    if len(order) < k:
+        rest = (~chosen).nonzero().flatten()
+        by_quality = torch.sort(torch.diagonal(L)[rest], descending=True, stable=True).indices
+        order += rest[by_quality][: k - len(order)].tolist()
+    return torch.tensor(order, dtype=torch.long)
+
+
+def cdpruner_select(tokens: torch.Tensor, text: torch.Tensor, budget: int, theta: float | None = None) -> torch.Tensor:
+    """CDPruner on one image: tokens [n, d] (the encoder's output after the merger), text [m, d] (the
+    instruction in the same space; see docs/baselines_notes.md for the Qwen2-VL stand-in), budget T ->
+    kept indices [min(T, n)] in raster order: the greedy DPP MAP under `conditional_kernel`.
+    Raises ValueError on bad shapes or T <= 0."""
+    k = _keep_count(budget, _tokens(tokens).shape[0])
+    kernel = conditional_kernel(tokens, instruction_relevance(tokens, text), theta)
+    return _raster(greedy_dpp_map(kernel, k))
+
+
+# ----------------------------------------------------------------------------------------------- DivPrune
+
+
+def divprune_order(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max–min diversity order: tokens [n, d] -> [min(k, n)] long, in the order chosen.
+
+    Distance is 1 - cosine similarity. The first token is the one whose nearest other token is farthest (the
+    official code takes the second-smallest distance per column, the smallest being the token itself); each
+    next token maximises its minimum distance to those chosen. The first j are the answer for budget j.
+    Raises ValueError on bad shapes or k <= 0."""
+    v = _tokens(tokens)
+    n = v.shape[0]
+    k = _keep_count(k, n)
+    dist = 1.0 - _cosine(v, v)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    nearest_other = dist.masked_fill(torch.eye(n, dtype=torch.bool), torch.inf).min(dim=1).values
+    first = int(torch.argmax(nearest_other))
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[first] = True
+    to_chosen = dist[first].clone()  # [n] min distance to the chosen set
+    order = [first]
+    for _ in range(k - 1):
+        j = int(torch.argmax(to_chosen.masked_fill(chosen, -torch.inf)))
+        chosen[j] = True
+        order.append(j)
+        to_chosen = torch.minimum(to_chosen, dist[j])
+    return torch.tensor(order, dtype=torch.long)
+
+
+def divprune_select(tokens: torch.Tensor, budget: int) -> torch.Tensor:
+    """DivPrune on one image: tokens [n, d] (the encoder's output after the merger), budget T -> kept
+    indices [min(T, n)] in raster order. Raises ValueError on bad shapes or T <= 0."""
+    return _raster(divprune_order(tokens, budget))

@@ -1,0 +1,162 @@
+"""The published pruners' selection rules (arr_coc.evaluation.pruners): hand-worked cases from each
+method's definition, budgets, determinism, per-image independence and edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arr_coc.evaluation.pruners import (
+    cdpruner_select,
+    conditional_kernel,
+    divprune_order,
+    divprune_select,
+    greedy_dpp_map,
+    instruction_relevance,
+    split_images,
+)
+
+
+def _unit(degrees: float) -> list[float]:
+    return [math.cos(math.radians(degrees)), math.sin(math.radians(degrees))]
+
+
+def _random_tokens(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+# The budgeted methods as (tokens, budget) -> kept, with fixed side inputs, for the shared checks.
+BUDGETED = {
+    "cdpruner": lambda x, k: cdpruner_select(x, x[:2].mean(0, keepdim=True) + 0.5, k),
+    "divprune": divprune_select,
+}
+
+
+# ----------------------------------------------------------------------------------------------- CDPruner
+
+
+def test_dpp_greedy_prefers_a_diverse_token_over_a_more_relevant_duplicate_like_one():
+    # Tokens a = (1, 0), b at 60 degrees, c = (0, 1); relevance q = (1.0, 0.8, 0.7). Kernel L_ij = q_i S_ij q_j.
+    # Step 1 takes the largest diagonal q_i^2: a (1 > 0.64 > 0.49).
+    # Step 2 gain of j given a is L_jj - L_aj^2 / L_aa = q_j^2 (1 - S_aj^2):
+    #   b: 0.64 * (1 - 0.25) = 0.48;  c: 0.49 * (1 - 0) = 0.49  -> c, although b is more relevant.
+    tokens = torch.tensor([_unit(0), _unit(60), _unit(90)])
+    kernel = conditional_kernel(tokens, torch.tensor([1.0, 0.8, 0.7]))
+    assert torch.allclose(kernel[0, 1], torch.tensor(0.4, dtype=torch.float64))
+    assert greedy_dpp_map(kernel, 2).tolist() == [0, 2]
+    assert greedy_dpp_map(kernel, 3).tolist() == [0, 2, 1]
+
+
+def test_dpp_greedy_step_maximises_the_determinant():
+    # Chen et al.'s incremental Cholesky gains must equal the determinant ratios: check each greedy step
+    # against a brute-force det over every candidate.
+    for seed in range(3):
+        x = _random_tokens(12, 8, seed=seed)
+        kernel = conditional_kernel(x, torch.linspace(0.2, 1.0, 12))
+        order = greedy_dpp_map(kernel, 6).tolist()
+        for step in range(6):
+            chosen = order[:step]
+            dets = {
+                j: float(torch.linalg.det(kernel[chosen + [j]][:, chosen + [j]])) for j in range(12) if j not in chosen
+            }
+            assert order[step] == max(dets, key=dets.get)
+
+
+def test_instruction_relevance_is_min_max_of_the_cosine_to_the_text():
+    # cos to text (1, 0): (1, 0) -> 1, (0, 1) -> 0, (1, 1) -> 1/sqrt2; then (r - min + 1e-6) / (max - min).
+    relevance = instruction_relevance(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
+    expected = torch.tensor([1 + 1e-6, 1e-6, 1 / math.sqrt(2) + 1e-6], dtype=torch.float64)
+    assert torch.allclose(relevance, expected, atol=1e-12)
+    flat = instruction_relevance(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+    assert flat.tolist() == [1.0, 1.0]  # no spread: every token equally relevant
+
+
+def test_cdpruner_selects_relevant_and_diverse_tokens_and_spends_the_budget_past_duplicates():
+    # Text t = (0, 0, 1). v0 = (1, 0, 1), v1 = (1, 0, 0), v2 = (0, 1, 1), v3 = v0 (duplicate).
+    # cos to t: 1/sqrt2, 0, 1/sqrt2, 1/sqrt2 -> relevance ~ (1, ~1e-6, 1, 1).
+    # Step 1: diagonals q_i^2 tie at 1 -> lowest index, v0.
+    # Step 2 gains q_j^2 (1 - S_0j^2): v1: ~1e-12; v2: 1 - 0.5^2 = 0.75; v3: 1 - 1 = 0 (duplicate) -> v2.
+    # Step 3: v1 and v3 gain ~0 (rank spent) -> fill by relevance: v3 (1) before v1 (~1e-6), not by index.
+    tokens = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    text = torch.tensor([[0.0, 0.0, 1.0]])
+    assert cdpruner_select(tokens, text, 2).tolist() == [0, 2]
+    assert cdpruner_select(tokens, text, 3).tolist() == [0, 2, 3]
+
+
+def test_cdpruner_theta_zero_ignores_relevance_and_theta_is_checked():
+    x = _random_tokens(5, 3, seed=1)
+    similarity = torch.nn.functional.normalize(x.double(), dim=-1) @ torch.nn.functional.normalize(x.double(), dim=-1).T
+    assert torch.allclose(conditional_kernel(x, torch.rand(5), theta=0.0), similarity)
+    with pytest.raises(ValueError, match="theta"):
+        conditional_kernel(x, torch.rand(5), theta=1.0)
+    with pytest.raises(ValueError, match="width"):
+        cdpruner_select(x, torch.ones(1, 4), 2)
+
+
+# ----------------------------------------------------------------------------------------------- DivPrune
+
+
+def test_divprune_max_min_order_by_hand():
+    # Unit vectors at 0, 10, 90, 200 degrees; distance 1 - cos.
+    # Nearest-other distance: 0deg: 1-cos10 = 0.015; 10deg: 0.015; 90deg: 1-cos80 = 0.83; 200deg: 1-cos110 = 1.34
+    #   -> first = 200deg (index 3).
+    # Min distance to {200}: 0deg 1.94, 10deg 1.98, 90deg 1.34 -> 10deg (index 1).
+    # Min distance to {200, 10}: 0deg min(1.94, 0.015) = 0.015, 90deg min(1.34, 0.83) = 0.83 -> 90deg, then 0deg.
+    tokens = torch.tensor([_unit(0), _unit(10), _unit(90), _unit(200)])
+    assert divprune_order(tokens, 4).tolist() == [3, 1, 2, 0]
+    assert divprune_select(tokens, 2).tolist() == [1, 3]
+
+
+def test_divprune_never_repeats_a_token_among_duplicates():
+    # x, x, x, y (y orthogonal): y is the only token with a distant nearest neighbour -> first; then the x's tie
+    # at distance 1 -> index 0; then the remaining x's are at distance 0 from a chosen one -> lowest index, 1.
+    x, y = [1.0, 0.0], [0.0, 1.0]
+    assert divprune_order(torch.tensor([x, x, x, y]), 3).tolist() == [3, 0, 1]
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+@pytest.mark.parametrize("method", sorted(BUDGETED))
+def test_budget_respected_in_raster_order_and_deterministic(method):
+    select = BUDGETED[method]
+    x = _random_tokens(30, seed=4)
+    threads = torch.get_num_threads()
+    for budget in (1, 2, 7, 29, 30, 45):
+        kept = select(x, budget)
+        assert len(kept) == min(budget, 30) == len(set(kept.tolist()))
+        assert kept.tolist() == sorted(kept.tolist()) and 0 <= int(kept.min()) and int(kept.max()) < 30
+        assert torch.equal(kept, select(x.clone(), budget))
+    assert select(x, 30).tolist() == list(range(30))  # k >= n keeps everything, in order
+    assert torch.get_num_threads() == threads  # the greedy's single-thread section is undone
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="positive number of tokens"):
+            select(x, bad)
+
+
+@pytest.mark.parametrize("method", sorted(BUDGETED))
+def test_each_image_of_a_packed_batch_gets_its_selection_alone(method):
+    select = BUDGETED[method]
+    grid_thw = torch.tensor([[1, 4, 6], [1, 6, 8]])  # 6 and 12 merged tokens
+    alone = [_random_tokens(6, seed=5), _random_tokens(12, seed=6)]
+    packed = torch.cat(alone)
+    for budget in (3, 5):
+        assert [select(x, budget).tolist() for x in split_images(packed, grid_thw)] == [
+            select(x, budget).tolist() for x in alone
+        ]
+    with pytest.raises(ValueError, match="accounts for"):
+        split_images(packed[:-1], grid_thw)
+
+
+@pytest.mark.parametrize("method", ["cdpruner", "divprune"])
+def test_greedy_orders_are_prefix_consistent_so_one_order_serves_every_budget(method):
+    x = _random_tokens(25, seed=7)
+    text = x[:2].mean(0, keepdim=True) + 0.5
+    if method == "divprune":
+        order = divprune_order(x, 25)
+    else:
+        order = greedy_dpp_map(conditional_kernel(x, instruction_relevance(x, text)), 25)
+    for budget in (1, 4, 13, 25):
+        assert BUDGETED[method](x, budget).tolist() == sorted(order[:budget].tolist())
