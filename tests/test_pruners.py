@@ -11,6 +11,7 @@ import torch
 from arr_coc.evaluation.pruners import (
     cdpruner_select,
     conditional_kernel,
+    dart_select,
     divprune_order,
     divprune_select,
     greedy_dpp_map,
@@ -31,6 +32,7 @@ def _random_tokens(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
 BUDGETED = {
     "cdpruner": lambda x, k: cdpruner_select(x, x[:2].mean(0, keepdim=True) + 0.5, k),
     "divprune": divprune_select,
+    "dart": lambda x, k: dart_select(x, x.flip(1), k, text_hidden=x[:3] - 1.0, text_keys=x[:3]),
 }
 
 
@@ -114,6 +116,41 @@ def test_divprune_never_repeats_a_token_among_duplicates():
     # at distance 1 -> index 0; then the remaining x's are at distance 0 from a chosen one -> lowest index, 1.
     x, y = [1.0, 0.0], [0.0, 1.0]
     assert divprune_order(torch.tensor([x, x, x, y]), 3).tolist() == [3, 0, 1]
+
+
+# ----------------------------------------------------------------------------------------------- DART
+
+
+def test_dart_pivots_by_key_norm_and_keeps_the_least_similar_tokens():
+    # Image tokens (integer vectors, so the cosines below are exact):
+    #   t0 (1,0)  t1 (1,1)  t2 (0,1)  t3 (1,3)  t4 (-1,0)  t5 (0,-1); key L1 norms 1,1,5,1,1,1 -> image pivot t2.
+    # Text tokens s0 (0,1), s1 (-2,-1) with key norms 1, 3 -> text pivot s1.
+    # Budget 3: t2 kept; 2 slots over 2 pivots -> one each, image pivot first.
+    #   t2: cos to t0 0, t1 .71, t3 .95, t4 0, t5 -1 -> t5.
+    #   s1: cos to t0 -.89, t1 -.95, t3 -.71, t4 .89 -> t1.           kept {1, 2, 5}
+    # Budget 4: 3 slots -> shares (2, 1). t2 takes t5 and then t0 (t0 and t4 tie at 0: lower index); s1 takes t1.
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 3.0], [-1.0, 0.0], [0.0, -1.0]])
+    keys = torch.tensor([[1.0], [1.0], [-5.0], [1.0], [1.0], [1.0]])
+    text_hidden, text_keys = torch.tensor([[0.0, 1.0], [-2.0, -1.0]]), torch.tensor([[1.0], [3.0]])
+    kw = dict(text_hidden=text_hidden, text_keys=text_keys, image_pivots=1, text_pivots=1)
+    assert dart_select(hidden, keys, 3, **kw).tolist() == [1, 2, 5]
+    assert dart_select(hidden, keys, 4, **kw).tolist() == [0, 1, 2, 5]
+    # without text pivots the image pivot takes every slot: t5 (-1), then t0 and t4 (0)
+    assert dart_select(hidden, keys, 4, image_pivots=1).tolist() == [0, 2, 4, 5]
+    # Pivots act in sequence order, image first: with text pivot (1, 2) both pivots find t5 least similar
+    # (cos -1 and -0.89); t2 takes it, then (1, 2) takes t4 (-0.45) -> {2, 4, 5} (text first would give {0, 2, 5}).
+    kw["text_hidden"] = torch.tensor([[0.0, 1.0], [1.0, 2.0]])
+    assert dart_select(hidden, keys, 3, **kw).tolist() == [2, 4, 5]
+
+
+def test_dart_keeps_exactly_the_budget_where_the_official_shares_overshoot():
+    # 4 + 4 pivots, budget 10: the official int(10 / 8) = 1 per pivot keeps 4 + 8 = 12 > 10.
+    x = _random_tokens(40, 6, seed=2)
+    kept = dart_select(x, x.abs(), 10, text_hidden=_random_tokens(9, 6, seed=3), text_keys=torch.ones(9, 2))
+    assert len(kept) == 10
+    assert set(torch.topk(x.abs().sum(1), 4).indices.tolist()) <= set(kept.tolist())  # image pivots kept
+    with pytest.raises(ValueError, match="image pivot"):
+        dart_select(x, x, 5, image_pivots=0)
 
 
 # ----------------------------------------------------------------------------------------------- shared

@@ -10,6 +10,9 @@ Features are compared in float64 whatever dtype they come in.
   token's relevance to the instruction, solved with the fast greedy of Chen et al. (NeurIPS 2018).
 - `divprune_select`: DivPrune (Alvar et al., CVPR 2025, arXiv:2503.02175; github vbdi/divprune,
   ``LLaVA/llava/model/llava_arch.py``) – the greedy max–min diversity subset under cosine distance.
+- `dart_select`: DART (Wen et al., EMNLP 2025, arXiv:2502.11494; its Qwen2-VL port ZichenWen1/DART
+  ``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py``) – pivots by key L1 norm at LM layer K, then per
+  pivot the tokens least similar to it.
 """
 
 from __future__ import annotations
@@ -191,3 +194,59 @@ def divprune_select(tokens: torch.Tensor, budget: int) -> torch.Tensor:
     """DivPrune on one image: tokens [n, d] (the encoder's output after the merger), budget T -> kept
     indices [min(T, n)] in raster order. Raises ValueError on bad shapes or T <= 0."""
     return _raster(divprune_order(tokens, budget))
+
+
+# ----------------------------------------------------------------------------------------------- DART
+
+
+def _top_by_l1(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` rows of largest L1 norm (ties: lower index), in ascending index order."""
+    norms = keys.detach().to(torch.float64).abs().sum(dim=-1)
+    return _raster(torch.sort(norms, descending=True, stable=True).indices[:count])
+
+
+def dart_select(hidden: torch.Tensor, keys: torch.Tensor, budget: int, text_hidden: torch.Tensor | None = None,
+                text_keys: torch.Tensor | None = None, image_pivots: int = 4, text_pivots: int = 4) -> torch.Tensor:  # fmt: skip
+    """DART on one image, at LM layer K (Qwen2-VL setting: K = 2, 4 image + 4 text pivots).
+
+    hidden [n, d]: the image's hidden states after layer K-1, through the LM's final norm;
+    keys [n, d_k]: the post-RoPE key states of layer K-1 at those tokens (KV heads concatenated);
+    text_hidden [m, d], text_keys [m, d_k]: the same for the prompt's text after the image (m may be 0);
+    budget T -> kept indices [min(T, n)] in raster order.
+
+    Pivots are the ``image_pivots`` image tokens and ``text_pivots`` text tokens of largest key L1 norm. The
+    image pivots are kept; the other T - p slots are shared out over the pivots (p = image pivots, P = all
+    pivots; each gets (T - p) // P, the first (T - p) % P one more), and each pivot, in sequence order (image
+    before text, as the image precedes the question), takes its share of the not-yet-kept image tokens least
+    cosine-similar to it. Text pivots are only anchors, never kept. The official code gives each pivot
+    int(T / P) and so keeps up to p more than T; the shares here keep exactly T.
+    Raises ValueError on bad shapes, T <= 0 or image_pivots < 1."""
+    if image_pivots < 1 or text_pivots < 0:
+        raise ValueError(f"DART needs at least one image pivot and no negative count, got image_pivots="
+                         f"{image_pivots}, text_pivots={text_pivots} (published: 4 and 4)")  # fmt: skip
+    h = _tokens(hidden, "hidden")
+    n = h.shape[0]
+    k = _keep_count(budget, n)
+    if keys.shape[0] != n:
+        raise ValueError(f"keys have {keys.shape[0]} rows for {n} image tokens")
+    if k == n:
+        return torch.arange(n)
+    if (text_hidden is None) != (text_keys is None):
+        raise ValueError("give both text_hidden and text_keys, or neither")
+    image_pivot_idx = _top_by_l1(keys, min(image_pivots, k))
+    anchors = [h[image_pivot_idx]]
+    if text_hidden is not None and text_hidden.shape[0] > 0:
+        if text_keys.shape[0] != text_hidden.shape[0] or text_hidden.shape[1] != h.shape[1]:
+            raise ValueError(f"text_hidden {tuple(text_hidden.shape)} and text_keys {tuple(text_keys.shape)} do "
+                             f"not match each other or the image's width {h.shape[1]}")  # fmt: skip
+        anchors.append(_tokens(text_hidden, "text_hidden")[_top_by_l1(text_keys, min(text_pivots, len(text_keys)))])
+    pivots = torch.cat(anchors)
+    slots = k - len(image_pivot_idx)
+    shares = [slots // len(pivots) + (i < slots % len(pivots)) for i in range(len(pivots))]
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[image_pivot_idx] = True
+    for pivot, share in zip(pivots, shares):
+        pool = (~kept).nonzero().flatten()
+        similarity = _cosine(pivot[None], h[pool])[0]
+        kept[pool[torch.sort(similarity, stable=True).indices[:share]]] = True
+    return kept.nonzero().flatten()
