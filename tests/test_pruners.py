@@ -1,4 +1,4 @@
-"""The published pruners' selection rules (arr_coc.evaluation.pruners): hand-worked cases from each
+"""The four published pruners' selection rules (arr_coc.evaluation.pruners): hand-worked cases from each
 method's definition, budgets, determinism, per-image independence and edge cases."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
+from arr_coc.backbones.shapes import image_processor_for
 from arr_coc.evaluation.pruners import (
     cdpruner_select,
     conditional_kernel,
@@ -16,8 +18,12 @@ from arr_coc.evaluation.pruners import (
     divprune_select,
     greedy_dpp_map,
     instruction_relevance,
+    merged_pixel_blocks,
+    patch_rows,
+    pixelprune_select,
     split_images,
 )
+from conftest import FAMILIES
 
 
 def _unit(degrees: float) -> list[float]:
@@ -197,3 +203,70 @@ def test_greedy_orders_are_prefix_consistent_so_one_order_serves_every_budget(me
         order = greedy_dpp_map(conditional_kernel(x, instruction_relevance(x, text)), 25)
     for budget in (1, 4, 13, 25):
         assert BUDGETED[method](x, budget).tolist() == sorted(order[:budget].tolist())
+
+
+# ----------------------------------------------------------------------------------------------- PixelPrune
+
+
+def test_pixelprune_2d_prediction_by_hand():
+    # Block values (one number each):     Scan (recon = reconstruction so far; pred from A left, B above, C corner):
+    #   1 1 2                              (0,0) kept. (0,1) pred A=1 = 1: drop. (0,2) pred 1 != 2: keep.
+    #   1 1 2                              (1,0) pred B=1: drop. (1,1) C=A=B=1 -> pred A=1: drop.
+    #   3 3 2                              (1,2) C=1 matches A=1 but not B=2 (vertical edge) -> pred B=2: drop.
+    #                                      (2,0) pred B=1 != 3: keep. (2,1) C=1 != A=3 -> pred A=3: drop.
+    #                                      (2,2) C=1 != A=3 -> pred A=3 != 2: keep.
+    grid = torch.tensor([[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 2.0]])[..., None]
+    assert pixelprune_select(grid).tolist() == [0, 2, 6, 8]
+
+
+def test_pixelprune_tolerance_is_anchored_to_the_reconstruction():
+    # One row 0.50 0.53 0.56 0.59 at tolerance 0.05: 0.53 is within 0.05 of 0.50 -> dropped, reconstructed as
+    # 0.50; 0.56 is 0.06 from that reconstruction -> kept (a sliding comparison would drop it: 0.03 from 0.53);
+    # 0.59 is 0.03 from 0.56 -> dropped. Exact matching keeps all four.
+    row = torch.tensor([[[0.50], [0.53], [0.56], [0.59]]])
+    assert pixelprune_select(row, tolerance=0.05).tolist() == [0, 2]
+    assert pixelprune_select(row).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="tolerance"):
+        pixelprune_select(row, tolerance=-0.1)
+    with pytest.raises(ValueError, match=r"\[H, W, D\]"):
+        pixelprune_select(row[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pixelprune_on_processor_patches_drops_duplicate_blocks(family):
+    # A 2 x 4 grid of merged blocks: black top-left block, white elsewhere.
+    #   B W W W    (0,0) kept; (0,1) W != B: kept; (0,2), (0,3) = left: dropped;
+    #   W W W W    (1,0) != above (B): kept; the rest match their left neighbour.
+    processor = image_processor_for(family)
+    side = processor.patch_size * processor.merge_size
+    image = Image.new("RGB", (4 * side, 2 * side), "white")
+    ImageDraw.Draw(image).rectangle([0, 0, side - 1, side - 1], fill="black")
+    inputs = processor(images=[image, image.transpose(Image.FLIP_LEFT_RIGHT)], return_tensors="pt")
+    grid_thw = inputs["image_grid_thw"]
+    kw = dict(image_mean=processor.image_mean, image_std=processor.image_std, merge_size=processor.merge_size,
+              temporal_patch_size=processor.temporal_patch_size)  # fmt: skip
+    blocks = merged_pixel_blocks(inputs["pixel_values"], grid_thw, **kw)
+    assert blocks[0].shape[:2] == (2, 4)
+    assert torch.allclose(blocks[0][0, 0], torch.zeros(1, dtype=torch.float64), atol=1e-5)  # un-normalised: black 0
+    assert torch.allclose(blocks[0][0, 1], torch.ones(1, dtype=torch.float64), atol=1e-5)  # white 1
+    kept = pixelprune_select(blocks[0])
+    assert kept.tolist() == [0, 1, 4]
+    assert pixelprune_select(blocks[1]).tolist() == [0, 3, 7]  # mirrored: B at (0, 3); (1, 3) predicted from above
+    # per image: the second image's blocks are those it has alone
+    alone = merged_pixel_blocks(processor(images=[image.transpose(Image.FLIP_LEFT_RIGHT)], return_tensors="pt")
+                                ["pixel_values"], grid_thw[1:], **kw)[0]  # fmt: skip
+    assert torch.equal(alone, blocks[1])
+    rows = patch_rows(kept, processor.merge_size)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19]
+    assert torch.equal(inputs["pixel_values"][rows[-4:]], inputs["pixel_values"][16:20])
+
+
+def test_merged_pixel_blocks_rejects_videos_and_mismatched_rows():
+    processor = image_processor_for("qwen2_vl")
+    kw = dict(image_mean=processor.image_mean, image_std=processor.image_std)
+    with pytest.raises(ValueError, match="video"):
+        merged_pixel_blocks(torch.zeros(8, 1176), torch.tensor([[2, 2, 2]]), **kw)
+    with pytest.raises(ValueError, match="accounts for"):
+        merged_pixel_blocks(torch.zeros(7, 1176), torch.tensor([[1, 2, 4]]), **kw)
+    with pytest.raises(ValueError, match="channels"):
+        merged_pixel_blocks(torch.zeros(8, 1175), torch.tensor([[1, 2, 4]]), **kw)

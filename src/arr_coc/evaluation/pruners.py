@@ -1,4 +1,4 @@
-"""The selection rules of published token pruners, as pure functions on one image.
+"""The selection rules of four published token pruners, as pure functions on one image.
 
 Each function sees one image (never a packed batch; `split_images` cuts a packed encoder output into images),
 is deterministic (ties go to the lower raster index), and returns the kept token indices in raster order, so
@@ -13,12 +13,16 @@ Features are compared in float64 whatever dtype they come in.
 - `dart_select`: DART (Wen et al., EMNLP 2025, arXiv:2502.11494; its Qwen2-VL port ZichenWen1/DART
   ``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py``) – pivots by key L1 norm at LM layer K, then per
   pivot the tokens least similar to it.
+- `pixelprune_select`: PixelPrune (Wang et al., 2026, arXiv:2604.00886; github OPPO-Mente-Lab/PixelPrune,
+  ``pixelprune/methods/pred_2d.py``) – 2-D predictive coding over the merged pixel blocks before the vision
+  encoder; unbudgeted. `merged_pixel_blocks` turns processor patches into its blocks and `patch_rows` maps
+  kept blocks back to processor rows.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -250,3 +254,83 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, budget: int, text_hidd
         similarity = _cosine(pivot[None], h[pool])[0]
         kept[pool[torch.sort(similarity, stable=True).indices[:share]]] = True
     return kept.nonzero().flatten()
+
+
+# ----------------------------------------------------------------------------------------------- PixelPrune
+
+
+def merged_pixel_blocks(pixel_values: torch.Tensor, grid_thw: torch.Tensor, image_mean: Sequence[float],
+                        image_std: Sequence[float], merge_size: int = 2,
+                        temporal_patch_size: int = 2) -> list[torch.Tensor]:  # fmt: skip
+    """Processor patches -> one [h/merge, w/merge, merge^2 * C * p * p] tensor of pixel values in [0, 1] per
+    image: the merged block (28 px for Qwen2-VL) each LM token is made of, as PixelPrune compares them.
+
+    pixel_values [sum t*h*w, C * temporal_patch_size * p * p] in the Qwen2-VL processor's layout (rows in
+    (h/merge, w/merge, merge, merge) order, each row (C, T, p, p), normalised by image_mean / image_std);
+    grid_thw [I, 3]. The first temporal copy is un-normalised (the official port does the same with
+    Qwen3-VL's mean = std = 0.5). Raises ValueError for video grids (t > 1) or rows that do not fit."""
+    channels = len(image_mean)
+    width = pixel_values.shape[-1]
+    if width % (channels * temporal_patch_size):
+        raise ValueError(f"a patch row of {width} values does not split into {channels} channels x "
+                         f"{temporal_patch_size} frames; pass the processor's image_mean and temporal_patch_size")  # fmt: skip
+    mean = torch.tensor(image_mean, dtype=torch.float64)[None, :, None]
+    std = torch.tensor(image_std, dtype=torch.float64)[None, :, None]
+    blocks = []
+    for rows, (t, h, w) in zip(split_images(pixel_values, grid_thw, merge_size=1), grid_thw.tolist()):
+        if t != 1:
+            raise ValueError(f"PixelPrune compares still images; got a grid with t = {t} (a video)")
+        frames = rows.detach().to(torch.float64).reshape(h * w, channels, temporal_patch_size, -1)[:, :, 0]
+        pixels = frames * std + mean  # [h*w, C, p*p]
+        blocks.append(pixels.reshape(h // merge_size, w // merge_size, -1))
+    return blocks
+
+
+def pixelprune_select(blocks: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
+    """PixelPrune's 2-D predictive coding (the official ``pred_2d`` selector, a LOCO-I variant) on one image:
+    blocks [H, W, D] (`merged_pixel_blocks`) -> kept block indices in raster order (row-major over H x W).
+
+    Scanning in raster order, each block X is predicted from its causal neighbours A (left), B (above), C
+    (above-left), read from the reconstruction (a dropped block reconstructs as its prediction): on the first
+    row the prediction is A, on the first column B; elsewhere B when C matches A but not B (a vertical edge),
+    else A. Two blocks match when their largest absolute pixel difference is at most ``tolerance`` (pixel
+    values in [0, 1]; 0 = exact duplicates, the published setting). X is dropped when it matches its
+    prediction, so every pixel of the reconstruction is within ``tolerance`` of the image. Block (0, 0) is
+    always kept. Unbudgeted: the count kept is the image's. Raises ValueError for a bad shape or tolerance < 0."""
+    if blocks.dim() != 3 or blocks.shape[0] == 0 or blocks.shape[1] == 0:
+        raise ValueError(f"blocks must be [H, W, D] (one image's merged blocks), got shape {tuple(blocks.shape)}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    g = blocks.detach().to(torch.float64)
+    rows, cols = g.shape[:2]
+    recon = g.clone()
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    keep[0, 0] = True
+
+    def match(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool((a - b).abs().max() <= tolerance)
+
+    for r in range(rows):
+        for c in range(cols):
+            if r == 0 and c == 0:
+                continue
+            if r == 0:
+                prediction = recon[r, c - 1]
+            elif c == 0:
+                prediction = recon[r - 1, c]
+            else:
+                left, above, corner = recon[r, c - 1], recon[r - 1, c], recon[r - 1, c - 1]
+                vertical_edge = match(corner, left) and not match(corner, above)
+                prediction = above if vertical_edge else left
+            if match(g[r, c], prediction):
+                recon[r, c] = prediction
+            else:
+                keep[r, c] = True
+    return keep.flatten().nonzero().flatten()
+
+
+def patch_rows(kept_blocks: torch.Tensor, merge_size: int = 2) -> torch.Tensor:
+    """Kept merged-block indices [k] -> the processor's pixel_values rows [k * merge^2] that make them (each
+    block's merge^2 patches are consecutive rows): what the vision encoder is given under PixelPrune."""
+    per_block = merge_size**2
+    return (kept_blocks[:, None] * per_block + torch.arange(per_block)).flatten()
