@@ -84,9 +84,9 @@ def _one_thread() -> Iterator[None]:
 def instruction_relevance(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Each visual token's relevance to the instruction, min–max normalised over the image (CDPruner).
 
-    tokens [n, d], text [m, d] (same space) -> [n] in (0, 1]: the mean over the m text rows of the cosine
-    similarity, then ``(r - min + 1e-6) / (max - min)`` as in the official code; all ones when every token
-    is equally relevant. The official LLaVA code negates the cosine first because CLIP's patch embeddings
+    tokens [n, d], text [m, d] (same space) -> [n] in (0, 1 + 1e-6 / (max - min)]: the mean over the m text
+    rows of the cosine similarity, then ``(r - min + 1e-6) / (max - min)`` as in the official code; all ones
+    when every token is equally relevant. The official LLaVA code negates the cosine first because CLIP's patch embeddings
     score inversely against its text embedding; no negation here (see docs/baselines_notes.md).
     Raises ValueError on empty or mismatched inputs."""
     v, t = _tokens(tokens), _tokens(text, "text")
