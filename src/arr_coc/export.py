@@ -28,7 +28,7 @@ _MODELING = [
     "backbones/__init__.py", "relevance/knowing.py", "relevance/balancing.py", "relevance/attending.py",
     "relevance/realizing.py", "relevance/__init__.py", "modeling_arr_coc.py",
 ]  # fmt: skip
-_PROCESSING = ["io.py", "images.py", "processing_arr_coc.py"]
+_PROCESSING = ["io.py", "images.py", "padding.py", "processing_arr_coc.py"]
 _CONFIGURATION = ["configuration_arr_coc.py"]
 _HEADER = '''"""arr-coc {what} (flattened from the arr-coc package for transformers' remote-code loader).
 
