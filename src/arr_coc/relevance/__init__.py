@@ -13,6 +13,7 @@ from .attending import (
     Region,
     TokenAllocator,
     budget_from_spec,
+    budget_options,
     expand_gist,
     gist_grid,
     reads_full_resolution,
@@ -56,7 +57,7 @@ class RelevanceHeads(nn.Module):
 
 __all__ = [
     "ALL_TOKENS",
-    "budget_from_spec",
+    "budget_from_spec", "budget_options",
     "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "InformationScorer", "Region",
     "RelevanceHeads", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
     "cell_assignment", "expand_gist", "gist_grid", "reads_full_resolution", "resolve_budget", "saccade_crops",

@@ -116,13 +116,29 @@ def _check_compression_value(compression) -> float:
 ALL_TOKENS = 2**31 - 1  # a budget that every image's native count is below: "all visual tokens"
 
 
-def budget_from_spec(spec: str, native: int) -> int:
-    """A budget spec of the evaluation and benchmarks: "1/8" -> ceil(N / 8); "64" -> min(64, N); "full" -> N."""
-    if spec in ("full", "all"):
-        return native
-    if spec.startswith("1/"):
-        return math.ceil(native / float(spec[2:]))
-    return min(int(spec), native)
+def budget_options(spec: str | int) -> dict:
+    """A budget spec as call options: "1/8" -> ``{"compression": 8.0}``; "64" (or 64) -> ``{"budget": 64}``;
+    "full" / "all" -> ``{"budget": ALL_TOKENS}``. Raises `ValueError` naming the accepted forms."""
+    text = str(spec).strip()
+    if text in ("full", "all"):
+        return {"budget": ALL_TOKENS}
+    try:
+        if text.startswith("1/"):
+            return {"compression": _check_compression_value(float(text[2:]))}
+        return {"budget": _check_budget_value(int(text))}
+    except ValueError:
+        raise ValueError(
+            f"budget spec {spec!r} is invalid: expected '1/N' (N >= 1, a share of the native count), a positive "
+            "token count like '64', or 'full'"
+        ) from None
+
+
+def budget_from_spec(spec: str | int, native: int) -> int:
+    """The budget a spec gives an image of ``native`` tokens: "1/8" -> ceil(N / 8); "64" -> min(64, N); "full" -> N."""
+    options = budget_options(spec)
+    if "compression" in options:
+        return math.ceil(native / options["compression"])
+    return min(options["budget"], native)
 
 
 @dataclass(frozen=True)
