@@ -1,4 +1,4 @@
-"""DESIGN.md's budget rules and the allocation invariants, over many grids, maps and budgets."""
+"""The budget rules of docs/design.md and the allocation invariants, over many grids, maps and budgets."""
 
 from __future__ import annotations
 

@@ -150,18 +150,6 @@ def check_weights(path: str) -> None:
         )
 
 
-HEADS_CONFIG = "arr_coc_heads.json"
-HEADS_WEIGHTS = "arr_coc_heads.safetensors"
-
-
-def load_heads_into(model, heads_dir: str) -> None:
-    """Put the relevance heads of a heads-only checkpoint (`training.save_heads`) on ``model``."""
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(heads_dir, HEADS_WEIGHTS))
-    model.relevance.load_state_dict({k.removeprefix("relevance."): v for k, v in state.items()})
-
-
 def mark_complete(path: str) -> None:
     """Record that a checkpoint folder is whole (written after everything else is on disk)."""
     fsync_tree(path)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import Trainer
 
-from ..io import COMPLETE, HEADS_CONFIG, HEADS_WEIGHTS, last_complete_checkpoint, mark_complete
+from ..io import COMPLETE, last_complete_checkpoint, mark_complete
+from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
 from ..relevance import budget_options
 from .objectives import (
     ObjectiveWeights,
