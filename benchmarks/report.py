@@ -49,6 +49,8 @@ def accuracy_section(table: list[dict]) -> list[str]:
     lines = ["## Accuracy kept per visual-token budget", ""]
     tasks = sorted({r["task"] for r in table})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
+    # an unbudgeted method's own label (besides full's): a column of its own
+    budgets += sorted({r["budget"] for r in table if r["budget"] not in BUDGETS and r["method"] != "full"})
     methods = [m for m in (*METHODS, SACCADE_HEADS) if m != "full" and any(r["method"] == m for r in table)]
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")

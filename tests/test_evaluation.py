@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from arr_coc.evaluation.baselines import downsample_image, native_tokens, uniform_allocation
-from arr_coc.evaluation.harness import METHODS, anls, evaluate, write_outputs
+from arr_coc.evaluation.harness import METHODS, anls, evaluate, markdown_table, write_outputs
 from arr_coc.evaluation.readouts import text_attention_from_last, vision_attention_received
 from arr_coc.relevance import RealizationRequest, budget_from_spec
 from conftest import FAMILIES
@@ -221,10 +221,12 @@ def test_a_method_registers_without_touching_the_harness(make_model, make_proces
     try:
         result = evaluate(make_model("qwen2_vl"), make_processor("qwen2_vl"), eval_samples[:2], ("full", "gist-only"),
                           (), batch_size=2, progress=False, max_new_tokens=2)  # fmt: skip
+        written = markdown_table(result.table(), "t", [])
     finally:
         del REGISTRY["gist-only"]
     rows = {r["method"]: r for r in result.table()}
     assert rows["gist-only"]["budget"] == "1 token" and rows["gist-only"]["tokens_used"] == 1
+    assert "| method | 1 token |" in written and "| gist-only | " in written
     with pytest.raises(ValueError, match="already registered"):
         register(Method("full", "features", "again", request=gist_only))
     with pytest.raises(ValueError, match="acts='encoder' is invalid"):

@@ -273,6 +273,8 @@ def example_allocations(model, processor, samples: list[dict], out_dir: str, com
 def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
     tasks = sorted({r["task"] for r in rows})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in rows)]
+    # an unbudgeted method's own label (besides full's): a column of its own
+    budgets += sorted({r["budget"] for r in rows if r["budget"] not in BUDGETS and r["method"] != "full"})
     lines = [f"## {title}", ""]
     for task in tasks:
         full = next((r for r in rows if r["task"] == task and r["method"] == "full"), None)
