@@ -20,6 +20,7 @@ import os
 import sys
 
 from arr_coc.evaluation.harness import BUDGETS, METHODS
+from arr_coc.evaluation.methods import REGISTRY
 
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
 SACCADE_HEADS = "arr-coc-saccade (saccade-trained heads)"
@@ -30,10 +31,26 @@ def _fmt(v, digits=2):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+WHERE = {"pixels": "before the encoder", "features": "after the encoder", "language_model": "inside the language model"}
+
+
+def methods_section() -> list[str]:
+    """Every method of the harness's registry: where it acts, whether it takes a budget, what it keeps and where its
+    port to Qwen2-VL had to choose."""
+    lines = ["## Methods", "", "Every method runs in the same harness on the same samples and backbone "
+             "(`arr_coc.evaluation.methods`).", "", "| method | acts | budget | what it keeps |", "|---|---|---|---|"]  # fmt: skip
+    for m in REGISTRY.values():
+        budget = "each budget of the sweep" if m.budgeted else f"none (`{m.label}`)"
+        lines.append(f"| {m.name} | {WHERE[m.acts]} | {budget} | {m.about} |")
+    return lines + [""]
+
+
 def accuracy_section(table: list[dict]) -> list[str]:
     lines = ["## Accuracy kept per visual-token budget", ""]
     tasks = sorted({r["task"] for r in table})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
+    # an unbudgeted method's own label (besides full's): a column of its own
+    budgets += sorted({r["budget"] for r in table if r["budget"] not in BUDGETS and r["method"] != "full"})
     methods = [m for m in (*METHODS, SACCADE_HEADS) if m != "full" and any(r["method"] == m for r in table)]
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")
@@ -272,6 +289,7 @@ def main(argv=None) -> int:
             f"Machine: {m['platform']}, {m['threads']} CPU threads, torch {m['torch']}, Python {m['python']}; no GPU.",
             "",
         ]
+    lines += methods_section()
     if table:
         lines += accuracy_section(table)
         rel = os.path.relpath(

@@ -1,4 +1,4 @@
-"""DESIGN.md's budget rules and the allocation invariants, over many grids, maps and budgets."""
+"""The budget rules of docs/design.md and the allocation invariants, over many grids, maps and budgets."""
 
 from __future__ import annotations
 
@@ -129,3 +129,14 @@ def test_ladder_floor_error_names_the_allocator_that_reaches_lower():
     with pytest.raises(ValueError, match="quadtree"):
         resolve_budget(256, floor, "ladder", None, 64, 400, budget=10)
     assert resolve_budget(256, floor, "ladder", 10, 1, 400).tokens == floor  # automatic: raised to the floor
+
+
+def test_budget_specs_are_parsed_once_for_the_harness_and_the_trainer():
+    from arr_coc.relevance import ALL_TOKENS, budget_from_spec, budget_options
+
+    assert budget_options("1/8") == {"compression": 8.0} and budget_options("64") == {"budget": 64}
+    assert budget_options(64) == {"budget": 64} and budget_options("full") == {"budget": ALL_TOKENS}
+    assert budget_from_spec("1/3", 10) == 4 and budget_from_spec(12, 10) == 10
+    for bad in ("1/0.5", "1/x", "0", "-3", "2.5", "half"):
+        with pytest.raises(ValueError, match="expected '1/N'"):
+            budget_options(bad)

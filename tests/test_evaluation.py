@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from arr_coc.evaluation.baselines import downsample_image, native_tokens, uniform_allocation
-from arr_coc.evaluation.harness import METHODS, anls, evaluate, write_outputs
-from arr_coc.relevance import budget_from_spec
+from arr_coc.evaluation.harness import METHODS, anls, evaluate, markdown_table, write_outputs
+from arr_coc.evaluation.readouts import text_attention_from_last, vision_attention_received
+from arr_coc.relevance import RealizationRequest, budget_from_spec
 from conftest import FAMILIES
 
 
@@ -109,8 +110,8 @@ def test_vision_attention_received_matches_eager_attention(family, make_backbone
     vlm, processor = make_backbone(family), make_processor(family)
     inputs = processor(images=[samples[0]["image"], samples[1]["image"]], text=["a", "b"])
     adapter = adapter_for(vlm)
-    readouts = adapter.vision_attention_received(inputs["pixel_values"], inputs["image_grid_thw"], block=-1)
-    attn = vlm.model.visual.blocks[adapter._vision_block_index(-1)].attn
+    readouts = vision_attention_received(adapter, inputs["pixel_values"], inputs["image_grid_thw"], block=-1)
+    attn = vlm.model.visual.blocks[adapter.attention_block(-1)].attn
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     original, captured = module.eager_attention_forward, []
 
@@ -128,7 +129,7 @@ def test_vision_attention_received_matches_eager_attention(family, make_backbone
             vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     finally:
         attn.config._attn_implementation = previous
-    received = adapter._to_raster(torch.cat(captured)[:, None], inputs["image_grid_thw"])[
+    received = adapter.to_raster(torch.cat(captured)[:, None], inputs["image_grid_thw"])[
         :, 0
     ]  # encoder order -> raster
     expected = received.view(-1, 4).sum(-1).split([len(r) for r, _ in readouts])
@@ -146,14 +147,13 @@ def test_text_attention_from_last_matches_eager_attention(make_backbone, make_pr
         c = model.compress_inputs(
             inputs["input_ids"],
             inputs["attention_mask"],
-            inputs["pixel_values"],
-            inputs["image_grid_thw"],
-            budget=10**9,
+            model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"]),
+            request=RealizationRequest(budget=10**9),
         )
         lm = vlm.model.language_model
         hidden = lm(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
                     output_hidden_states=True).hidden_states  # fmt: skip
-        ours = model.adapter.text_attention_from_last(1, hidden[1], c.position_ids, c.attention_mask)
+        ours = text_attention_from_last(model.adapter, 1, hidden[1], c.position_ids, c.attention_mask)
         previous = vlm.config.text_config._attn_implementation
         vlm.config.text_config._attn_implementation = "eager"
         try:
@@ -181,3 +181,58 @@ def test_speed_rows_cover_both_encodings_with_positive_times_and_ratios(make_mod
         assert r["decode_tokens_per_s"] < 2 * 100 / r["ttft_s"], r
     assert rows[0]["ttft_speedup"] == rows[0]["decode_speedup"] == 1.0
     assert all(r["visual_tokens"] <= math.ceil(rows[0]["native_tokens"] / 4) for r in rows[1:])
+
+
+def test_post_encoder_methods_share_one_encoding_and_leave_the_config_alone(
+    make_model, make_processor, eval_samples, monkeypatch
+):
+    from arr_coc import ArrCocConfig
+
+    model, processor = make_model("qwen2_vl", allocator="quadtree"), make_processor("qwen2_vl")
+    encoded = []
+    hook = model.vlm.model.visual.register_forward_hook(lambda *_: encoded.append(1))
+
+    setattr_ = ArrCocConfig.__setattr__
+
+    def frozen(config, name, value):
+        if name == "mode":
+            raise AssertionError("the harness must not edit config.mode")
+        setattr_(config, name, value)
+
+    monkeypatch.setattr(ArrCocConfig, "__setattr__", frozen)
+    try:
+        methods = ("full", "uniform-pool", "random", "arr-coc-free", "arr-coc", "text-attention")
+        result = evaluate(model, processor, eval_samples[:2], methods, ("1/4", "1/8"), batch_size=2, progress=False,
+                          max_new_tokens=2)  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(encoded) == 2  # each of the 2 images once, for 6 methods at 2 budgets
+    assert {r.method for r in result.records} == set(methods)
+
+
+def test_a_method_registers_without_touching_the_harness(make_model, make_processor, eval_samples):
+    from arr_coc.evaluation.methods import REGISTRY, Method, register
+    from arr_coc.relevance import Allocation, RealizationRequest
+
+    def gist_only(batch, budgets):  # one pooled token per image, whatever the budget
+        return RealizationRequest(allocation=[Allocation.uniform(h, w, max(h, w)) for h, w in batch.grids])
+
+    register(Method("gist-only", "features", "one token per image", request=gist_only, budgeted=False, label="1 token"))
+    try:
+        result = evaluate(make_model("qwen2_vl"), make_processor("qwen2_vl"), eval_samples[:2], ("full", "gist-only"),
+                          (), batch_size=2, progress=False, max_new_tokens=2)  # fmt: skip
+        written = markdown_table(result.table(), "t", [])
+    finally:
+        del REGISTRY["gist-only"]
+    rows = {r["method"]: r for r in result.table()}
+    assert rows["gist-only"]["budget"] == "1 token" and rows["gist-only"]["tokens_used"] == 1
+    assert "| method | 1 token |" in written and "| gist-only | " in written
+    with pytest.raises(ValueError, match="already registered"):
+        register(Method("full", "features", "again", request=gist_only))
+    with pytest.raises(ValueError, match="acts='encoder' is invalid"):
+        register(Method("x", "encoder", "?", request=gist_only))
+    with pytest.raises(ValueError, match="exactly one of request= or run="):
+        register(Method("y", "language_model", "?", request=gist_only))
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        evaluate(make_model("qwen2_vl"), make_processor("qwen2_vl"), eval_samples[:1], ("nope",), ("1/4",),
+                 progress=False)  # fmt: skip

@@ -219,3 +219,30 @@ def test_beam_search_and_several_return_sequences(family, make_model, make_proce
     assert beams.shape[0] == 4 and torch.equal(beams[::2, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     sampled = model.generate(**inputs, compression=4, max_new_tokens=3, do_sample=True, num_return_sequences=3)
     assert sampled.shape[0] == 6
+
+
+def test_mode_is_a_per_call_option_like_encoding(make_model, make_processor, samples):
+    processor = make_processor("qwen2_vl")
+    free, trained = make_model("qwen2_vl", allocator="quadtree"), make_model("qwen2_vl", allocator="quadtree")
+    trained.config.mode = "trained"
+    inputs = _batch(processor, samples, 2)
+    per_call = free.realize_relevance(**inputs, compression=4, mode="trained")
+    configured = trained.realize_relevance(**inputs, compression=4)
+    assert all(torch.equal(a.relevance, b.relevance) and a.allocation == b.allocation
+               for a, b in zip(per_call, configured))  # fmt: skip
+    assert not torch.equal(per_call[0].relevance, free.realize_relevance(**inputs, compression=4)[0].relevance)
+    assert free.config.mode == "training_free"
+    with torch.no_grad():
+        assert torch.equal(
+            free(**inputs, compression=4, mode="trained").logits, trained(**inputs, compression=4).logits
+        )
+    for option, value in (("mode", "trianed"), ("pooling", "max"), ("encoding", "tiles")):
+        with pytest.raises(ValueError, match=rf"{option}='{value}' is invalid: expected one of \("):
+            free(**inputs, **{option: value})
+
+
+def test_realize_relevance_refuses_a_misspelt_argument_by_name(make_model, make_processor, samples):
+    model, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
+    inputs = _batch(processor, samples, 1)
+    with pytest.raises(TypeError, match="budgte"):
+        model.realize_relevance(**inputs, budgte=10)

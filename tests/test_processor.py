@@ -138,3 +138,22 @@ def test_unusual_but_valid_images_are_accepted(make_processor):
     for image in [Image.new("L", (90, 60), 128), Image.new("RGBA", (60, 90)), Image.new("RGB", (56, 56))]:
         out = processor(images=[image], text=["What is there?"])
         assert out["pixel_values"].shape[0] == int(out["image_grid_thw"].prod())
+
+
+def test_the_prompt_without_a_chat_template_is_the_templates_and_batches_are_left_padded(make_processor, samples):
+    import copy
+
+    from arr_coc.padding import left_pad
+    from arr_coc.processing_arr_coc import chat_prompt
+
+    processor = make_processor("qwen2_vl")
+    bare = copy.copy(processor)
+    bare.chat_template = None
+    images, texts = [[samples[0]["image"], samples[1]["image"]], [samples[2]["image"]]], ["Which is larger?", "What?"]
+    templated, plain = processor(images=images, text=texts), bare(images=images, text=texts)
+    assert all(torch.equal(templated[k], plain[k]) for k in templated)
+    assert chat_prompt("Q?", 2).count("<|image_pad|>") == 2 and chat_prompt("Q?").endswith("<|im_start|>assistant\n")
+    rows = [torch.tensor([[1, 2]]), torch.tensor([[3, 4], [5, 6], [7, 8]])]
+    assert torch.equal(left_pad(rows, -1), torch.tensor([[[-1, -1], [-1, -1], [1, 2]], [[3, 4], [5, 6], [7, 8]]]))
+    with pytest.raises(ValueError, match="more than the padded length 2"):
+        left_pad(rows, length=2)

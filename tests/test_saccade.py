@@ -1,4 +1,4 @@
-"""Saccade encoding: a gist first, then full-resolution crops at their true positions (DESIGN.md contract 7)."""
+"""Saccade encoding: a gist first, then full-resolution crops at their true positions (docs/design.md, contract 7)."""
 
 from __future__ import annotations
 
@@ -37,15 +37,16 @@ def test_patch_layout_round_trips_and_a_crop_is_what_the_processor_makes_of_the_
     image = _image(family, 6, 8)
     out = processor(images=[image], return_tensors="pt")
     pixels, thw = out["pixel_values"], out["image_grid_thw"][0]
-    again, again_thw = adapter.patchify(adapter.unpatchify(pixels, thw))
+    geometry = adapter.patch_geometry
+    again, again_thw = geometry.patchify(geometry.unpatchify(pixels, thw))
     assert torch.equal(again, pixels) and again_thw[0].tolist() == thw.tolist()
     box = (1, 2, 4, 7)  # merged rows 1..3, columns 2..6
     crop = processor(
         images=[image.crop((box[1] * unit, box[0] * unit, box[3] * unit, box[2] * unit))], return_tensors="pt"
     )
-    assert torch.allclose(pixels[adapter.crop_patches(thw, box)], crop["pixel_values"], atol=1e-5)
+    assert torch.allclose(pixels[geometry.crop_patches(thw, box)], crop["pixel_values"], atol=1e-5)
     # the gist at scale 2 is the image box-averaged 2x2 (PIL's reduce), up to uint8 rounding
-    gist, gist_thw = adapter.gist_pixels(pixels, thw, 2)
+    gist, gist_thw = geometry.gist(pixels, thw, 2)
     reduced = processor(images=[image.reduce(2)], return_tensors="pt")
     assert gist_thw[0].tolist() == reduced["image_grid_thw"][0].tolist() == [1, 6, 8]
     assert (gist - reduced["pixel_values"]).abs().max() < 0.03
@@ -74,7 +75,7 @@ def test_crops_enter_the_encoder_at_their_true_positions(family, make_backbone):
     finally:
         hook.remove()
     (full_hidden, (full_cos, full_sin)), (crop_hidden, (crop_cos, crop_sin)) = seen
-    index = adapter.crop_patches(thw[0], box)
+    index = adapter.patch_geometry.crop_patches(thw[0], box)
     assert torch.allclose(crop_hidden, full_hidden[index], atol=1e-6)
     assert torch.allclose(crop_cos, full_cos[index]) and torch.allclose(crop_sin, full_sin[index])
     assert crops[0].tokens.shape[0] == 3 * 5 and crops[0].grid == (1, 3, 5)
@@ -217,9 +218,10 @@ def _trainer(model, processor, examples, tmp_path, objectives: str, steps: int, 
 
 
 def test_heads_train_for_saccades_with_the_answer_loss_and_localisation(tmp_path, make_model, make_processor, samples):
+    from arr_coc.data.boxes import box_overlap_map
     from arr_coc.training import surgery
     from arr_coc.training.data import VQACollator
-    from arr_coc.training.objectives import box_overlap_map, mass_inside
+    from arr_coc.training.objectives import mass_inside
     from arr_coc.training.trainer import ArrCocTrainer
 
     model = make_model("qwen2_vl", mode="trained", encoding="saccade", gist_scale=2, min_tokens=8, max_tokens=64)
@@ -263,7 +265,7 @@ def test_pipeline_cli_and_figure_show_the_saccade(tmp_path, make_model, make_pro
     from transformers import pipeline
 
     from arr_coc import cli
-    from arr_coc.evaluation.plots import realization_figure
+    from arr_coc.figures import realization_figure
 
     model, processor = make_model("qwen2_vl", gist_scale=2), make_processor("qwen2_vl")
     pipe = pipeline("relevance-vqa", model=model, processor=processor)
@@ -282,7 +284,7 @@ def test_pipeline_cli_and_figure_show_the_saccade(tmp_path, make_model, make_pro
 
 
 def test_gist_cell_means_average_each_cells_tokens_and_edge_cells_only_their_own():
-    from arr_coc.training.objectives import gist_cell_means
+    from arr_coc.relevance.saccade import gist_cell_means
 
     tokens = torch.arange(5 * 3, dtype=torch.float32).view(15, 1)  # a 5 x 3 grid, value = raster index
     means = gist_cell_means(tokens, 5, 3, 2).view(3, 2)
@@ -292,7 +294,7 @@ def test_gist_cell_means_average_each_cells_tokens_and_edge_cells_only_their_own
 
 @given(h=st.integers(1, 12), w=st.integers(1, 12), scale=st.integers(2, 4), seed=st.integers(0, 99))
 def test_training_crops_lie_on_gist_cells_inside_the_image(h, w, scale, seed):
-    from arr_coc.training.objectives import random_crops
+    from arr_coc.relevance.saccade import random_crops
 
     boxes = random_crops(h, w, scale, torch.Generator().manual_seed(seed))
     assert boxes == random_crops(h, w, scale, torch.Generator().manual_seed(seed))

@@ -100,3 +100,22 @@ def test_trainer_checkpoint_with_one_language_model_layer_unfrozen_resumes_with_
     )
     mismatched = [k for k in final_a if not torch.equal(final_a[k], final_b[k])]
     assert not mismatched, f"weights differ after resume: {mismatched[:5]}"
+
+
+def test_relevance_heads_load_from_a_heads_only_folder_or_a_whole_checkpoint(tmp_path, make_model):
+    import pytest
+
+    from arr_coc.loading import load_relevance_heads
+    from arr_coc.training.trainer import save_heads
+
+    trained = make_model("qwen2_vl", mode="trained")
+    torch.nn.init.constant_(trained.relevance.coupling.bias, 2.5)
+    save_heads(trained, tmp_path / "heads", base_model="unused")
+    trained.save_pretrained(tmp_path / "whole")
+    for folder in ("heads", "whole"):
+        fresh = make_model("qwen2_vl")
+        load_relevance_heads(fresh, str(tmp_path / folder))
+        a, b = trained.relevance.state_dict(), fresh.relevance.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="holds no relevance heads"):
+        load_relevance_heads(make_model("qwen2_vl"), str(tmp_path))

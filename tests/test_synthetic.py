@@ -1,4 +1,4 @@
-"""The synthetic tasks against shared/TASKS.md: determinism, the contract, coverage of the whole space."""
+"""The synthetic tasks against the task contract (docs/tasks.md): determinism, the contract, coverage of the whole space."""
 
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 import arr_coc  # noqa: F401
+from arr_coc.data.boxes import box_overlap_map
 from arr_coc.training import surgery
 from arr_coc.training.data import VQACollator
-from arr_coc.training.objectives import ObjectiveWeights, box_overlap_map, mass_inside
+from arr_coc.training.objectives import ObjectiveWeights, mass_inside
 from arr_coc.training.trainer import ArrCocTrainer, save_heads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

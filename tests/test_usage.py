@@ -277,7 +277,7 @@ def test_browser_uploads_a_sample_and_sees_the_answer_and_heatmap(loaded, sample
 
 
 def test_realization_picture_shapes(loaded, samples):
-    from arr_coc.evaluation.plots import realization_figure
+    from arr_coc.figures import realization_figure
 
     model, processor = loaded
     inputs = processor(images=[samples[0]["image"]], text=[samples[0]["question"]])

@@ -51,7 +51,7 @@ def _open_image(path: str):
 def cmd_demo(args: argparse.Namespace) -> int:
     """Answer one question about one image and draw where the tokens went."""
     from .data.synthetic import eval_seeds, generate
-    from .evaluation.plots import realization_figure
+    from .figures import realization_figure
     from .pipeline import answer
 
     started = time.time()
@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     processes under torchrun or accelerate launch, merged in input order)."""
     from tqdm.auto import tqdm
 
-    from .evaluation.plots import realization_figure
+    from .figures import realization_figure
     from .pipeline import answer
 
     if bool(args.image) == bool(args.input):

@@ -8,11 +8,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .backbones import SUPPORTED_FAMILIES
+from .relevance.realizing import ENCODINGS, MODES, POOLINGS
 
 ALLOCATORS = ("ladder", "quadtree")
-MODES = ("training_free", "trained")
-ENCODINGS = ("single", "saccade")
-POOLINGS = ("relevance", "mean")
 DEFAULT_LADDER = (1, 4, 16, 64, 100, 144, 196, 256, 400)
 
 
@@ -32,7 +30,8 @@ class ArrCocConfig(PreTrainedConfig):
         region_size (`int`): side of a ladder region, in visual tokens (20 = 560 px on Qwen2-VL).
         lod_ladder (`list[int]`): ladder levels in tokens per region, perfect squares, increasing, each at
             most `region_size**2`; a region's own size (full detail) is always the top level.
-        mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads).
+        mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads); a call may
+            choose its own (`mode=` of `forward`, `generate`, `realize_relevance`).
         encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
             at 1/`gist_scale` of the resolution and allocate on it, then read only the regions finer than the
             gist at full resolution; `allocator`, `region_size` and `lod_ladder` apply to both).
@@ -116,5 +115,8 @@ class ArrCocConfig(PreTrainedConfig):
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.vlm_config.get_text_config(decoder=decoder, encoder=encoder)
 
+
+# arr-coc's own config fields (not the generic PreTrainedConfig ones, nor the backbone's)
+ARR_COC_FIELDS = tuple(f for f in ArrCocConfig.__annotations__ if f != "vlm_config")
 
 __all__ = ["ArrCocConfig"]

@@ -23,12 +23,13 @@ from torch import nn
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # source files, in dependency order, that make up each flat remote-code module
 _MODELING = [
-    "io.py",
+    "io.py", "loading.py", "padding.py",
+    "relevance/knowing.py", "relevance/balancing.py", "relevance/attending.py", "relevance/realizing.py",
+    "relevance/saccade.py", "relevance/__init__.py",
     "backbones/base.py", "backbones/qwen2_vl.py", "backbones/qwen2_5_vl.py", "backbones/qwen3_vl.py",
-    "backbones/__init__.py", "relevance/knowing.py", "relevance/balancing.py", "relevance/attending.py",
-    "relevance/realizing.py", "relevance/__init__.py", "modeling_arr_coc.py",
+    "backbones/__init__.py", "modeling_arr_coc.py",
 ]  # fmt: skip
-_PROCESSING = ["io.py", "images.py", "processing_arr_coc.py"]
+_PROCESSING = ["io.py", "images.py", "padding.py", "processing_arr_coc.py"]
 _CONFIGURATION = ["configuration_arr_coc.py"]
 _HEADER = '''"""arr-coc {what} (flattened from the arr-coc package for transformers' remote-code loader).
 
@@ -95,12 +96,17 @@ def _flatten(files: list[str], what: str, keep_relative: dict[str, str], extra: 
 def write_remote_code(folder: str, kind: str) -> None:
     """Write the flat modules for ``kind`` ("model" or "processor") into ``folder`` and add their auto_map."""
     from .backbones import SUPPORTED_FAMILIES
+    from .relevance import ENCODINGS, MODES, POOLINGS
 
     if kind == "model":
-        config = _flatten(
-            _CONFIGURATION, "configuration", {}, extra=f"SUPPORTED_FAMILIES = {tuple(SUPPORTED_FAMILIES)!r}\n"
+        # the config's imports from the package, as constants
+        constants = {"SUPPORTED_FAMILIES": tuple(SUPPORTED_FAMILIES), "ENCODINGS": ENCODINGS, "MODES": MODES,
+                     "POOLINGS": POOLINGS}  # fmt: skip
+        extra = "".join(f"{name} = {value!r}\n" for name, value in constants.items())
+        config = _flatten(_CONFIGURATION, "configuration", {}, extra=extra)
+        modeling = _flatten(
+            _MODELING, "modeling", {"config": "from .configuration_arr_coc import ARR_COC_FIELDS, ArrCocConfig\n"}
         )
-        modeling = _flatten(_MODELING, "modeling", {"config": "from .configuration_arr_coc import ArrCocConfig\n"})
         for name, text in (("configuration_arr_coc.py", config), ("modeling_arr_coc.py", modeling)):
             with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
                 f.write(text)

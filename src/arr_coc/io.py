@@ -150,25 +150,6 @@ def check_weights(path: str) -> None:
         )
 
 
-HEADS_CONFIG = "arr_coc_heads.json"
-HEADS_WEIGHTS = "arr_coc_heads.safetensors"
-
-
-def load_heads_into(model, heads_dir: str) -> None:
-    """Put the relevance heads of ``heads_dir`` on ``model``: a heads-only checkpoint (`training.save_heads`) or a
-    whole arr-coc model folder (its ``relevance.*`` weights). Raises FileNotFoundError if it holds neither."""
-    from safetensors.torch import load_file
-
-    heads_only, whole = os.path.join(heads_dir, HEADS_WEIGHTS), os.path.join(heads_dir, "model.safetensors")
-    if os.path.isfile(heads_only):
-        state = load_file(heads_only)
-    elif os.path.isfile(whole):
-        state = {k: v for k, v in load_file(whole).items() if k.startswith("relevance.")}
-    else:
-        raise FileNotFoundError(f"{heads_dir} holds no relevance heads ({HEADS_WEIGHTS} or model.safetensors)")
-    model.relevance.load_state_dict({k.removeprefix("relevance."): v for k, v in state.items()})
-
-
 def mark_complete(path: str) -> None:
     """Record that a checkpoint folder is whole (written after everything else is on disk)."""
     fsync_tree(path)

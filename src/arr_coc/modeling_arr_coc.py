@@ -1,7 +1,7 @@
 """ArrCocForConditionalGeneration: a frozen Qwen2-VL-family backbone whose language model receives a
 budget of visual tokens chosen for the question.
 
-The whole forward pass, per image (DESIGN.md's data flow)::
+The whole forward pass, per image (the data flow of docs/design.md)::
 
     pixels -> vision encoder -> visual tokens V [h*w, d]          (backbone adapter)
     knowing:    information(V), salience(V), coupling(V, Q)        -> three maps [h*w]
@@ -10,91 +10,51 @@ The whole forward pass, per image (DESIGN.md's data flow)::
     realizing:  realizer(V, allocation, relevance)                 -> tokens [T', d] at centre positions
     language model <- [text before | compressed tokens | text after] with M-RoPE positions
 
-With ``encoding="saccade"`` the encoder first sees a gist (the image at 1/gist_scale), the maps, the
-budget and the allocation come from the gist's tokens, and only the gist cells under regions finer than
-the gist are encoded again, at full resolution and at their true positions; every region is pooled from
-those crops or from the gist.
+`compress_inputs` runs it for a batch in named steps: each sample's image spans (`_image_spans`), every image
+realized and spliced between its text runs (`_splice`), the rows left-padded (`_pad`). An image is realized by
+`_realize_image` (encoded once) or, with ``encoding="saccade"``, by `_realize_saccade`: the encoder first sees a
+gist (the image at 1/gist_scale), the maps, the budget and the allocation come from the gist's tokens, and only
+the gist cells under regions finer than the gist are encoded again, at full resolution and at their true
+positions; every region is pooled from those crops or from the gist (`relevance.saccade`). Both follow the
+realize protocol of `relevance.realizing`, as the evaluation's baselines do.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import numbers
 import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForImageTextToText, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .assets import resolve_model_path
 from .backbones import adapter_for
-from .backbones.base import VisionFeatures
-from .configuration_arr_coc import ArrCocConfig
-from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, load_heads_into, prepare_local
+from .backbones.base import ImageInput, VisionFeatures
+from .configuration_arr_coc import ARR_COC_FIELDS, ArrCocConfig
+from .io import MODEL_FILES, atomic_directory, prepare_local
+from .loading import heads_only_settings, load_backbone, load_relevance_heads, memory_footprint, nested_device_map
+from .padding import left_pad
 from .relevance import (
     Allocation,
+    BudgetDecision,
+    ImageRequest,
+    Realization,
+    RealizationRequest,
+    Realize,
     RelevanceHeads,
-    RelevanceRealizer,
+    RelevanceMaps,
+    RelevanceRealization,
     TokenAllocator,
-    expand_gist,
+    expand_maps,
+    native_features,
+    realize_allocation,
     saccade_crops,
 )
 from .relevance.knowing import CouplingScorer
 
 IGNORE_INDEX = -100
-# arr-coc's own config fields (not the generic PreTrainedConfig ones, nor the backbone's)
-ARR_COC_FIELDS = tuple(f for f in ArrCocConfig.__annotations__ if f != "vlm_config")
-
-
-@dataclass
-class RelevanceRealization:
-    """Why one image's tokens went where they went (all maps are [h, w] on the merged grid)."""
-
-    information: torch.Tensor
-    salience: torch.Tensor
-    coupling: torch.Tensor
-    relevance: torch.Tensor
-    balance_weights: torch.Tensor  # [3]: information, salience, coupling
-    allocation: Allocation
-    budget: int  # T after every budget rule
-    requested_budget: int  # before clipping to native
-    budget_clipped: bool
-    budget_source: str  # "auto", "budget", "compression" or "allocation"
-    expected_tokens: torch.Tensor  # the budget head's (differentiable) estimate
-    native_count: int
-    positions: torch.Tensor  # [T', 3] (t, y, x) relative to the image's first position
-    sample_index: int = 0
-    image_index: int = 0  # within its sample
-    encoding: str = "single"  # "saccade": maps come from the gist; regions finer than it from crops
-    gist_scale: int | None = None  # the saccade's gist: one token per gist_scale x gist_scale native tokens
-
-    @property
-    def tokens_used(self) -> int:
-        return self.allocation.tokens_used
-
-    def detail_map(self) -> torch.Tensor:
-        """[h, w] bool: True where the token is passed at full detail."""
-        return self.allocation.detail_map()
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (maps as nested lists)."""
-        return {
-            "sample_index": self.sample_index,
-            "image_index": self.image_index,
-            "encoding": self.encoding,
-            "gist_scale": self.gist_scale,
-            "tokens_used": self.tokens_used,
-            "native_count": self.native_count,
-            "budget": self.budget,
-            "requested_budget": self.requested_budget,
-            "budget_clipped": self.budget_clipped,
-            "budget_source": self.budget_source,
-            "balance_weights": [round(float(w), 4) for w in self.balance_weights],
-            "allocation": self.allocation.to_dict(),
-            "relevance": [[round(float(v), 4) for v in row] for row in self.relevance],
-        }
 
 
 @dataclass
@@ -119,16 +79,6 @@ class ArrCocCausalLMOutputWithPast(ModelOutput):
 
 
 @dataclass
-class SaccadeImage:
-    """One image's processor patches before a saccade: pixels [h*w patches, C*T*P*P], thw [3] patch grid,
-    grid (t, h, w) merged."""
-
-    pixels: torch.Tensor
-    thw: torch.Tensor
-    grid: tuple[int, int, int]
-
-
-@dataclass
 class CompressedInputs:
     """The language model's inputs after the relevance realization (left-padded)."""
 
@@ -138,78 +88,34 @@ class CompressedInputs:
     labels: torch.Tensor | None  # [B, L']
     visual_mask: torch.Tensor  # [B, L'] bool
     visual_extra: list[torch.Tensor]  # per extra feature: [n_visual, d] in sequence order
-    realizations: list[RelevanceRealization] = field(default_factory=list)
+    realizations: list[Realization] = field(default_factory=list)
     tokens_used: torch.Tensor | None = None  # [B]
     native_tokens: torch.Tensor | None = None  # [B]
 
-
-def _check_allocation(allocation: Allocation, h: int, w: int) -> None:
-    """A caller's fixed allocation must tile this image's grid exactly, each region at 1..its own size."""
-    if (allocation.height, allocation.width) != (h, w):
-        raise ValueError(f"allocation is for a {allocation.height}x{allocation.width} grid, the image has {h}x{w}")
-    for r in allocation.regions:
-        if not (
-            0 <= r.y0 < r.y1 <= h and 0 <= r.x0 < r.x1 <= w and 1 <= r.k_h <= r.y1 - r.y0 and 1 <= r.k_w <= r.x1 - r.x0
-        ):
-            raise ValueError(
-                f"allocation region {r} lies outside the {h}x{w} grid or asks for more cells than its size"
-            )
-    if not bool((allocation.coverage() == 1).all()):
-        raise ValueError("allocation regions must cover every token of the grid exactly once (no gaps, no overlaps)")
-
-
-def _check_tied_placement(config, device_map: dict) -> None:
-    """A backbone whose lm_head shares the input embeddings needs both in one place (accelerate otherwise
-    fails with "weight is on the meta device"). ``device_map`` uses the backbone's module names."""
-    config = getattr(config, "vlm_config", config)
-    if not getattr(config, "tie_word_embeddings", False):
-        return
-
-    def place(name: str):
-        keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
-        return device_map[max(keys, key=len)] if keys else None
-
-    head, embeddings = place("lm_head"), place("model.language_model.embed_tokens")
-    if head != embeddings and "disk" in (head, embeddings):
-        raise ValueError(
-            f"device_map puts lm_head on {head!r} and the input embeddings on {embeddings!r}, but this backbone ties "
-            "them (tie_word_embeddings=True): place 'lm_head' with 'model.language_model' (e.g. both on 'disk')"
-        )
+    def generate_inputs(self, copies: int = 1) -> dict:
+        """Keyword arguments for ``generate`` on this sequence (no ``pixel_values``): the prefill's embeddings, mask
+        and positions, and the per-token extra features repeated ``copies`` times per sample, as ``generate``
+        repeats every sample per beam or returned sequence. ``generate`` then returns the new tokens only."""
+        inputs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                  "position_ids": self.position_ids}  # fmt: skip
+        if self.visual_extra:
+            per_sample = self.visual_mask.sum(dim=1).tolist()
+            inputs["visual_pos_masks"] = self.visual_mask
+            inputs["deepstack_visual_embeds"] = [
+                torch.cat([part for part in x.split(per_sample) for _ in range(copies)]) for x in self.visual_extra
+            ]
+        return inputs
 
 
-def _stored_bytes(tensor: torch.Tensor) -> int:
-    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
-        names, _ = data.__tensor_flatten__()
-        return sum(_stored_bytes(getattr(data, name)) for name in names)
-    return data.numel() * data.element_size()
+@dataclass
+class _Row:
+    """One sample's spliced sequence before padding (n tokens)."""
 
-
-def _per_image(value, name: str, images_per_sample: list[int]) -> list:
-    """Broadcast a call argument to one value per image.
-
-    ``value``: None, a scalar (every image), one value per sample (each of its images), or per sample a
-    list with one value per image.
-    """
-    n_images = sum(images_per_sample)
-    if value is None or isinstance(value, (numbers.Number, Allocation)) or (torch.is_tensor(value) and value.ndim == 0):
-        value = value.item() if torch.is_tensor(value) else value
-        return [value] * n_images
-    values = value.tolist() if torch.is_tensor(value) else list(value)
-    if len(values) != len(images_per_sample):
-        raise ValueError(
-            f"{name} has {len(values)} entries for a batch of {len(images_per_sample)} samples: pass one value, "
-            f"one per sample, or per sample one per image"
-        )
-    out = []
-    for v, n in zip(values, images_per_sample):
-        if isinstance(v, (list, tuple)):
-            if len(v) != n:
-                raise ValueError(f"{name} gives {len(v)} values for a sample with {n} images")
-            out += list(v)
-        else:
-            out += [v] * n
-    return out
+    embeds: torch.Tensor  # [n, d]
+    positions: torch.Tensor  # [n, 3]
+    labels: torch.Tensor | None  # [n]
+    visual: torch.Tensor  # [n] bool
+    extras: list[list[torch.Tensor]]  # per image: its extra features [T', d] each
 
 
 class ArrCocPreTrainedModel(PreTrainedModel):
@@ -234,11 +140,12 @@ class ArrCocPreTrainedModel(PreTrainedModel):
 class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     """A backbone VLM (``self.vlm``, a stock ``*ForConditionalGeneration``) plus the relevance heads.
 
-    Extra call arguments of `forward`, `generate` and `realize_relevance`:
+    Extra call arguments of `forward`, `generate` and `realize_relevance` (together a `RealizationRequest`):
         question_mask ([B, L]): 1 on the question's tokens (the processor emits it).
         budget / compression: explicit T or N/T ratio – one value, one per sample, or per image.
         allocation: a fixed `Allocation` per image (bypasses the budget and the allocator).
-        pooling: "relevance" or "mean" for the pooled tokens (default: the config's).
+        pooling: "relevance" or "mean" for the pooled tokens; encoding: "single" or "saccade"; mode:
+            "training_free" or "trained" (each default: the config's).
     """
 
     def __init__(self, config: ArrCocConfig, vlm: PreTrainedModel | None = None):
@@ -264,28 +171,20 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)
-        and heads-only folders (`training.save_heads`), whose backbone is loaded by the name they carry."""
+        and heads-only folders (`training.trainer.save_heads`), whose backbone is loaded by the name they carry
+        (`loading.heads_only_settings`). A ``device_map`` may use the backbone's own module names."""
         path = resolve_model_path(pretrained_model_name_or_path)
         prepare_local(path)
-        heads_config = os.path.join(str(path), HEADS_CONFIG)
-        if os.path.isfile(heads_config):
-            with open(heads_config) as f:
-                info = json.load(f)
+        heads = heads_only_settings(path)
+        if heads is not None:
+            base, settings = heads
             kwargs.pop("config", None)
-            fields = {k: v for k, v in info["arr_coc"].items() if k in ARR_COC_FIELDS}
-            model = cls.from_backbone(info["base_model_name_or_path"], **fields, **kwargs)
-            load_heads_into(model, str(path))
+            model = cls.from_backbone(base, **{k: v for k, v in settings.items() if k in ARR_COC_FIELDS}, **kwargs)
+            load_relevance_heads(model, str(path))
             return model
         kwargs.setdefault("use_safetensors", True)
-        device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and not any(k.split(".")[0] in ("vlm", "relevance") for k in device_map):
-            # the backbone's own module names (as for from_backbone): placed under vlm., the heads beside them
-            _check_tied_placement(AutoConfig.from_pretrained(path), device_map)
-            heads = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
-            kwargs["device_map"] = {
-                **{f"vlm.{k}" if k else "vlm": d for k, d in device_map.items()},
-                "relevance": heads,
-            }
+        if isinstance(kwargs.get("device_map"), dict):  # the backbone's module names are placed under vlm.
+            kwargs["device_map"] = nested_device_map(path, kwargs["device_map"])
         return super().from_pretrained(path, *args, **kwargs)
 
     @classmethod
@@ -297,19 +196,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         backbone only.
         """
         config_fields = {k: overrides.pop(k) for k in list(overrides) if k in ARR_COC_FIELDS}
-        if isinstance(model_or_path, (str, os.PathLike)):
-            path = resolve_model_path(model_or_path)
-            prepare_local(path)
-            if isinstance(overrides.get("device_map"), dict):
-                _check_tied_placement(AutoConfig.from_pretrained(path), overrides["device_map"])
-            vlm = AutoModelForImageTextToText.from_pretrained(path, **{"use_safetensors": True, **overrides})
-            vlm = vlm.vlm if isinstance(vlm, ArrCocForConditionalGeneration) else vlm  # an arr-coc model's backbone
-        elif overrides:
-            raise ValueError(f"unknown options {sorted(overrides)} for an already loaded backbone")
-        else:
-            vlm = model_or_path
-        config = ArrCocConfig(vlm_config=vlm.config, **config_fields)
-        model = cls(config, vlm=vlm)
+        vlm = load_backbone(model_or_path, overrides)
+        model = cls(ArrCocConfig(vlm_config=vlm.config, **config_fields), vlm=vlm)
         placed = [p.device for p in vlm.parameters() if p.device.type != "meta"]  # meta: offloaded to disk
         model.relevance.to(device=placed[0] if placed else "cpu")  # heads stay fp32 whatever the backbone's dtype
         model.generation_config = GenerationConfig.from_dict(vlm.generation_config.to_dict())
@@ -340,10 +228,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """Bytes of the weights (and buffers) as they are stored in memory: quantized tensor subclasses
         (torchao) count their packed data and scales, not the float size they present; weights offloaded to
         disk (left on the meta device) count nothing."""
-        tensors = {id(p): p for p in self.parameters()}
-        if return_buffers:
-            tensors.update({id(b): b for b in self.buffers()})
-        return sum(_stored_bytes(t) for t in tensors.values() if t.device.type != "meta")
+        return memory_footprint(self, return_buffers)
 
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()
@@ -354,239 +239,181 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.vlm.get_output_embeddings()
 
-    # ------------------------------------------------------------------ relevance realization
+    # ------------------------------------------------------------------ one image: the realize protocol
 
-    def _realize_image(self, features: VisionFeatures, question: torch.Tensor, budget, compression,
-                       allocation: Allocation | None, pooling: str | None) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
-        """One image: knowing -> balancing -> attending -> realizing."""
-        config, heads = self.config, self.relevance
-        trained = config.mode == "trained"
-        t, h, w = features.grid
-        if t != 1:
-            raise ValueError(
-                f"an image must have one temporal patch, got a grid of {features.grid}; video is not supported"
-            )
-        head_dtype = next(heads.parameters()).dtype
-        tokens, question = features.tokens.to(head_dtype), question.to(head_dtype)
-        native = h * w
-        # knowing (three maps) -> balancing (relevance) -> the budget head's estimate: RelevanceHeads.forward
-        info, salience, coupling, relevance, weights, expected = heads(
-            tokens, (h, w), question, trained, config.min_tokens, config.max_tokens
-        )
-        # attending: the budget T, then the allocation
-        if allocation is not None:
-            _check_allocation(allocation, h, w)
-            decision = (allocation.tokens_used, allocation.tokens_used, False, "allocation")
-        else:
-            allocation, d = self.allocator.decide(relevance, h, w, float(expected.detach()), config.min_tokens,
-                                                  config.max_tokens, budget, compression)  # fmt: skip
-            decision = (d.tokens, d.requested, d.clipped, d.source)
-        # realizing
-        pooled, centres = RelevanceRealizer(config.pooling)(
-            [features.tokens, *features.extra], allocation, relevance, pooling
-        )
-        positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
-        realization = RelevanceRealization(
-            information=info.view(h, w), salience=salience.view(h, w), coupling=coupling.view(h, w),
-            relevance=relevance.view(h, w), balance_weights=weights, allocation=allocation, budget=decision[0],
-            requested_budget=decision[1], budget_clipped=decision[2], budget_source=decision[3],
-            expected_tokens=expected, native_count=native, positions=positions,
-        )  # fmt: skip
-        return pooled, realization
+    def _relevance_maps(self, tokens: torch.Tensor, grid: tuple[int, int], question: torch.Tensor,
+                        mode: str) -> RelevanceMaps:  # fmt: skip
+        """knowing -> balancing on ``tokens`` [h*w, d] (the heads run in their own dtype, fp32)."""
+        dtype = next(self.relevance.parameters()).dtype
+        return self.relevance.maps(tokens.to(dtype), grid, question.to(dtype), mode == "trained")
 
-    def _realize_saccade(self, image: SaccadeImage, question: torch.Tensor, budget, compression,
-                         allocation: Allocation | None, pooling: str | None) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
-        """One image by saccade: encode the gist -> relevance and the allocation on it, as in the single
-        encoding -> encode the gist cells under regions finer than the gist at full resolution -> every
-        region pooled from those crops or from the gist, in raster order of the tokens' centres."""
-        if allocation is not None:
+    def _attend(self, maps: RelevanceMaps, question: torch.Tensor, h: int, w: int,
+                ask: ImageRequest) -> tuple[torch.Tensor, Allocation, BudgetDecision]:  # fmt: skip
+        """attending, from relevance on the native ``h x w`` grid: the budget head's estimate, then the budget
+        rules and the allocation -> (expected tokens [], allocation, decision)."""
+        config, trained = self.config, ask.mode == "trained"
+        question = question.to(next(self.relevance.parameters()).dtype)
+        expected = self.relevance.budget(maps.relevance, question, config.min_tokens, config.max_tokens, trained)
+        allocation, decision = self.allocator.decide(maps.relevance, h, w, float(expected.detach()),
+                                                     config.min_tokens, config.max_tokens, ask.budget,
+                                                     ask.compression, ask.allocation)  # fmt: skip
+        return expected, allocation, decision
+
+    def _realize_image(self, image: ImageInput, question: torch.Tensor,
+                       ask: ImageRequest) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
+        """One image encoded once: knowing -> balancing -> attending -> realizing."""
+        features = image.features
+        _, h, w = features.grid
+        maps = self._relevance_maps(features.tokens, (h, w), question, ask.mode)
+        expected, allocation, decision = self._attend(maps, question, h, w, ask)
+        return realize_allocation([features.tokens, *features.extra], maps, expected, allocation, decision,
+                                  ask.pooling)  # fmt: skip
+
+    def _realize_saccade(self, image: ImageInput, question: torch.Tensor,
+                         ask: ImageRequest) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
+        """One image by saccade, in two encoder passes: the gist -> relevance, the budget and the allocation on it,
+        as in the single encoding -> the gist cells under regions finer than the gist, encoded again at full
+        resolution -> every region pooled from those crops or from the gist."""
+        if ask.allocation is not None:
             raise ValueError(
                 "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
                 "pass budget= or compression=, or use encoding='single'"
             )
-        config, heads, adapter = self.config, self.relevance, self.adapter
+        adapter, scale = self.adapter, self.config.gist_scale
         _, h, w = image.grid
-        scale = config.gist_scale
-        gist = adapter.encode_images(*adapter.gist_pixels(image.pixels, image.thw, scale))[0]
-        _, hg, wg = gist.grid
-        head_dtype = next(heads.parameters()).dtype
-
-        def to_native(values: torch.Tensor) -> torch.Tensor:
-            return expand_gist(values, h, w, scale)
-
-        info, salience, coupling, relevance, weights, expected = heads(
-            gist.tokens.to(head_dtype), (hg, wg), question.to(head_dtype), config.mode == "trained",
-            config.min_tokens, config.max_tokens, to_native,
-        )  # fmt: skip
-        native_relevance = to_native(relevance)  # [h*w]: the allocator's, the pooling weights, the report's
-        allocation, d = self.allocator.decide(native_relevance, h, w, float(expected.detach()),
-                                              config.min_tokens, config.max_tokens, budget, compression)  # fmt: skip
+        gist = adapter.encode_images(*adapter.patch_geometry.gist(image.patches, image.thw, scale))[0]
+        maps = expand_maps(self._relevance_maps(gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
+        expected, allocation, decision = self._attend(maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)
-        crops = adapter.encode_crops(image.pixels, image.thw, boxes)
-        # Every native token's features: its gist token's, or its own from a crop; then pooled per region as
-        # in the single encoding (a coarse region pools the gist tokens under it).
-        gist_of = (torch.arange(h)[:, None] // scale * wg + torch.arange(w)[None, :] // scale).flatten()
-        native = [x[gist_of.to(x.device)] for x in (gist.tokens, *gist.extra)]
-        for (y0, x0, y1, x1), crop in zip(boxes, crops):
-            index = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten()
-            for x, c in zip(native, (crop.tokens, *crop.extra)):
-                x[index.to(x.device)] = c
-        tokens, centres = RelevanceRealizer(config.pooling)(native, allocation, native_relevance, pooling)
-        positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
-        realization = RelevanceRealization(
-            information=to_native(info).view(h, w), salience=to_native(salience).view(h, w),
-            coupling=to_native(coupling).view(h, w), relevance=native_relevance.view(h, w),
-            balance_weights=weights, allocation=allocation, budget=d.tokens, requested_budget=d.requested,
-            budget_clipped=d.clipped, budget_source=d.source, expected_tokens=expected, native_count=h * w,
-            positions=positions, encoding="saccade", gist_scale=scale,
-        )  # fmt: skip
-        return tokens, realization
+        crops = adapter.encode_crops(image.patches, image.thw, boxes)
+        features = native_features([gist.tokens, *gist.extra], [[c.tokens, *c.extra] for c in crops], boxes, h, w,
+                                   scale)  # fmt: skip
+        return realize_allocation(features, maps, expected, allocation, decision, ask.pooling, "saccade", scale)
 
-    def compress_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor,
-                        image_grid_thw: torch.Tensor, question_mask: torch.Tensor | None = None,
-                        labels: torch.Tensor | None = None, budget=None, compression=None, allocation=None,
-                        pooling: str | None = None, image_tokens=None,
-                        vision_features: list[VisionFeatures] | None = None,
-                        encoding: str | None = None) -> CompressedInputs:  # fmt: skip
-        """Encode the images, realize relevance per image and build the language model's inputs.
+    # ------------------------------------------------------------------ a batch: image spans, splice, pad
 
-        input_ids / attention_mask / question_mask / labels: [B, L] as the processor emits them
-        (each image as its native count of placeholder tokens). Returns left-padded [B, L'] inputs.
-        ``image_tokens``: another way to turn one image's features into tokens (the evaluation
-        harness's baselines), called like `_realize_image`. ``vision_features``: the encoder's output
-        for these images from an earlier call (`encode_images`), to compare budgets without re-encoding.
-        ``encoding``: "single" or "saccade" for this call (default: the config's).
+    def image_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     features: list[VisionFeatures] | None = None) -> list[ImageInput]:  # fmt: skip
+        """The batch's images as realize steps receive them (`ImageInput`: patches [h*w, C*T*P*P], grid), each
+        encoded on first use unless ``features`` (from `encode_images`) are given.
+
+        Raises `ValueError` for pixel_values without image_grid_thw, not floating point, with NaN or infinite
+        values, not matching image_grid_thw, or an image of more than one temporal patch (video).
         """
-        adapter = self.adapter
+        return ImageInput.split(self.adapter, pixel_values, image_grid_thw, features)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[VisionFeatures]:
+        """The backbone's vision encoder on every image (``VisionFeatures`` per image); raises like `image_inputs`."""
+        return [image.features for image in self.image_inputs(pixel_values, image_grid_thw)]
+
+    def compress_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: list[ImageInput],
+                        question_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                        request: RealizationRequest | None = None) -> CompressedInputs:  # fmt: skip
+        """Realize relevance for every image and build the language model's inputs.
+
+        input_ids / attention_mask / question_mask / labels: [B, L] as the processor emits them (each image as its
+        native count of placeholder tokens); images: `image_inputs` of the batch's pixels; request: the call's
+        options (`RealizationRequest`; default: the config's). Returns `CompressedInputs`: left-padded
+        inputs_embeds [B, L', d], attention_mask [B, L'], position_ids [3, B, L'], labels [B, L'] (remapped; image
+        tokens -100), visual_mask [B, L'], the realizations in input order and tokens_used / native_tokens [B].
+
+        Raises `ValueError` when input_ids are missing or their placeholders do not match the images (process the
+        text with the model's processor), for a budget / compression / allocation that breaks the budget rules of
+        docs/design.md or a per-sample list that does not match the batch, and for a misspelt pooling, encoding or
+        mode.
+        """
+        if input_ids is None:
+            raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
+        request = (request or RealizationRequest()).resolve(self.config)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        encoding = encoding or self.config.encoding
-        if encoding == "saccade":
-            if image_tokens is not None or vision_features is not None:
-                raise ValueError("saccade encoding runs the encoder itself: image_tokens= and vision_features= "
-                                 "are for encoding='single'")  # fmt: skip
-            self._check_pixels(pixel_values, image_grid_thw)
-            features, realize = self._saccade_images(pixel_values, image_grid_thw), self._realize_saccade
-        elif encoding == "single":
-            features = (
-                vision_features if vision_features is not None else self.encode_images(pixel_values, image_grid_thw)
-            )
-            realize = image_tokens or self._realize_image
-        else:
-            raise ValueError(f"encoding={encoding!r} is invalid: expected 'single' or 'saccade'")
-        text_embeds = adapter.embed_tokens(input_ids)
+        realize = request.realize or (self._realize_saccade if request.encoding == "saccade" else self._realize_image)
+        layouts = self._image_spans(input_ids, attention_mask, images)
+        asks = iter(request.per_image([len(spans) for _, spans in layouts]))
+        text_embeds = self.adapter.embed_tokens(input_ids)
+        rows, realizations = [], []
+        for b, (valid, spans) in enumerate(layouts):
+            question = question_mask[b][valid] if question_mask is not None else None
+            sample_labels = labels[b][valid] if labels is not None else None
+            row, found = self._splice(b, spans, text_embeds[b][valid], input_ids[b][valid], question, sample_labels,
+                                      images, asks, realize)  # fmt: skip
+            rows.append(row)
+            realizations += found
+        return self._pad(rows, realizations, attention_mask.dtype)
 
-        # Split each sample into text runs and image spans (runs of placeholders, cut by each image's count).
-        layouts, image_cursor = [], 0
+    def _image_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     images: list[ImageInput]) -> list[tuple[torch.Tensor, list[tuple[int, int, int]]]]:  # fmt: skip
+        """Per sample (valid [L] bool: its tokens, spans): runs of placeholders among its valid tokens, cut by each
+        image's native count and matched to the images in order – per image (start, stop, its index k)."""
+        image_token, layouts, k = self.adapter.image_token_id, [], 0
         for b in range(input_ids.shape[0]):
             valid = attention_mask[b].bool()
-            ids = input_ids[b][valid]
-            is_image = (ids == adapter.image_token_id).tolist()
+            is_image = (input_ids[b][valid] == image_token).tolist()
             spans, i = [], 0
             while i < len(is_image):
                 if not is_image[i]:
                     i += 1
                     continue
-                if image_cursor >= len(features):
+                if k >= len(images):
                     raise ValueError("input_ids hold more image placeholder tokens than image_grid_thw has images")
-                n = math.prod(features[image_cursor].grid)
+                n = math.prod(images[k].grid)
                 if is_image[i : i + n] != [True] * n:
                     raise ValueError(
-                        f"sample {b}: image {image_cursor} needs {n} placeholder tokens in a row "
-                        f"(its grid {features[image_cursor].grid}); process the text with the model's processor"
+                        f"sample {b}: image {k} needs {n} placeholder tokens in a row (its grid {images[k].grid}); "
+                        "process the text with the model's processor"
                     )
-                spans.append((i, i + n, image_cursor))
-                image_cursor, i = image_cursor + 1, i + n
+                spans.append((i, i + n, k))
+                k, i = k + 1, i + n
             layouts.append((valid, spans))
-        if image_cursor != len(features):
-            raise ValueError(
-                f"image_grid_thw has {len(features)} images but input_ids hold placeholders for {image_cursor}"
-            )
+        if k != len(images):
+            raise ValueError(f"image_grid_thw has {len(images)} images but input_ids hold placeholders for {k}")
+        return layouts
 
-        per_sample = [len(spans) for _, spans in layouts]
-        budgets = _per_image(budget, "budget", per_sample)
-        ratios = _per_image(compression, "compression", per_sample)
-        fixed = _per_image(allocation, "allocation", per_sample)
+    def _splice(self, sample: int, spans: list[tuple[int, int, int]], embeds: torch.Tensor, ids: torch.Tensor,
+                question_mask: torch.Tensor | None, labels: torch.Tensor | None, images: list[ImageInput], asks,
+                realize: Realize) -> tuple[_Row, list[Realization]]:  # fmt: skip
+        """One sample's sequence: its text runs at consecutive positions with each image's realized tokens in
+        between, at the image's first position plus their own; text after an image resumes past it (the
+        backbone's rule). ``embeds`` [n, d], ``ids`` / ``question_mask`` / ``labels`` [n]: the sample's tokens."""
+        question = embeds[self._question_positions(ids, question_mask, spans)]
+        pieces, positions, kept_labels, visual, extras, found = [], [], [], [], [], []
+        pos, cursor, device = 0.0, 0, embeds.device
+        for image_index, (start, stop, k) in enumerate([*spans, (len(ids), len(ids), None)]):
+            n = start - cursor  # the text before this image (the last span: the text after every image)
+            pieces.append(embeds[cursor:start])
+            positions.append(pos + torch.arange(n, dtype=torch.float32, device=device)[:, None].expand(n, 3))
+            visual.append(torch.zeros(n, dtype=torch.bool, device=device))
+            kept_labels.append(labels[cursor:start] if labels is not None else None)
+            pos, cursor = pos + n, stop
+            if k is None:
+                break
+            tokens, realization = realize(images[k], question, next(asks))
+            realization.sample_index, realization.image_index = sample, image_index
+            found.append(realization)
+            t = tokens[0].shape[0]
+            pieces.append(tokens[0].to(embeds.dtype))
+            positions.append(pos + realization.positions.to(device))
+            visual.append(torch.ones(t, dtype=torch.bool, device=device))
+            kept_labels.append(labels.new_full((t,), IGNORE_INDEX) if labels is not None else None)
+            extras.append(tokens[1:])
+            pos += self.adapter.image_position_span(images[k].grid)
+        row_labels = torch.cat(kept_labels) if labels is not None else None
+        return _Row(torch.cat(pieces), torch.cat(positions), row_labels, torch.cat(visual), extras), found
 
-        rows, realizations = [], []
-        for b, (valid, spans) in enumerate(layouts):
-            embeds, ids = text_embeds[b][valid], input_ids[b][valid]
-            lab = labels[b][valid] if labels is not None else None
-            question = embeds[
-                self._question_positions(ids, question_mask[b][valid] if question_mask is not None else None, spans)
-            ]
-            pieces, positions, piece_labels, is_visual, extras = [], [], [], [], []
-            pos, cursor = 0.0, 0
-            for image_index, (start, stop, k) in enumerate(spans):
-                n_text = start - cursor
-                pieces.append(embeds[cursor:start])
-                positions.append(
-                    pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3)
-                )
-                pos += n_text
-                pooled, realization = realize(features[k], question, budgets[k], ratios[k], fixed[k], pooling)
-                realization.sample_index, realization.image_index = b, image_index
-                realizations.append(realization)
-                pieces.append(pooled[0].to(embeds.dtype))
-                positions.append(pos + realization.positions.to(embeds.device))
-                extras.append(pooled[1:])
-                pos += adapter.image_position_span(features[k].grid)
-                if lab is not None:
-                    piece_labels += [lab[cursor:start], lab.new_full((pooled[0].shape[0],), IGNORE_INDEX)]
-                is_visual += [torch.zeros(n_text, dtype=torch.bool), torch.ones(pooled[0].shape[0], dtype=torch.bool)]
-                cursor = stop
-            n_text = len(ids) - cursor
-            pieces.append(embeds[cursor:])
-            positions.append(
-                pos + torch.arange(n_text, dtype=torch.float32, device=embeds.device)[:, None].expand(n_text, 3)
-            )
-            if lab is not None:
-                piece_labels.append(lab[cursor:])
-            is_visual.append(torch.zeros(n_text, dtype=torch.bool))
-            rows.append((torch.cat(pieces), torch.cat(positions), torch.cat(piece_labels) if lab is not None else None,
-                         torch.cat(is_visual), extras))  # fmt: skip
-
-        # Left-pad to the longest compressed sample.
-        batch, length = len(rows), max(r[0].shape[0] for r in rows)
-        d, device, dtype = text_embeds.shape[-1], text_embeds.device, text_embeds.dtype
-        pad_embed = text_embeds.new_zeros(d)
-        inputs_embeds = pad_embed.expand(batch, length, d).clone()
-        mask = torch.zeros(batch, length, dtype=attention_mask.dtype, device=device)
-        position_ids = torch.zeros(3, batch, length, dtype=torch.float32, device=device)
-        new_labels = (
-            torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
-        )
-        visual_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        for b, (emb, pos, lab, vis, _) in enumerate(rows):
-            n = emb.shape[0]
-            inputs_embeds[b, length - n :] = emb.to(dtype)
-            mask[b, length - n :] = 1
-            position_ids[:, b, length - n :] = pos.T
-            visual_mask[b, length - n :] = vis.to(device)
-            if lab is not None:
-                new_labels[b, length - n :] = lab
-        extras = [e for r in rows for e in r[4]]
+    @staticmethod
+    def _pad(rows: list[_Row], realizations: list[Realization], mask_dtype: torch.dtype) -> CompressedInputs:
+        """Left-pad the rows to the longest (`padding.left_pad`) and count each sample's visual tokens."""
+        embeds = left_pad([r.embeds for r in rows])
+        mask = left_pad([torch.ones(len(r.embeds), dtype=mask_dtype, device=embeds.device) for r in rows])
+        positions = left_pad([r.positions for r in rows]).permute(2, 0, 1).contiguous()
+        labels = left_pad([r.labels for r in rows], IGNORE_INDEX) if rows[0].labels is not None else None
+        extras = [e for r in rows for e in r.extras]
         visual_extra = [torch.cat([e[j] for e in extras]) for j in range(len(extras[0]) if extras else 0)]
-        tokens_used = torch.tensor(
-            [sum(r.tokens_used for r in realizations if r.sample_index == b) for b in range(batch)]
-        )
-        native = torch.tensor([sum(r.native_count for r in realizations if r.sample_index == b) for b in range(batch)])
-        return CompressedInputs(inputs_embeds, mask, position_ids, new_labels, visual_mask, visual_extra,
-                                realizations, tokens_used, native)  # fmt: skip
-
-    def _saccade_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[SaccadeImage]:
-        """Each image's patches, not yet encoded (a saccade encodes a gist first, then crops)."""
-        out, start = [], 0
-        for thw in image_grid_thw:
-            n = int(thw.prod())
-            out.append(SaccadeImage(pixel_values[start : start + n], thw, self.adapter.merged_grid(thw.tolist())))
-            start += n
-        return out
-
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[VisionFeatures]:
-        """The backbone's vision encoder on every image (``VisionFeatures`` per image)."""
-        self._check_pixels(pixel_values, image_grid_thw)
-        return self.adapter.encode_images(pixel_values, image_grid_thw)
+        per_sample = [[r for r in realizations if r.sample_index == b] for b in range(len(rows))]
+        tokens_used = torch.tensor([sum(r.tokens_used for r in rs) for rs in per_sample])
+        native = torch.tensor([sum(r.native_count for r in rs) for rs in per_sample])
+        return CompressedInputs(embeds, mask, positions, labels, left_pad([r.visual for r in rows], False),
+                                visual_extra, realizations, tokens_used, native)  # fmt: skip
 
     def _question_positions(self, ids: torch.Tensor, question_mask: torch.Tensor | None, spans) -> torch.Tensor:
         """Where the question's tokens are: the processor's question_mask, else the text after the last image."""
@@ -596,82 +423,55 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         after[(spans[-1][1] if spans else 0) :] = True
         return after
 
-    @staticmethod
-    def _check_pixels(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> None:
-        if image_grid_thw is None:
-            raise ValueError("pixel_values need image_grid_thw (the processor emits both)")
-        if not torch.is_floating_point(pixel_values):
-            raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contain NaN or infinite values")
-        expected = int(image_grid_thw.prod(-1).sum())
-        if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_grid_thw ({expected} patches)"
-            )
-
     @torch.no_grad()
     def realize_relevance(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
-                          budget=None, compression=None, allocation=None, pooling=None, encoding: str | None = None,
-                          **_) -> list[RelevanceRealization]:  # fmt: skip
-        """The relevance realization of every image, in input order (no language model run)."""
-        return self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
-                                    budget, compression, allocation, pooling, encoding=encoding).realizations  # fmt: skip
+                          mm_token_type_ids: torch.Tensor | None = None, budget=None, compression=None,
+                          allocation=None, pooling: str | None = None, encoding: str | None = None,
+                          mode: str | None = None) -> list[RelevanceRealization]:  # fmt: skip
+        """The relevance realization of every image, in input order, without running the language model.
+
+        Takes the processor's outputs (``mm_token_type_ids`` is accepted and unused, as by `forward`) and the call
+        options of `forward`; raises `ValueError` like `compress_inputs`, and `TypeError` naming any other argument.
+        """
+        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+        images = self.image_inputs(pixel_values, image_grid_thw)
+        return self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request).realizations
 
     # ------------------------------------------------------------------ forward / generate
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache=None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
-        question_mask: torch.Tensor | None = None,
-        budget=None,
-        compression=None,
-        allocation=None,
-        pooling: str | None = None,
-        image_tokens=None,
-        vision_features=None,
-        encoding: str | None = None,
-        visual_pos_masks: torch.Tensor | None = None,
-        deepstack_visual_embeds: list[torch.Tensor] | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> ArrCocCausalLMOutputWithPast:
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
+                mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                budget=None, compression=None, allocation=None, pooling: str | None = None,
+                encoding: str | None = None, mode: str | None = None, visual_pos_masks: torch.Tensor | None = None,
+                deepstack_visual_embeds: list[torch.Tensor] | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.LongTensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ArrCocCausalLMOutputWithPast:  # fmt: skip
         r"""
-        With ``pixel_values``: the prefill over the processor's ``input_ids`` (images compressed, labels
-        remapped). Without: the language model over ``inputs_embeds`` / ``input_ids`` as given (decoding
-        steps, text-only prompts) – pass the previous output's attention_mask/position_ids extended.
+        With ``pixel_values``: the prefill over the processor's ``input_ids`` [B, L] (images compressed, labels
+        remapped). Without: the language model over ``inputs_embeds`` / ``input_ids`` as given (decoding steps,
+        text-only prompts) – pass the previous output's attention_mask / position_ids extended.
+
+        Returns `ArrCocCausalLMOutputWithPast` over the compressed sequence of length L': logits [B, L', vocab] (or
+        the last ``logits_to_keep``), loss with ``labels``, the KV cache, attention_mask [B, L'], position_ids
+        [3, B, L'], labels [B, L'], tokens_used / native_tokens [B] and the realizations (prefill only).
+
+        Raises `ValueError` for video inputs, pixel_values without input_ids or image_grid_thw, bad pixel_values
+        (not floating point, NaN/inf, not matching the grid), neither input_ids nor inputs_embeds, and everything
+        `compress_inputs` refuses (placeholders, budget rules, misspelt pooling / encoding / mode).
         """
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
-        compressed = None
+        c = None
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
-            compressed = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask,
-                                              labels, budget, compression, allocation, pooling, image_tokens,
-                                              vision_features, encoding)  # fmt: skip
-            inputs_embeds, attention_mask, position_ids = (
-                compressed.inputs_embeds,
-                compressed.attention_mask,
-                compressed.position_ids,
-            )
-            labels, visual_pos_masks, deepstack_visual_embeds = (
-                compressed.labels,
-                compressed.visual_mask,
-                compressed.visual_extra,
-            )
+            request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+            images = self.image_inputs(pixel_values, image_grid_thw)
+            c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
+            inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
+            labels, visual_pos_masks, deepstack_visual_embeds = c.labels, c.visual_mask, c.visual_extra
             self.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).view(-1, 1)
         elif inputs_embeds is None:
             if input_ids is None:
@@ -698,9 +498,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return ArrCocCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-            tokens_used=compressed.tokens_used if compressed else None,
-            native_tokens=compressed.native_tokens if compressed else None,
-            realizations=compressed.realizations if compressed else None,
+            tokens_used=c.tokens_used if c else None, native_tokens=c.native_tokens if c else None,
+            realizations=c.realizations if c else None,
         )  # fmt: skip
 
     def _text_positions(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
@@ -719,31 +518,27 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
-                 budget=None, compression=None, allocation=None, pooling: str | None = None, image_tokens=None,
-                 vision_features=None, encoding: str | None = None, **kwargs):  # fmt: skip
-        """Like the stock `generate` (returns ``input_ids`` followed by the new tokens, KV cache, left-padded
-        batches), with each image compressed to its budget first.
+                 budget=None, compression=None, allocation=None, pooling: str | None = None,
+                 encoding: str | None = None, mode: str | None = None, **kwargs):  # fmt: skip
+        """Like the stock `generate` (returns ``input_ids`` [B, L] followed by the new tokens: [B * copies,
+        L + new], KV cache, left-padded batches), with each image compressed to its budget first.
 
-        With ``return_dict_in_generate=True`` the output also carries ``tokens_used``, ``native_tokens``
-        ([B]) and ``realizations``.
+        With ``return_dict_in_generate=True`` the output also carries ``tokens_used``, ``native_tokens`` ([B])
+        and ``realizations``. Raises `ValueError` like `forward` (video, bad pixel_values, everything
+        `compress_inputs` refuses) before any token is generated.
         """
         if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         if pixel_values is None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        c = self.compress_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, question_mask, None,
-                                 budget, compression, allocation, pooling, image_tokens, vision_features,
-                                 encoding)  # fmt: skip
-        if c.visual_extra:
-            # generate repeats tensors per beam / return sequence; the per-token deepstack features follow suit
-            config = kwargs.get("generation_config") or self.generation_config
-            beams = kwargs.get("num_beams") or config.num_beams or 1
-            copies = beams if beams > 1 else (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
-            per_sample = c.visual_mask.sum(dim=1).tolist()
-            extra = [torch.cat([part for part in x.split(per_sample) for _ in range(copies)]) for x in c.visual_extra]
-            kwargs.update(visual_pos_masks=c.visual_mask, deepstack_visual_embeds=extra)
-        out = super().generate(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask,
-                               position_ids=c.position_ids, **kwargs)  # fmt: skip
+        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+        images = self.image_inputs(pixel_values, image_grid_thw)
+        c = self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request)
+        # generate repeats every sample per beam / return sequence; the per-token deepstack features follow suit
+        config = kwargs.get("generation_config") or self.generation_config
+        beams = kwargs.get("num_beams") or config.num_beams or 1
+        copies = beams if beams > 1 else (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        out = super().generate(**c.generate_inputs(copies), **kwargs)
         sequences = out if torch.is_tensor(out) else out.sequences
         repeat = sequences.shape[0] // input_ids.shape[0]
         sequences = torch.cat([input_ids.repeat_interleave(repeat, dim=0).to(sequences.device), sequences], dim=-1)

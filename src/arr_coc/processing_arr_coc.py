@@ -22,12 +22,20 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 from .assets import resolve_model_path
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .io import PROCESSOR_FILES, atomic_directory, prepare_local
+from .padding import left_pad
 
 # options of the stock processors that this one accepts and handles its own way (left padding, no truncation)
 ACCEPTED_KWARGS = {"padding", "padding_side", "truncation", "return_attention_mask", "return_mm_token_type_ids",
                    "add_special_tokens", "images_kwargs", "text_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs"}  # fmt: skip
 VISION_SPAN = re.compile(r"<\|vision_start\|>.*?<\|vision_end\|>", re.S)
 USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S)
+VISION_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def chat_prompt(question: str, n_images: int = 1) -> str:
+    """One user turn – ``n_images`` image slots, then the question – and the assistant's cue, as Qwen2-VL's chat
+    template writes it without a system prompt (the prompt for a tokenizer that has no chat template)."""
+    return f"<|im_start|>user\n{VISION_SLOT * n_images}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 class ArrCocProcessor(ProcessorMixin):
@@ -145,17 +153,13 @@ class ArrCocProcessor(ProcessorMixin):
                 raise ValueError(
                     f"sample {i}: the prompt has {len(ids):,} tokens, over the tokenizer's limit of {limit:,}; shorten the question"
                 )
-        length = max(len(ids) for ids, _, _ in rows)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        question_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for i, (ids, q, lab) in enumerate(rows):  # left padding
-            input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, length - len(ids) :] = 1
-            question_mask[i, length - len(ids) :] = torch.tensor(q, dtype=torch.long)
-            labels[i, length - len(ids) :] = torch.tensor(lab, dtype=torch.long)
+
+        def padded(column: int, value: int) -> torch.Tensor:
+            return left_pad([torch.tensor(row[column], dtype=torch.long) for row in rows], value)
+
+        input_ids, question_mask, labels = padded(0, pad_id), padded(1, 0), padded(2, -100)
+        attention_mask = left_pad([torch.ones(len(ids), dtype=torch.long) for ids, _, _ in rows])
         data = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -173,8 +177,7 @@ class ArrCocProcessor(ProcessorMixin):
         messages = [{"role": "user", "content": content}]
         if self.chat_template:
             return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        slots = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
-        return f"<|im_start|>user\n{slots}{question}<|im_end|>\n<|im_start|>assistant\n"
+        return chat_prompt(question, n_images)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

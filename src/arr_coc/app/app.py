@@ -13,7 +13,7 @@ import threading
 import torch
 from PIL import Image
 
-from ..evaluation.plots import realization_figure
+from ..figures import realization_figure
 from ..pipeline import generate_answers
 from ..relevance import ALL_TOKENS
 

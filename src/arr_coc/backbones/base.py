@@ -1,10 +1,13 @@
-"""What arr-coc needs from a backbone family: encode images, embed text, place positions, run the LM."""
+"""What arr-coc needs from a backbone family: encode images (whole, or crops at their true positions), embed text,
+place positions, run the language model – plus the per-family hooks the evaluation's attention read-outs use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from ..relevance.saccade import Box, PatchGeometry
 
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class (filled by each subclass)
 
@@ -22,6 +25,64 @@ class VisionFeatures:
     extra: list[torch.Tensor] = field(default_factory=list)
 
 
+def check_pixels(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> None:
+    """Raise `ValueError` for pixel_values without image_grid_thw, not floating point, with NaN or infinite values,
+    not [patches, C*T*P*P] with the patches image_grid_thw [n, 3] counts, or an image of more than one temporal
+    patch (video)."""
+    if image_grid_thw is None:
+        raise ValueError("pixel_values need image_grid_thw (the processor emits both)")
+    for thw in image_grid_thw.tolist():
+        if thw[0] != 1:
+            raise ValueError(
+                f"an image must have one temporal patch, got a grid of {tuple(thw)}; video is not supported"
+            )
+    if not torch.is_floating_point(pixel_values):
+        raise ValueError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contain NaN or infinite values")
+    expected = int(image_grid_thw.prod(-1).sum())
+    if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_grid_thw ({expected} patches)"
+        )
+
+
+class ImageInput:
+    """One image of a batch as a realize step receives it.
+
+    patches: [h*w patches, C*T*P*P] as the processor emits them; thw: [3] the patch grid; grid: (t, h, w) of the
+    merged grid; index: the image's place among the batch's images. ``features`` is the vision encoder's output
+    (`VisionFeatures`), encoded on first use and kept – every post-encoder method and budget then reuses one
+    encoding; the saccade reads ``patches`` and never asks for it.
+    """
+
+    def __init__(self, adapter: BackboneAdapter, patches: torch.Tensor, thw: torch.Tensor, index: int,
+                 features: VisionFeatures | None = None):  # fmt: skip
+        self.adapter, self.patches, self.thw, self.index = adapter, patches, thw, index
+        self.grid = adapter.merged_grid(thw.tolist())
+        self._features = features
+
+    @classmethod
+    def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+              features: list[VisionFeatures] | None = None) -> list[ImageInput]:  # fmt: skip
+        """The images of a batch's pixel_values [patches, C*T*P*P] (checked: `check_pixels`), in order, with their
+        encodings if ``features`` are given."""
+        check_pixels(pixel_values, image_grid_thw)
+        images, start = [], 0
+        for k, thw in enumerate(image_grid_thw):
+            n = int(thw.prod())
+            encoded = features[k] if features is not None else None
+            images.append(cls(adapter, pixel_values[start : start + n], thw, k, encoded))
+            start += n
+        return images
+
+    @property
+    def features(self) -> VisionFeatures:
+        if self._features is None:
+            self._features = self.adapter.encode_images(self.patches, self.thw[None])[0]
+        return self._features
+
+
 class BackboneAdapter:
     """Runs one backbone family's parts; the relevance modules only ever see tensors.
 
@@ -30,6 +91,9 @@ class BackboneAdapter:
     """
 
     family = ""
+    # the language model adds per-layer visual features (Qwen3-VL's deepstack): code that runs the decoder layers
+    # by hand must add them too
+    deepstack = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -51,7 +115,7 @@ class BackboneAdapter:
         """pixel_values [patches, C*T*P*P], image_grid_thw [n, 3] -> one `VisionFeatures` per image.
 
         Each image runs through the encoder on its own, so its tokens – and so its relevance and
-        allocation – are bit-identical alone or in any batch (DESIGN.md contract 5).
+        allocation – are bit-identical alone or in any batch (docs/design.md, contract 5).
         """
         out, start = [], 0
         for thw in image_grid_thw:
@@ -63,54 +127,10 @@ class BackboneAdapter:
             start += n
         return out
 
-    # ------------------------------------------------------------------ saccades: a gist and crops of the pixels
-
-    def _pixel_view(self, pixels: torch.Tensor, thw) -> torch.Tensor:
-        """One image's processor patches [h*w, C*T*P*P] (merge windows in raster) as a view
-        [C, T, h/m, m, P, w/m, m, P] whose dims, merged in pairs, are the image's rows and columns."""
-        vision, m = self.vlm.config.vision_config, self.merge_size
-        c, tp, p = vision.in_channels, vision.temporal_patch_size, vision.patch_size
-        t, h, w = (int(v) for v in thw)
-        if t != 1:
-            raise ValueError(f"saccade encoding takes images (one temporal patch), got a grid of {(t, h, w)}")
-        return pixels.view(h // m, w // m, m, m, c, tp, p, p).permute(4, 5, 0, 2, 6, 1, 3, 7)
-
-    def unpatchify(self, pixels: torch.Tensor, thw) -> torch.Tensor:
-        """One image's processor patches [h*w, C*T*P*P] -> pixels [C, T, h*P, w*P]."""
-        view = self._pixel_view(pixels, thw)
-        c, tp, hm, m, p, wm, _, _ = view.shape
-        return view.reshape(c, tp, hm * m * p, wm * m * p)
-
-    def patchify(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels [C, T, H, W] (H, W multiples of P * merge) -> (patches [h*w, C*T*P*P], grid_thw [1, 3])."""
-        vision, m = self.vlm.config.vision_config, self.merge_size
-        c, tp, height, width = image.shape
-        p = vision.patch_size
-        h, w = height // p, width // p
-        x = image.reshape(c, tp, h // m, m, p, w // m, m, p).permute(2, 5, 3, 6, 0, 1, 4, 7)
-        return x.reshape(h * w, c * tp * p * p), torch.tensor([[1, h, w]], device=image.device)
-
-    def gist_pixels(self, pixels: torch.Tensor, thw, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image at 1/``scale`` of its size: each gist token covers exactly ``scale x scale`` merged tokens
-        of the full image (the right and bottom edges padded with zeros, the mean colour, up to a multiple)."""
-        view = self._pixel_view(pixels, thw)
-        c, tp, hm, m, p, wm, _, _ = view.shape
-        _, h, w = self.merged_grid(thw)
-        unit = m * p  # pixels per merged token
-        # one copy: the patches straight into a zero-padded image of whole gist tokens
-        image = pixels.new_zeros(c, tp, -(-h // scale) * scale * unit, -(-w // scale) * scale * unit)
-        image[:, :, : h * unit, : w * unit].view(c, tp, hm, m, p, wm, m, p).copy_(view)
-        gist = torch.nn.functional.avg_pool2d(image.view(c * tp, *image.shape[-2:]), scale)
-        return self.patchify(gist.view(c, tp, *gist.shape[-2:]))
-
-    def crop_patches(self, thw, box: tuple[int, int, int, int]) -> torch.Tensor:
-        """Indices of the patches of merged rows ``[y0, y1)`` x columns ``[x0, x1)``, in the crop's own patch
-        order: ``pixels[index]`` is what the processor would emit for that crop of the image."""
-        _, _, w = self.merged_grid(thw)
-        y0, x0, y1, x1 = box
-        unit = self.merge_size**2
-        cells = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten()
-        return (cells[:, None] * unit + torch.arange(unit)).flatten()
+    @property
+    def patch_geometry(self) -> PatchGeometry:
+        """How the processor lays this family's images out as patches (the saccade's gist and crops)."""
+        return PatchGeometry.of(self.vlm.config.vision_config)
 
     def _crop_vision_kwargs(self, thw: torch.Tensor, index: torch.Tensor) -> dict:
         """The encoder's precomputed position inputs for the full image, kept at ``index``: crops keep their
@@ -119,18 +139,17 @@ class BackboneAdapter:
 
         return {"position_ids": get_vision_position_ids(thw[None], self.merge_size)[index.to(thw.device)]}
 
-    def encode_crops(self, pixels: torch.Tensor, thw: torch.Tensor,
-                     boxes: list[tuple[int, int, int, int]]) -> list[VisionFeatures]:  # fmt: skip
+    def encode_crops(self, pixels: torch.Tensor, thw: torch.Tensor, boxes: list[Box]) -> list[VisionFeatures]:
         """Encode crops (merged-grid boxes) of one image at full resolution in one encoder call, each crop
         attending only within itself, every patch at its true position in the full image."""
         if not boxes:
             return []
-        index = [self.crop_patches(thw, box) for box in boxes]
+        geometry = self.patch_geometry
+        flat = torch.cat([geometry.crop_patches(thw, box) for box in boxes]).to(pixels.device)
         grids = torch.tensor(
             [[1, (y1 - y0) * self.merge_size, (x1 - x0) * self.merge_size] for y0, x0, y1, x1 in boxes],
             device=thw.device,
         )
-        flat = torch.cat(index).to(pixels.device)
         encoded = self.vlm.model.get_image_features(
             pixels[flat], grids, return_dict=True, **self._crop_vision_kwargs(thw, flat)
         )
@@ -165,82 +184,23 @@ class BackboneAdapter:
     def lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.vlm.lm_head(hidden_states)
 
-    # ------------------------------------------------------------------ attention read-outs (baselines)
+    # ------------------------------------------------------------------ hooks for attention read-outs
 
-    def _vision_rotary(self):
+    @property
+    def decoder(self):
+        """The language model's decoder (its ``layers``, ``norm`` and ``rotary_emb``)."""
+        return self.vlm.model.language_model
+
+    def vision_rotary(self):
+        """The family's rotary embedding for the vision encoder's query/key (``apply_rotary_pos_emb_vision``)."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         return apply_rotary_pos_emb_vision
 
-    def _vision_block_index(self, block: int) -> int:
+    def attention_block(self, block: int) -> int:
+        """The vision block to read whole-image attention from, for a wanted ``block`` (negative from the end)."""
         return block % len(self.vlm.model.visual.blocks)
 
-    def _to_raster(self, per_patch: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    def to_raster(self, per_patch: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Patch order inside the encoder's blocks -> the processor's order (merge windows in raster)."""
         return per_patch
-
-    @torch.no_grad()
-    def vision_attention_received(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, block: int = -2):
-        """Per image: (attention each merged token receives in a late vision block [h*w], its keys [h*w, d]).
-
-        Qwen-VL encoders have no CLS token, so "attention received" is the mean over queries and heads
-        of one block's attention, summed over each token's merged patches; computed directly from that
-        block's query/key projections (no eager attention switch).
-        """
-        visual = self.vlm.model.visual
-        attn = visual.blocks[self._vision_block_index(block)].attn
-        captured = {}
-
-        def grab(module, args, kwargs):
-            captured.update(hidden=args[0] if args else kwargs["hidden_states"], **kwargs)
-
-        handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self.vlm.model.get_image_features(pixel_values, image_grid_thw)
-        finally:
-            handle.remove()
-        hidden, (cos, sin) = captured["hidden"], captured["position_embeddings"]
-        n = hidden.shape[0]
-        q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = self._vision_rotary()(q, k, cos, sin)
-        q, k = self._to_raster(q, image_grid_thw), self._to_raster(k, image_grid_thw)
-        unit = self.merge_size**2
-        out, start = [], 0
-        for thw in image_grid_thw.tolist():
-            m = thw[0] * thw[1] * thw[2]
-            qi, ki = q[start : start + m].transpose(0, 1), k[start : start + m].transpose(0, 1)  # [heads, m, d]
-            received = torch.zeros(m, device=qi.device, dtype=torch.float32)
-            for chunk in qi.split(1024, dim=1):  # query chunks: a 1344-px image would need [heads, m, m] at once
-                received += torch.softmax((chunk @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1).sum(dim=(0, 1))
-            received /= qi.shape[0] * m  # mean over heads and queries
-            keys = ki.transpose(0, 1).reshape(m, -1)
-            out.append((received.view(-1, unit).sum(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)))
-            start += m
-        return out
-
-    def decoder_layers(self):
-        return self.vlm.model.language_model.layers
-
-    def text_attention_from_last(self, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
-                                 attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """[B, L]: attention of each sample's last token over all tokens at decoder layer ``layer_index``
-        (mean over heads), from that layer's input ``hidden`` [B, L, d]."""
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, repeat_kv
-
-        lm = self.vlm.model.language_model
-        layer = lm.layers[layer_index]
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        b, length, _ = x.shape
-        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, attn.head_dim)
-        k = attn.k_proj(x).view(b, length, -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = lm.rotary_emb(x, position_ids)
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        k = repeat_kv(k, attn.num_key_value_groups)
-        scores = (q @ k.transpose(2, 3)) * attn.scaling  # [B, heads, 1, L]
-        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).mean(dim=1)[:, 0]

@@ -1,7 +1,7 @@
 """Qwen2.5-VL: its encoder reorders tokens by window internally and returns them in raster order.
 
-Attention read-outs come from a full-attention block (``fullatt_block_indexes``) and are mapped back
-from window order to raster order.
+For attention read-outs: whole-image attention comes from a full-attention block (``fullatt_block_indexes``), and
+per-patch values are mapped back from window order to raster order.
 """
 
 import torch
@@ -12,17 +12,17 @@ from .base import BackboneAdapter
 class Qwen2_5_VLAdapter(BackboneAdapter):
     family = "qwen2_5_vl"
 
-    def _vision_rotary(self):
+    def vision_rotary(self):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
         return apply_rotary_pos_emb_vision
 
-    def _vision_block_index(self, block: int) -> int:
+    def attention_block(self, block: int) -> int:
         wanted = block % len(self.vlm.model.visual.blocks)
         full = sorted(self.vlm.config.vision_config.fullatt_block_indexes)
         return max([i for i in full if i <= wanted], default=full[-1])
 
-    def _to_raster(self, per_patch: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    def to_raster(self, per_patch: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         from transformers.vision_utils import get_vision_window_index
 
         vision = self.vlm.config.vision_config

@@ -5,6 +5,7 @@ from .base import BackboneAdapter
 
 class Qwen3VLAdapter(BackboneAdapter):
     family = "qwen3_vl"
+    deepstack = True
 
     def _extra(self, encoder_output, index: int):
         return [per_layer[index] for per_layer in encoder_output.deepstack_features]
@@ -30,7 +31,7 @@ class Qwen3VLAdapter(BackboneAdapter):
         return {**super()._crop_vision_kwargs(thw, index), "interp_indices": indices[index],
                 "interp_weights": weights[index]}  # fmt: skip
 
-    def _vision_rotary(self):
+    def vision_rotary(self):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
         return apply_rotary_pos_emb_vision

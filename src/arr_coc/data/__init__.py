@@ -1,4 +1,5 @@
-"""Data: the synthetic reading tasks (`synthetic`) and adapters for real VQA data sets (`vqa`)."""
+"""Data: the synthetic reading tasks (`synthetic`), adapters for real VQA data sets (`vqa`) and answer boxes on the
+visual-token grid (`boxes`)."""
 
 from __future__ import annotations
 

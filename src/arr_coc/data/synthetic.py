@@ -1,4 +1,4 @@
-"""The synthetic reading tasks `box-codes` and `doc-fields` (shared/TASKS.md).
+"""The synthetic reading tasks `box-codes` and `doc-fields` (their contract: docs/tasks.md).
 
 Each sample is ``{"image", "question", "answer", "answer_box", "task"}``; with
 ``layout=True`` it also carries ``"glyphs"``: one ``(char, x0, y0, x1, y1, group, index)``

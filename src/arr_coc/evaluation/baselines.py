@@ -1,4 +1,5 @@
-"""The methods users would pick instead (shared/BASELINES.md), on the same backbone and harness.
+"""The methods users would pick instead, on the same backbone and harness (each described, with where the port to
+Qwen2-VL had to choose, in docs/benchmarks.md's method table, from `evaluation.methods`).
 
 Each keeps at most the budget T of visual tokens and reports what it really used:
 
@@ -11,6 +12,9 @@ Each keeps at most the budget T of visual tokens and reports what it really used
 - ``text-attention``: FastV – all tokens up to language-model layer K, then only the T image tokens the
   last prompt token attends to most (mean over heads); decoded without a KV cache (prefill pruning
   recomputed per step), the K layers before see every token.
+
+``random`` and ``query-agnostic`` act after the encoder: they are realize steps (`relevance.realizing`'s
+protocol) that the harness hands to the model's `compress_inputs`, like arr-coc's own.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..relevance import ALL_TOKENS, Allocation
+from ..padding import left_pad
+from ..relevance import Allocation, Realize
+from .readouts import text_attention_from_last
 
 
 @dataclass
 class TokenSelection:
-    """What a pruning baseline passed on for one image (like `RelevanceRealization`, without maps)."""
+    """What a pruning baseline passed on for one image (a `relevance.Realization`, like `RelevanceRealization`)."""
 
     kept: torch.Tensor  # [h*w] bool: native tokens passed on as themselves
     positions: torch.Tensor  # [T', 3]
@@ -55,29 +61,30 @@ def _select(features, keep: torch.Tensor) -> tuple[list[torch.Tensor], TokenSele
     return pieces, TokenSelection(kept, _positions(keep // w, keep % w), (h, w), len(keep), h * w)
 
 
-def random_selector(seed: int = 0):
-    """``image_tokens`` for `compress_inputs`: T tokens drawn at random (seeded per image size and T)."""
+def random_realizer(seed: int = 0) -> Realize:
+    """A realize step keeping T tokens drawn at random (seeded per image size and T)."""
 
-    def select(features, question, budget, compression, allocation, pooling):
+    def realize(image, question, ask):
+        features = image.features
         _, h, w = features.grid
         n = h * w
-        t = min(int(budget), n)
+        t = min(int(ask.budget), n)
         g = torch.Generator().manual_seed(seed * 1_000_003 + n * 7919 + t)
         return _select(features, torch.randperm(n, generator=g)[:t])
 
-    return select
+    return realize
 
 
-def visionzip_selector(readouts: list, contextual_share: float = 10 / 64):
-    """``image_tokens`` for VisionZip; ``readouts[k]`` = (attention received [h*w], keys [h*w, d]) of image k,
-    consumed in the order `compress_inputs` visits the images."""
-    queue = list(readouts)
+def visionzip_realizer(readouts: list, contextual_share: float = 10 / 64) -> Realize:
+    """A realize step for VisionZip; ``readouts[k]`` = (attention received [h*w], keys [h*w, d]) of the batch's image
+    k (`readouts.vision_attention_received`)."""
 
-    def select(features, question, budget, compression, allocation, pooling):
-        received, keys = (x.detach().float().cpu() for x in queue.pop(0))
+    def realize(image, question, ask):
+        received, keys = (x.detach().float().cpu() for x in readouts[image.index])
+        features = image.features
         _, h, w = features.grid
         n = h * w
-        t = min(int(budget), n)
+        t = min(int(ask.budget), n)
         contextual = min(t - 1, round(t * contextual_share)) if t > 1 and t < n else 0
         dominant = torch.topk(received, t - contextual).indices.sort().values
         pieces, selection = _select(features, dominant)
@@ -90,7 +97,7 @@ def visionzip_selector(readouts: list, contextual_share: float = 10 / 64):
             k = torch.nn.functional.normalize(keys.float(), dim=-1)
             assign = (k[rest_idx] @ k[targets].T).argmax(dim=1)  # [n_rest]
             rows, cols = (rest_idx // w).float(), (rest_idx % w).float()
-            merged, merged_pos = [], []
+            merged = []
             for x in [features.tokens, *features.extra]:
                 xr = x[rest_idx.to(x.device)].float()
                 total = torch.zeros(contextual, x.shape[-1], device=x.device).index_add_(0, assign.to(x.device), xr)
@@ -101,13 +108,12 @@ def visionzip_selector(readouts: list, contextual_share: float = 10 / 64):
             count = torch.zeros(contextual).index_add_(0, assign, torch.ones(len(rest_idx))).clamp_min(1)
             centre_r = torch.zeros(contextual).index_add_(0, assign, rows) / count
             centre_c = torch.zeros(contextual).index_add_(0, assign, cols) / count
-            merged_pos = _positions(centre_r, centre_c)
             pieces = [torch.cat([p, m]) for p, m in zip(pieces, merged)]
-            selection.positions = torch.cat([selection.positions, merged_pos])
+            selection.positions = torch.cat([selection.positions, _positions(centre_r, centre_c)])
             selection.tokens_used += contextual
         return pieces, selection
 
-    return select
+    return realize
 
 
 def uniform_factor(h: int, w: int, budget: int) -> int:
@@ -152,21 +158,21 @@ def downsample_image(image: Image.Image, image_processor, budget: int) -> Image.
 
 
 @torch.no_grad()
-def fastv_generate(model, inputs: dict, keep: list[int], layer: int = 2, max_new_tokens: int = 8,
+def fastv_generate(model, full, keep: list[int], layer: int = 2, max_new_tokens: int = 8,
                    eos_token_id: int | None = None) -> tuple[torch.Tensor, list[TokenSelection]]:  # fmt: skip
-    """Greedy decoding with FastV pruning at decoder layer ``layer``: sample b keeps ``keep[b]`` image tokens
-    after that layer (chosen once, from the prompt's last token). Returns (new tokens [B, n], selections)."""
+    """Greedy decoding with FastV pruning at decoder layer ``layer``: sample b keeps ``keep[b]`` image tokens after
+    that layer (chosen once, from the prompt's last token). ``full``: the batch's all-token `CompressedInputs`.
+    Returns (new tokens [B, n], selections). Raises `ValueError` for a backbone whose decoder adds per-layer visual
+    features (deepstack), which these hand-run layers do not add."""
     from transformers.masking_utils import create_causal_mask
 
     adapter = model.adapter
-    if adapter.family == "qwen3_vl":
-        raise ValueError("the text-attention (FastV) baseline runs the decoder layers by hand and does not add Qwen3-VL's "
-                         "deepstack features; it is implemented for Qwen2-VL and Qwen2.5-VL")  # fmt: skip
-    c = model.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"],
-                              inputs["image_grid_thw"], inputs.get("question_mask"), budget=ALL_TOKENS,
-                              encoding="single")  # fmt: skip
-    lm = adapter.vlm.model.language_model
-    embeds, mask, positions, visual = c.inputs_embeds, c.attention_mask, c.position_ids, c.visual_mask
+    if adapter.deepstack:
+        raise ValueError("the text-attention (FastV) baseline runs the decoder layers by hand and does not add the "
+                         "deepstack features this backbone's decoder needs (Qwen3-VL); it runs on Qwen2-VL and "
+                         "Qwen2.5-VL")  # fmt: skip
+    lm = adapter.decoder
+    embeds, mask, positions, visual = full.inputs_embeds, full.attention_mask, full.position_ids, full.visual_mask
     batch = embeds.shape[0]
     selections: list[TokenSelection] = []
     drop = None
@@ -180,11 +186,9 @@ def fastv_generate(model, inputs: dict, keep: list[int], layer: int = 2, max_new
         for i, decoder_layer in enumerate(lm.layers):
             if i == layer:
                 if drop is None:
-                    scores = adapter.text_attention_from_last(i, hidden, positions, mask)
-                    drop, selections = _fastv_drop(scores, visual, keep, c.realizations)
-                keep_mask = ~drop
-                length = int(keep_mask.sum(1).max())
-                hidden, mask_k, pos_k = _compact(hidden, mask, positions, keep_mask, length)
+                    scores = text_attention_from_last(adapter, i, hidden, positions, mask)
+                    drop, selections = _fastv_drop(scores, visual, keep, full.realizations)
+                hidden, mask_k, pos_k = _compact(hidden, mask, positions, ~drop)
                 cos_sin = lm.rotary_emb(hidden, pos_k)
                 causal = create_causal_mask(
                     config=lm.config, inputs_embeds=hidden, attention_mask=mask_k, cache=None, position_ids=None
@@ -228,16 +232,11 @@ def _fastv_drop(scores, visual, keep, realizations):
     return drop, selections
 
 
-def _compact(hidden, mask, positions, keep_mask, length):
-    """Keep the unmasked positions of each row, left-padded to ``length``."""
-    batch, _, d = hidden.shape
-    out_h = hidden.new_zeros(batch, length, d)
-    out_m = mask.new_zeros(batch, length)
-    out_p = positions.new_zeros(3, batch, length)
-    for b in range(batch):
-        idx = keep_mask[b].nonzero().flatten()
-        n = len(idx)
-        out_h[b, length - n :] = hidden[b, idx]
-        out_m[b, length - n :] = mask[b, idx]
-        out_p[:, b, length - n :] = positions[:, b, idx]
-    return out_h, out_m, out_p
+def _compact(hidden, mask, positions, keep_mask):
+    """Keep the unmasked positions of each row, left-padded to the longest (`padding.left_pad`)."""
+    kept = [keep_mask[b].nonzero().flatten() for b in range(hidden.shape[0])]
+    return (
+        left_pad([hidden[b, idx] for b, idx in enumerate(kept)]),
+        left_pad([mask[b, idx] for b, idx in enumerate(kept)]),
+        left_pad([positions[:, b, idx].T for b, idx in enumerate(kept)]).permute(2, 0, 1),
+    )

@@ -5,39 +5,28 @@ Budgets: fractions of each image's native count ("1/2" ... "1/16", T = ceil(N * 
 tokens it really used. Metrics per (task, method, budget): exact match and ANLS, accuracy kept
 (method / full), mean tokens used, and localisation – the share of samples whose ``answer_box`` is
 entirely covered by tokens passed at full detail.
+
+The methods come from the registry of `evaluation.methods`; the harness only knows where each acts. Per batch it
+keeps what methods share (`Batch`): each image is encoded once, on first use, for every post-encoder method and
+budget; the all-token sequence is built once for the methods inside the language model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..data.boxes import box_overlap_map
 from ..data.synthetic import normalize_answer
-from ..pipeline import generate_answers
-from ..relevance import ALL_TOKENS, budget_from_spec
-from .baselines import (
-    downsample_image,
-    fastv_generate,
-    random_selector,
-    uniform_allocation,
-    visionzip_selector,
-)
+from ..relevance import ALL_TOKENS, RealizationRequest, budget_from_spec
+from .methods import METHODS, REGISTRY, Answers, Method
 
-METHODS = (
-    "full",
-    "downsample",
-    "uniform-pool",
-    "random",
-    "query-agnostic",
-    "text-attention",
-    "arr-coc-free",
-    "arr-coc",
-    "arr-coc-saccade",
-)
 BUDGETS = ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400")
 
 
@@ -111,19 +100,48 @@ def _levenshtein(a: str, b: str) -> int:
 
 def box_covered(detail: torch.Tensor, box, image_size: tuple[int, int]) -> bool:
     """Every merged-grid token that overlaps ``box`` (pixels of the original image) is at full detail."""
-    from ..training.objectives import box_overlap_map
-
     overlap = box_overlap_map(box, image_size, tuple(detail.shape))
     return bool(detail[overlap > 0].all())
 
 
+class Batch:
+    """One batch of samples and what its methods share: the processor's ``inputs`` (on the model's device), the
+    ``images`` (`ImageInput`: each encoded once, on first use, for every post-encoder method and budget), their
+    merged ``grids`` (h, w) and ``natives`` (h * w), the all-token sequence (`full`) and per-batch results a method
+    reuses across budgets (`shared`)."""
+
+    def __init__(self, harness: Harness, samples: list[dict]):
+        self.harness, self.samples = harness, samples
+        processed = harness.processor(images=[s["image"] for s in samples], text=[s["question"] for s in samples])
+        self.inputs = {k: v.to(harness.model.device) for k, v in processed.items()}
+        self.images = harness.model.image_inputs(self.inputs["pixel_values"], self.inputs["image_grid_thw"])
+        self.grids = [image.grid[1:] for image in self.images]
+        self.natives = [h * w for h, w in self.grids]
+        self._shared: dict = {}
+
+    def compress(self, request: RealizationRequest):
+        """The model's `compress_inputs` on this batch's images."""
+        return self.harness.compress(self.inputs, request, self.images)
+
+    @functools.cached_property
+    def full(self):
+        """The all-token `CompressedInputs` (for methods inside the language model)."""
+        return self.compress(RealizationRequest(budget=ALL_TOKENS, encoding="single"))
+
+    def shared(self, key: str, compute: Callable[[], object]):
+        """``compute()`` once per batch under ``key`` (e.g. attention read-outs every budget reuses)."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+
 class Harness:
-    """Runs the methods on one backbone (an arr-coc model) over samples ``{"image", "question", "answers",
-    "answer_box" (optional), "task"}``."""
+    """Runs the registered methods on one backbone (an arr-coc model) over samples ``{"image", "question",
+    "answers", "answer_box" (optional), "task"}``."""
 
     def __init__(self, model, processor, max_new_tokens: int = 8, fastv_layer: int | None = None, seed: int = 0):
         self.model, self.processor = model.eval(), processor
-        n_layers = len(model.adapter.decoder_layers())
+        n_layers = len(model.adapter.decoder.layers)
         # FastV prunes at K = 2-3 of 32 layers; small models: K = 2, or half the layers if they have fewer than 4
         self.fastv_layer = fastv_layer if fastv_layer is not None else max(1, min(2, n_layers // 2))
         if not 0 < self.fastv_layer < n_layers:
@@ -137,98 +155,63 @@ class Harness:
             else None
         )
 
-    def _generate(self, inputs, **kwargs) -> tuple[list[str], object]:
-        return generate_answers(self.model, self.processor, inputs, self.max_new_tokens, **kwargs)
+    def compress(self, inputs: dict, request: RealizationRequest, images=None):
+        """The model's `compress_inputs` on processor ``inputs`` (their images, or ``images`` already prepared)."""
+        if images is None:
+            images = self.model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
+        return self.model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], images,
+                                          inputs.get("question_mask"), request=request)  # fmt: skip
 
-    def _run_method(self, method: str, samples, inputs, features, grids, targets, cache: dict):
-        """One method at one budget on one batch: (answers, tokens used, full-detail maps) per sample."""
-        if method == "text-attention":
-            tokens, selections = fastv_generate(
-                self.model, inputs, targets, self.fastv_layer, self.max_new_tokens, self.eos
-            )
-            return (
-                self.processor.batch_decode(tokens, skip_special_tokens=True),
-                [s.tokens_used for s in selections],
-                [s.detail_map() for s in selections],
-            )
-        if method == "downsample":
-            small = [downsample_image(s["image"], self.processor.image_processor, t) for s, t in zip(samples, targets)]
-            texts, out = self._generate(
-                dict(self.processor(images=small, text=[s["question"] for s in samples])),
-                budget=ALL_TOKENS,
-                encoding="single",
-            )
-            used = out.tokens_used.tolist()
-            natives = [h * w for h, w in grids]
-            return (
-                texts,
-                used,
-                [torch.full(g, n_used == n, dtype=torch.bool) for g, n_used, n in zip(grids, used, natives)],
-            )
-        if method == "arr-coc-saccade":  # encodes its own gist and crops: no shared features
-            self.model.config.mode = "trained"
-            texts, out = self._generate(inputs, budget=targets, encoding="saccade")
-            return texts, out.tokens_used.tolist(), [r.detail_map() for r in out.realizations]
-        options = {"vision_features": features, "encoding": "single"}
-        if method == "full":
-            options["budget"] = ALL_TOKENS
-        elif method in ("arr-coc", "arr-coc-free"):
-            self.model.config.mode = "trained" if method == "arr-coc" else "training_free"
-            options["budget"] = targets
-        elif method == "uniform-pool":
-            options.update(
-                allocation=[uniform_allocation(h, w, t) for (h, w), t in zip(grids, targets)], pooling="mean"
-            )
-        elif method == "random":
-            options.update(budget=targets, image_tokens=random_selector(self.seed))
-        elif method == "query-agnostic":
-            if "readouts" not in cache:
-                cache["readouts"] = self.model.adapter.vision_attention_received(
-                    inputs["pixel_values"], inputs["image_grid_thw"]
-                )
-            options.update(budget=targets, image_tokens=visionzip_selector(cache["readouts"]))
-        else:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        texts, out = self._generate(inputs, **options)
-        return texts, out.tokens_used.tolist(), [r.detail_map() for r in out.realizations]
+    def generate(self, compressed) -> Answers:
+        """Greedy answers from compressed inputs, with the tokens each sample used and its full-detail maps."""
+        new = self.model.generate(**compressed.generate_inputs(), max_new_tokens=self.max_new_tokens, do_sample=False)
+        return Answers(self.processor.batch_decode(new, skip_special_tokens=True), compressed.tokens_used.tolist(),
+                       [r.detail_map() for r in compressed.realizations])  # fmt: skip
+
+    def answer(self, inputs: dict, request: RealizationRequest) -> Answers:
+        """Greedy answers for other processor ``inputs`` (a method's own images)."""
+        return self.generate(self.compress({k: v.to(self.model.device) for k, v in inputs.items()}, request))
+
+    def _answers(self, method: Method, batch: Batch, budgets: list[int]) -> Answers:
+        if method.request is not None:
+            return self.generate(batch.compress(method.request(batch, budgets)))
+        return method.run(batch, budgets)
 
     @torch.no_grad()
     def run_batch(self, samples: list[dict], methods, budgets) -> list[Record]:
+        """Every method in ``methods`` (registered names) on one batch: an unbudgeted method once, under its label,
+        the others at every budget spec of ``budgets``; in that order."""
         if any(not hasattr(s["image"], "size") for s in samples):
             raise ValueError("the harness compares methods on one image per sample; pass a PIL image per sample")
-        inputs = {
-            k: v.to(self.model.device)
-            for k, v in self.processor(
-                images=[s["image"] for s in samples], text=[s["question"] for s in samples]
-            ).items()
-        }
-        features = self.model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
-        grids = [f.grid[1:] for f in features]
-        natives = [h * w for h, w in grids]
+        chosen = [method_named(m) for m in methods]
+        batch = Batch(self, samples)
+        runs = [(m, m.label, batch.natives) for m in chosen if not m.budgeted]
+        for spec in budgets:
+            targets = [budget_from_spec(spec, n) for n in batch.natives]
+            runs += [(m, spec, targets) for m in chosen if m.budgeted]
         records: list[Record] = []
-        cache: dict = {}
-        runs = [("full", "all", natives)] if "full" in methods else []
-        for budget in budgets:
-            targets = [budget_from_spec(budget, n) for n in natives]
-            runs += [(m, budget, targets) for m in methods if m != "full"]
-        mode = self.model.config.mode
-        try:
-            for method, budget, targets in runs:
-                texts, used, detail_maps = self._run_method(method, samples, inputs, features, grids, targets, cache)
-                for i, s in enumerate(samples):
-                    answers = s.get("answers") or [s["answer"]]
-                    pred = texts[i].strip()
-                    loc = (
-                        box_covered(detail_maps[i], s["answer_box"], s["image"].size)
-                        if s.get("answer_box") is not None
-                        else None
-                    )
-                    records.append(Record(s["task"], method, budget, s.get("id", i), pred,
-                                          any(normalize_answer(pred) == normalize_answer(a) for a in answers),
-                                          anls(pred, answers), int(used[i]), int(targets[i]), natives[i], loc))  # fmt: skip
-        finally:
-            self.model.config.mode = mode
+        for method, label, targets in runs:
+            answers = self._answers(method, batch, targets)
+            for i, s in enumerate(samples):
+                references = s.get("answers") or [s["answer"]]
+                pred = answers.texts[i].strip()
+                loc = (
+                    box_covered(answers.detail_maps[i], s["answer_box"], s["image"].size)
+                    if s.get("answer_box") is not None
+                    else None
+                )
+                records.append(Record(s["task"], method.name, label, s.get("id", i), pred,
+                                      any(normalize_answer(pred) == normalize_answer(a) for a in references),
+                                      anls(pred, references), int(answers.tokens_used[i]), int(targets[i]),
+                                      batch.natives[i], loc))  # fmt: skip
         return records
+
+
+def method_named(name: str) -> Method:
+    """The registered method ``name``; `ValueError` naming the registered ones otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; expected one of {tuple(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def evaluate(model, processor, samples: list[dict], methods=METHODS, budgets=BUDGETS, batch_size: int = 4,
@@ -244,13 +227,10 @@ def evaluate(model, processor, samples: list[dict], methods=METHODS, budgets=BUD
         batch = [dict(s, id=s.get("id", offset + i)) for i, s in enumerate(batch)]
         result.records += harness.run_batch(batch, list(methods), list(budgets))
         offset += len(batch)
-    if "text-attention" in methods:
-        result.notes.append(
-            f"text-attention (FastV) keeps every visual token through language-model layers 0..{harness.fastv_layer - 1}; "
-            "its budget counts the tokens after that layer"
-        )
-    if "downsample" in methods:
-        result.notes.append("downsample re-encodes a smaller image; its tokens are that image's native count")
+    for name in methods:
+        note = method_named(name).note
+        if note is not None:
+            result.notes.append(note(harness))
     return result
 
 
@@ -274,8 +254,8 @@ def write_outputs(result: EvalResult, out_dir: str, title: str = "arr-coc evalua
 def example_allocations(model, processor, samples: list[dict], out_dir: str, compression: float = 8) -> list[str]:
     """``example_<task>.png`` per task: its first sample's relevance, knowing maps and allocation at 1/``compression``
     of native, with the model's own mode and encoding."""
+    from ..figures import realization_figure
     from ..pipeline import answer
-    from .plots import realization_figure
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -293,6 +273,8 @@ def example_allocations(model, processor, samples: list[dict], out_dir: str, com
 def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
     tasks = sorted({r["task"] for r in rows})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in rows)]
+    # an unbudgeted method's own label (besides full's): a column of its own
+    budgets += sorted({r["budget"] for r in rows if r["budget"] not in BUDGETS and r["method"] != "full"})
     lines = [f"## {title}", ""]
     for task in tasks:
         full = next((r for r in rows if r["task"] == task and r["method"] == "full"), None)
@@ -303,7 +285,7 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
-        for method in [m for m in METHODS if m != "full"]:
+        for method in [m for m in REGISTRY if m != "full"]:
             cells = []
             for b in budgets:
                 r = next((r for r in rows if r["task"] == task and r["method"] == method and r["budget"] == b), None)
@@ -319,12 +301,12 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
 
 
 def plot_accuracy(rows: list[dict], path: str) -> None:
-    from .plots import new_figure
+    from ..figures import new_figure
 
     tasks = sorted({r["task"] for r in rows})
     fig, axes = new_figure(6 * len(tasks), 4.2, 1, len(tasks))
     for ax, task in zip(axes[0], tasks):
-        for method in METHODS:
+        for method in REGISTRY:
             pts = sorted(
                 (r["tokens_used"], r["exact_match"]) for r in rows if r["task"] == task and r["method"] == method
             )
@@ -354,4 +336,6 @@ def synthetic_samples(tasks, n: int, offset: int = 0) -> list[dict]:
     return out
 
 
-__all__ = ["BUDGETS", "METHODS", "EvalResult", "Harness", "anls", "evaluate", "example_allocations", "write_outputs"]
+__all__ = [
+    "BUDGETS", "METHODS", "Batch", "EvalResult", "Harness", "anls", "evaluate", "example_allocations", "write_outputs",
+]  # fmt: skip

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from ..relevance import budget_from_spec
+from ..relevance import RealizationRequest, budget_from_spec
 
 
 @dataclass
@@ -96,11 +96,13 @@ def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, ne
     batch = inputs["input_ids"].shape[0]
     saccade = encoding == "saccade"
 
+    request = RealizationRequest(budget=budget, encoding=encoding)
+
     def realize(with_features=True):
-        return model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                     inputs["image_grid_thw"], inputs["question_mask"], budget=budget,
-                                     vision_features=features if with_features and not saccade else None,
-                                     encoding=encoding)  # fmt: skip
+        encoded = features if with_features and not saccade else None
+        images = model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"], encoded)
+        return model.compress_inputs(inputs["input_ids"], inputs["attention_mask"], images, inputs["question_mask"],
+                                     request=request)  # fmt: skip
 
     def prefill(c):
         return model(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,

@@ -1,4 +1,6 @@
-"""The relevance realization, along the data flow: knowing -> balancing -> attending -> realizing."""
+"""The relevance realization, along the data flow: knowing -> balancing -> attending -> realizing
+(`knowing`, `balancing`, `attending`, `realizing` – with the realize protocol every encoding and baseline
+follows), and the saccade's own room (`saccade`: the gist, the crops, the native grid they fill)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,34 @@ from .attending import (
     Region,
     TokenAllocator,
     budget_from_spec,
-    expand_gist,
-    gist_grid,
-    reads_full_resolution,
+    budget_options,
     resolve_budget,
-    saccade_crops,
 )
 from .balancing import TensionBalancer
 from .knowing import CouplingScorer, InformationScorer, SalienceScorer
-from .realizing import RelevanceRealizer, cell_assignment
+from .realizing import (
+    ENCODINGS,
+    MODES,
+    POOLINGS,
+    ImageRequest,
+    Realization,
+    RealizationRequest,
+    Realize,
+    RelevanceMaps,
+    RelevanceRealization,
+    RelevanceRealizer,
+    cell_assignment,
+    realize_allocation,
+)
+from .saccade import (
+    PatchGeometry,
+    expand_gist,
+    expand_maps,
+    gist_grid,
+    native_features,
+    reads_full_resolution,
+    saccade_crops,
+)
 
 
 class RelevanceHeads(nn.Module):
@@ -38,26 +59,29 @@ class RelevanceHeads(nn.Module):
         self.balancer = TensionBalancer(text_size, hidden_size, balance_weights)
         self.budget = BudgetCalculator(text_size, hidden_size)
 
-    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, min_tokens: int, max_tokens: int,
-                to_native=None):  # fmt: skip
-        """tokens [h*w, d], question [m, d_text] -> (information, salience, coupling, relevance [h*w],
-        balance weights [3], expected tokens []): knowing, then balancing, then the budget head.
-
-        ``to_native``: maps a coarse grid's values to the native grid (a saccade's gist), so the budget
-        head judges the image at the resolution its tokens are counted in."""
+    def maps(self, tokens: torch.Tensor, grid: tuple[int, int], question: torch.Tensor, trained: bool) -> RelevanceMaps:
+        """tokens [h*w, d], question [m, d_text] -> the three knowing maps and relevance [h*w] with the balance
+        weights [3]: knowing, then balancing."""
         info = self.information(tokens, grid, trained)
         salience = self.salience(tokens, grid, trained)
         coupling = self.coupling(tokens, question, trained)
         relevance, weights = self.balancer(torch.stack([info, salience, coupling]), question, trained)
-        native = to_native(relevance) if to_native is not None else relevance
-        expected = self.budget(native, question, min_tokens, max_tokens, trained)
-        return info, salience, coupling, relevance, weights, expected
+        return RelevanceMaps(info, salience, coupling, relevance, weights)
+
+    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, min_tokens: int, max_tokens: int):
+        """tokens [h*w, d], question [m, d_text] -> (information, salience, coupling, relevance [h*w],
+        balance weights [3], expected tokens []): knowing, then balancing, then the budget head – the heads as one
+        module (what `export.export_heads` exports)."""
+        m = self.maps(tokens, grid, question, trained)
+        expected = self.budget(m.relevance, question, min_tokens, max_tokens, trained)
+        return m.information, m.salience, m.coupling, m.relevance, m.balance_weights, expected
 
 
 __all__ = [
-    "ALL_TOKENS",
-    "budget_from_spec",
-    "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "InformationScorer", "Region",
-    "RelevanceHeads", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
-    "cell_assignment", "expand_gist", "gist_grid", "reads_full_resolution", "resolve_budget", "saccade_crops",
+    "ALL_TOKENS", "ENCODINGS", "MODES", "POOLINGS",
+    "Allocation", "BudgetCalculator", "BudgetDecision", "CouplingScorer", "ImageRequest", "InformationScorer",
+    "PatchGeometry", "Realization", "RealizationRequest", "Realize", "Region", "RelevanceHeads", "RelevanceMaps",
+    "RelevanceRealization", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
+    "budget_from_spec", "budget_options", "cell_assignment", "expand_gist", "expand_maps", "gist_grid",
+    "native_features", "reads_full_resolution", "realize_allocation", "resolve_budget", "saccade_crops",
 ]  # fmt: skip

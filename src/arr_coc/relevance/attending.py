@@ -71,6 +71,26 @@ class Allocation:
             out[r.y0 : r.y1, r.x0 : r.x1] += 1
         return out
 
+    def check(self, height: int, width: int) -> None:
+        """Raise `ValueError` unless this tiles an ``height x width`` grid exactly, each region at 1..its own size
+        (a caller's fixed allocation)."""
+        if (self.height, self.width) != (height, width):
+            raise ValueError(f"allocation is for a {self.height}x{self.width} grid, the image has {height}x{width}")
+        for r in self.regions:
+            if not (
+                0 <= r.y0 < r.y1 <= height
+                and 0 <= r.x0 < r.x1 <= width
+                and 1 <= r.k_h <= r.y1 - r.y0
+                and 1 <= r.k_w <= r.x1 - r.x0
+            ):
+                raise ValueError(
+                    f"allocation region {r} lies outside the {height}x{width} grid or asks for more cells than its size"
+                )
+        if not bool((self.coverage() == 1).all()):
+            raise ValueError(
+                "allocation regions must cover every token of the grid exactly once (no gaps, no overlaps)"
+            )
+
     def to_dict(self) -> dict:
         return {
             "grid": [self.height, self.width],
@@ -116,13 +136,29 @@ def _check_compression_value(compression) -> float:
 ALL_TOKENS = 2**31 - 1  # a budget that every image's native count is below: "all visual tokens"
 
 
-def budget_from_spec(spec: str, native: int) -> int:
-    """A budget spec of the evaluation and benchmarks: "1/8" -> ceil(N / 8); "64" -> min(64, N); "full" -> N."""
-    if spec in ("full", "all"):
-        return native
-    if spec.startswith("1/"):
-        return math.ceil(native / float(spec[2:]))
-    return min(int(spec), native)
+def budget_options(spec: str | int) -> dict:
+    """A budget spec as call options: "1/8" -> ``{"compression": 8.0}``; "64" (or 64) -> ``{"budget": 64}``;
+    "full" / "all" -> ``{"budget": ALL_TOKENS}``. Raises `ValueError` naming the accepted forms."""
+    text = str(spec).strip()
+    if text in ("full", "all"):
+        return {"budget": ALL_TOKENS}
+    try:
+        if text.startswith("1/"):
+            return {"compression": _check_compression_value(float(text[2:]))}
+        return {"budget": _check_budget_value(int(text))}
+    except ValueError:
+        raise ValueError(
+            f"budget spec {spec!r} is invalid: expected '1/N' (N >= 1, a share of the native count), a positive "
+            "token count like '64', or 'full'"
+        ) from None
+
+
+def budget_from_spec(spec: str | int, native: int) -> int:
+    """The budget a spec gives an image of ``native`` tokens: "1/8" -> ceil(N / 8); "64" -> min(64, N); "full" -> N."""
+    options = budget_options(spec)
+    if "compression" in options:
+        return math.ceil(native / options["compression"])
+    return min(options["budget"], native)
 
 
 @dataclass(frozen=True)
@@ -130,12 +166,12 @@ class BudgetDecision:
     tokens: int  # T, after every rule
     requested: int  # before clipping to the native count
     clipped: bool  # a budget above native was clipped to native
-    source: str  # "auto", "budget" or "compression"
+    source: str  # "auto", "budget", "compression" or "allocation"
 
 
 def resolve_budget(native: int, floor: int, allocator: str, auto_tokens: int | None, min_tokens: int,
                    max_tokens: int, budget=None, compression=None) -> BudgetDecision:  # fmt: skip
-    """DESIGN.md's budget rules, the one formula everywhere.
+    """The budget rules of docs/design.md, the one formula everywhere.
 
     Automatic ``auto_tokens`` is kept in ``[min_tokens, max_tokens]``; an explicit ``budget`` or
     ``compression`` (T = ceil(N / r)) overrides that range. Then T = min(T, N) (clipped, reported)
@@ -215,6 +251,41 @@ def _mass(s: np.ndarray, y0, x0, y1, x1):
     return s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
 
 
+def _best_splits(s: np.ndarray, y0: int, x0: int, y1: int, x1: int, mass: float):
+    """The best 2-way and 4-way split points of a leaf, each as (n_children, (ratio, (ys, xs))).
+
+    The point is the one that best separates relevance, maximising the between-children sum of
+    squares (sum of M_c^2 / A_c), so a relevant box comes out as one homogeneous child. The ratio
+    is the utility gained per token spent, looking one step ahead: the split alone, or the split
+    followed by opening one child, whichever pays most per token.
+    """
+    ys = np.arange(y0, y1 + 1)[:, None]
+    xs = np.arange(x0, x1 + 1)[None, :]
+    shape = (ys.size, xs.size)
+    areas, masses = [], []
+    for cy0, cy1 in ((y0, ys), (ys, y1)):
+        for cx0, cx1 in ((x0, xs), (xs, x1)):
+            areas.append(np.broadcast_to((cy1 - cy0) * (cx1 - cx0), shape).astype(float))
+            masses.append(np.broadcast_to(s[cy1, cx1] - s[cy0, cx1] - s[cy1, cx0] + s[cy0, cx0], shape))
+    area, child_mass = np.stack(areas), np.stack(masses)  # [4, ny, nx]: the four quadrants of each point
+    present, safe_area = area > 0, np.maximum(area, 1)
+    n_children = present.sum(axis=0)
+    separation = np.where(present, child_mass**2 / safe_area, 0.0).sum(axis=0)
+    gain = np.where(present, child_mass / safe_area, 0.0).sum(axis=0) - mass / ((y1 - y0) * (x1 - x0))
+    open_gain = np.where(area > 1, child_mass * (1 - 1 / safe_area), 0.0)
+    splits = np.maximum(n_children - 1, 1)
+    ahead = ((gain + open_gain) / (splits + np.maximum(area - 1, 0))).max(axis=0)
+    ratio = np.maximum(gain / splits, ahead)
+    out = []
+    for k in (2, 4):
+        candidates = np.where(n_children == k, separation, -np.inf)
+        flat = int(np.argmax(candidates))  # first index on ties
+        if np.isfinite(candidates.flat[flat]):
+            iy, ix = divmod(flat, shape[1])
+            out.append((k, (float(ratio.flat[flat]), (y0 + iy, x0 + ix))))
+    return out
+
+
 class TokenAllocator:
     """Tiles the grid within T tokens, giving detail where relevance is high.
 
@@ -233,8 +304,14 @@ class TokenAllocator:
         self.allocator, self.region_size, self.lod_ladder = allocator, region_size, list(lod_ladder)
 
     def decide(self, relevance: torch.Tensor, height: int, width: int, expected_tokens: float, min_tokens: int,
-               max_tokens: int, budget=None, compression=None) -> tuple[Allocation, BudgetDecision]:  # fmt: skip
-        """The budget rules, then the allocation: (allocation, decision) for one image."""
+               max_tokens: int, budget=None, compression=None,
+               allocation: Allocation | None = None) -> tuple[Allocation, BudgetDecision]:  # fmt: skip
+        """The budget rules, then the allocation: (allocation, decision) for one image. A caller's fixed
+        ``allocation`` is checked against the grid (`Allocation.check`) and used as given."""
+        if allocation is not None:
+            allocation.check(height, width)
+            used = allocation.tokens_used
+            return allocation, BudgetDecision(used, used, False, "allocation")
         decision = resolve_budget(height * width, self.floor(height, width), self.allocator, math.ceil(expected_tokens),
                                   min_tokens, max_tokens, budget, compression)  # fmt: skip
         return self(relevance, height, width, decision.tokens), decision
@@ -348,99 +425,3 @@ class TokenAllocator:
             k_h, k_w = (y1 - y0, x1 - x0) if i in opened else (1, 1)
             regions.append(Region(y0, x0, y1, x1, k_h, k_w))
         return Allocation(height, width, regions, budget)
-
-
-# ----------------------------------------------------------------------------- saccades
-
-
-def gist_grid(height: int, width: int, scale: int) -> tuple[int, int]:
-    """The gist's merged grid: one gist token per ``scale x scale`` native tokens (edges rounded up)."""
-    return -(-height // scale), -(-width // scale)
-
-
-def expand_gist(values: torch.Tensor, height: int, width: int, scale: int) -> torch.Tensor:
-    """[hg*wg] per gist token -> [h*w]: every native token takes the value of the gist token covering it."""
-    hg, wg = gist_grid(height, width, scale)
-    grid = values.reshape(hg, wg).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    return grid[:height, :width].reshape(-1)
-
-
-def reads_full_resolution(region: Region, gist_scale: int, height: int, width: int) -> bool:
-    """Whether a saccade reads a region from the image at full resolution: at full detail, or with more
-    tokens than the gist has over it (each gist token counted by the share of its cell the region covers;
-    edge cells are smaller)."""
-
-    def share(lo: int, hi: int, size: int) -> float:  # gist tokens per axis over [lo, hi)
-        g = gist_scale
-        return sum((min(hi, c + g) - max(lo, c)) / (min(c + g, size) - c) for c in range(lo // g * g, hi, g))
-
-    return (
-        region.full_detail
-        or region.tokens > share(region.y0, region.y1, height) * share(region.x0, region.x1, width) + 1e-9
-    )
-
-
-def saccade_crops(allocation: Allocation, gist_scale: int) -> list[tuple[int, int, int, int]]:
-    """The merged-grid boxes (y0, x0, y1, x1) a saccade encodes again at full resolution: the gist cells
-    under the regions it reads at full resolution (`reads_full_resolution`), joined into rectangles (runs
-    along a gist row, stacked while rows repeat the run), so a crop has the context of its neighbours.
-    The allocation itself is the single encoding's, from the gist's relevance; every other region is
-    pooled from the gist."""
-    g, height, width = gist_scale, allocation.height, allocation.width
-    hg, wg = gist_grid(height, width, g)
-    opened = np.zeros((hg, wg), dtype=bool)
-    for r in allocation.regions:
-        if reads_full_resolution(r, g, height, width):
-            opened[r.y0 // g : -(-r.y1 // g), r.x0 // g : -(-r.x1 // g)] = True
-    rectangles, running = [], {}  # running: (j0, j1) -> first gist row of a rectangle still growing
-    for i in range(hg + 1):
-        runs = set()
-        j = 0
-        while i < hg and j < wg:
-            if opened[i, j]:
-                j1 = j
-                while j1 < wg and opened[i, j1]:
-                    j1 += 1
-                runs.add((j, j1))
-                j = j1
-            j += 1
-        for run in sorted(set(running) - runs):
-            rectangles.append((running.pop(run), run[0], i, run[1]))
-        for run in runs:
-            running.setdefault(run, i)
-    return [(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width)) for i0, j0, i1, j1 in sorted(rectangles)]
-
-
-def _best_splits(s: np.ndarray, y0: int, x0: int, y1: int, x1: int, mass: float):
-    """The best 2-way and 4-way split points of a leaf, each as (n_children, (ratio, (ys, xs))).
-
-    The point is the one that best separates relevance, maximising the between-children sum of
-    squares (sum of M_c^2 / A_c), so a relevant box comes out as one homogeneous child. The ratio
-    is the utility gained per token spent, looking one step ahead: the split alone, or the split
-    followed by opening one child, whichever pays most per token.
-    """
-    ys = np.arange(y0, y1 + 1)[:, None]
-    xs = np.arange(x0, x1 + 1)[None, :]
-    shape = (ys.size, xs.size)
-    areas, masses = [], []
-    for cy0, cy1 in ((y0, ys), (ys, y1)):
-        for cx0, cx1 in ((x0, xs), (xs, x1)):
-            areas.append(np.broadcast_to((cy1 - cy0) * (cx1 - cx0), shape).astype(float))
-            masses.append(np.broadcast_to(s[cy1, cx1] - s[cy0, cx1] - s[cy1, cx0] + s[cy0, cx0], shape))
-    area, child_mass = np.stack(areas), np.stack(masses)  # [4, ny, nx]: the four quadrants of each point
-    present, safe_area = area > 0, np.maximum(area, 1)
-    n_children = present.sum(axis=0)
-    separation = np.where(present, child_mass**2 / safe_area, 0.0).sum(axis=0)
-    gain = np.where(present, child_mass / safe_area, 0.0).sum(axis=0) - mass / ((y1 - y0) * (x1 - x0))
-    open_gain = np.where(area > 1, child_mass * (1 - 1 / safe_area), 0.0)
-    splits = np.maximum(n_children - 1, 1)
-    ahead = ((gain + open_gain) / (splits + np.maximum(area - 1, 0))).max(axis=0)
-    ratio = np.maximum(gain / splits, ahead)
-    out = []
-    for k in (2, 4):
-        candidates = np.where(n_children == k, separation, -np.inf)
-        flat = int(np.argmax(candidates))  # first index on ties
-        if np.isfinite(candidates.flat[flat]):
-            iy, ix = divmod(flat, shape[1])
-            out.append((k, (float(ratio.flat[flat]), (y0 + iy, x0 + ix))))
-    return out

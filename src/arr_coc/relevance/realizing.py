@@ -1,11 +1,224 @@
-"""Realizing: turn an allocation into the tokens the language model receives, with honest positions."""
+"""Realizing: turn an image's encoder output into the tokens the language model receives, with honest positions.
+
+The **realize protocol** is the one way an image becomes language-model tokens – arr-coc's single encoding, its
+saccade, and the evaluation's post-encoder baselines all implement it::
+
+    realize(image, question, ask) -> (tokens, realization)
+
+``image``: the model's `ImageInput` (the processor's patches; ``image.features`` is the vision encoder's output,
+encoded on first use); ``question``: the question's token embeddings [m, d]; ``ask``: an `ImageRequest` (the
+call's options for this image). ``tokens``: [T', d_k] per feature kind (the main tokens, then e.g. Qwen3-VL's
+deepstack features, pooled alike); ``realization``: a `Realization` – why the tokens are what they are.
+
+A call's options arrive as one `RealizationRequest` (budget, compression, allocation, pooling, encoding, mode and
+an optional other realize step), resolved against the config and broadcast to one `ImageRequest` per image.
+"""
 
 from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .attending import Allocation
+from .attending import Allocation, BudgetDecision
+
+MODES = ("training_free", "trained")
+ENCODINGS = ("single", "saccade")
+POOLINGS = ("relevance", "mean")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else `ValueError` naming the option, the value and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid: expected one of {choices}")
+    return value
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+class Realization(Protocol):
+    """What any realize step reports for one image: `RelevanceRealization` (arr-coc) or a baseline's selection."""
+
+    positions: torch.Tensor  # [T', 3] (t, y, x) of the tokens passed on, relative to the image's first position
+    native_count: int  # N: the image's visual tokens before any compression
+    sample_index: int  # set by `compress_inputs`
+    image_index: int  # within its sample, set by `compress_inputs`
+
+    @property
+    def tokens_used(self) -> int: ...
+
+    def detail_map(self) -> torch.Tensor:
+        """[h, w] bool: True where a native token is passed on as itself (full detail)."""
+        ...
+
+
+Realize = Callable[[Any, torch.Tensor, "ImageRequest"], tuple[list[torch.Tensor], Realization]]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image's share of a `RealizationRequest`: its explicit budget or compression, or a fixed allocation, and
+    the resolved pooling and mode."""
+
+    budget: int | None
+    compression: float | None
+    allocation: Allocation | None
+    pooling: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class RealizationRequest:
+    """What one call asks of the relevance realization (the call options of `forward`, `generate`,
+    `realize_relevance`; the request of `compress_inputs`).
+
+    budget / compression: an explicit T or N/T ratio – one value, one per sample, or per sample a list with one per
+    image (None: the automatic budget). allocation: a fixed `Allocation`, broadcast alike (bypasses the budget and
+    the allocator). pooling ("relevance" / "mean"), encoding ("single" / "saccade"), mode ("training_free" /
+    "trained"): this call's choices (None: the config's). realize: another realize step for every image (the
+    evaluation's post-encoder baselines; None: the model's own for the encoding).
+    """
+
+    budget: Any = None
+    compression: Any = None
+    allocation: Any = None
+    pooling: str | None = None
+    encoding: str | None = None
+    mode: str | None = None
+    realize: Realize | None = None
+
+    def resolve(self, config) -> RealizationRequest:
+        """The config's choices where this call made none; `ValueError` naming the choices for a misspelt one."""
+        return replace(
+            self,
+            pooling=check_choice("pooling", self.pooling or config.pooling, POOLINGS),
+            encoding=check_choice("encoding", self.encoding or config.encoding, ENCODINGS),
+            mode=check_choice("mode", self.mode or config.mode, MODES),
+        )
+
+    def per_image(self, images_per_sample: list[int]) -> list[ImageRequest]:
+        """One `ImageRequest` per image, in input order (call `resolve` first). Raises `ValueError` when a per-sample
+        or per-image list does not match the batch."""
+        budgets, ratios, fixed = (
+            _per_image(value, name, images_per_sample)
+            for name, value in (("budget", self.budget), ("compression", self.compression),
+                                ("allocation", self.allocation))
+        )  # fmt: skip
+        return [ImageRequest(b, r, a, self.pooling, self.mode) for b, r, a in zip(budgets, ratios, fixed)]
+
+
+def _per_image(value, name: str, images_per_sample: list[int]) -> list:
+    """Broadcast a call option to one value per image: None or a scalar (every image), one value per sample (each of
+    its images), or per sample a list with one value per image."""
+    n_images = sum(images_per_sample)
+    if value is None or isinstance(value, (numbers.Number, Allocation)) or (torch.is_tensor(value) and value.ndim == 0):
+        value = value.item() if torch.is_tensor(value) else value
+        return [value] * n_images
+    values = value.tolist() if torch.is_tensor(value) else list(value)
+    if len(values) != len(images_per_sample):
+        raise ValueError(
+            f"{name} has {len(values)} entries for a batch of {len(images_per_sample)} samples: pass one value, "
+            f"one per sample, or per sample one per image"
+        )
+    out = []
+    for v, n in zip(values, images_per_sample):
+        if isinstance(v, (list, tuple)):
+            if len(v) != n:
+                raise ValueError(f"{name} gives {len(v)} values for a sample with {n} images")
+            out += list(v)
+        else:
+            out += [v] * n
+    return out
+
+
+# ----------------------------------------------------------------------------- arr-coc's realization
+
+
+@dataclass
+class RelevanceMaps:
+    """What the relevance heads say about one image's tokens (each [n] on the grid they were computed on)."""
+
+    information: torch.Tensor
+    salience: torch.Tensor
+    coupling: torch.Tensor
+    relevance: torch.Tensor
+    balance_weights: torch.Tensor  # [3]: information, salience, coupling
+
+
+@dataclass
+class RelevanceRealization:
+    """Why one image's tokens went where they went (all maps are [h, w] on the merged grid)."""
+
+    information: torch.Tensor
+    salience: torch.Tensor
+    coupling: torch.Tensor
+    relevance: torch.Tensor
+    balance_weights: torch.Tensor  # [3]: information, salience, coupling
+    allocation: Allocation
+    budget: int  # T after every budget rule
+    requested_budget: int  # before clipping to native
+    budget_clipped: bool
+    budget_source: str  # "auto", "budget", "compression" or "allocation"
+    expected_tokens: torch.Tensor  # the budget head's (differentiable) estimate
+    native_count: int
+    positions: torch.Tensor  # [T', 3] (t, y, x) relative to the image's first position
+    sample_index: int = 0
+    image_index: int = 0  # within its sample
+    encoding: str = "single"  # "saccade": maps come from the gist; regions finer than it from crops
+    gist_scale: int | None = None  # the saccade's gist: one token per gist_scale x gist_scale native tokens
+
+    @property
+    def tokens_used(self) -> int:
+        return self.allocation.tokens_used
+
+    def detail_map(self) -> torch.Tensor:
+        """[h, w] bool: True where the token is passed at full detail."""
+        return self.allocation.detail_map()
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (maps as nested lists)."""
+        return {
+            "sample_index": self.sample_index,
+            "image_index": self.image_index,
+            "encoding": self.encoding,
+            "gist_scale": self.gist_scale,
+            "tokens_used": self.tokens_used,
+            "native_count": self.native_count,
+            "budget": self.budget,
+            "requested_budget": self.requested_budget,
+            "budget_clipped": self.budget_clipped,
+            "budget_source": self.budget_source,
+            "balance_weights": [round(float(w), 4) for w in self.balance_weights],
+            "allocation": self.allocation.to_dict(),
+            "relevance": [[round(float(v), 4) for v in row] for row in self.relevance],
+        }
+
+
+def realize_allocation(features: list[torch.Tensor], maps: RelevanceMaps, expected_tokens: torch.Tensor,
+                       allocation: Allocation, decision: BudgetDecision, pooling: str, encoding: str = "single",
+                       gist_scale: int | None = None) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
+    """The realizing step of both encodings: ``features`` ([h*w, d_k] per kind, on the native grid) pooled per
+    region of the allocation, weighted by ``maps.relevance`` ([h*w]), and the `RelevanceRealization` that explains
+    them -> (tokens [T', d_k] per kind, realization)."""
+    h, w = allocation.height, allocation.width
+    pooled, centres = RelevanceRealizer(pooling)(features, allocation, maps.relevance)
+    positions = torch.cat([torch.zeros_like(centres[:, :1]), centres], dim=1)
+    realization = RelevanceRealization(
+        information=maps.information.view(h, w), salience=maps.salience.view(h, w), coupling=maps.coupling.view(h, w),
+        relevance=maps.relevance.view(h, w), balance_weights=maps.balance_weights, allocation=allocation,
+        budget=decision.tokens, requested_budget=decision.requested, budget_clipped=decision.clipped,
+        budget_source=decision.source, expected_tokens=expected_tokens, native_count=h * w, positions=positions,
+        encoding=encoding, gist_scale=gist_scale,
+    )  # fmt: skip
+    return pooled, realization
+
+
+# ----------------------------------------------------------------------------- pooling
 
 
 def cell_assignment(allocation: Allocation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +255,8 @@ class RelevanceRealizer:
     def __init__(self, pooling: str = "relevance"):
         self.pooling = pooling
 
-    def __call__(self, features: list[torch.Tensor], allocation: Allocation, relevance: torch.Tensor,
-                 pooling: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    def __call__(self, features: list[torch.Tensor], allocation: Allocation,
+                 relevance: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
         """features: tensors [h*w, d_k] pooled alike; relevance [h*w] ->
         (pooled tensors [T', d_k], positions [T', 2] as (y, x) centres on the native grid)."""
         cell, centres = cell_assignment(allocation)
@@ -52,7 +265,7 @@ class RelevanceRealizer:
         if n_out == cell.numel():  # all at full detail: the tokens pass through untouched
             order = torch.argsort(cell)
             return [x[order] for x in features], centres
-        if (pooling or self.pooling) == "mean":
+        if self.pooling == "mean":
             weights = torch.ones_like(relevance, dtype=torch.float32)
         else:
             weights = relevance.float().clamp_min(1e-4)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..padding import left_pad
 from .data import batch_samples, collate
 from .model import IGNORE
 
@@ -107,15 +108,10 @@ class CachedBatches(torch.utils.data.IterableDataset):
         epoch, offset = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(n)[offset * batch_size : (offset + 1) * batch_size]
         rows = [self.samples[int(i)] for i in order]
-        length = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id)
-        labels = torch.full((len(rows), length), IGNORE)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            input_ids[i, :k], labels[i, :k], mask[i, :k] = r["input_ids"], r["labels"], 1
+        input_ids = left_pad([r["input_ids"] for r in rows], self.pad_id)
         return {
-            "input_ids": input_ids, "attention_mask": mask, "labels": labels,
+            "input_ids": input_ids, "labels": left_pad([r["labels"] for r in rows], IGNORE),
+            "attention_mask": left_pad([torch.ones_like(r["input_ids"]) for r in rows], 0),
             "mm_token_type_ids": (input_ids == self.image_token_id).int(),
             "image_grid_thw": torch.stack([r["grid"] for r in rows]),
             "features": torch.cat([r["features"] for r in rows]).float(),

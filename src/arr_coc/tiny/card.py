@@ -162,14 +162,14 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
     """Write the run's backbone (with the trained relevance heads of ``heads``, an arr-coc model or heads-only
     folder) as an arr-coc model folder: model, processor, model card, and ``heldout_accuracy.json`` with
     `reading_report` (the test suite's guards recompute its ``first_40`` entries)."""
-    from ..io import load_heads_into
+    from ..loading import load_relevance_heads
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor
 
     backbone, _, tokenizer, image_processor, _, _ = load_run(run)
     model = ArrCocForConditionalGeneration.from_backbone(backbone.eval(), **TINY_SETTINGS)
     if heads:
-        load_heads_into(model, heads)
+        load_relevance_heads(model, heads)
         model.config.mode = "trained"
     model.save_pretrained(out)
     processor = ArrCocProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)

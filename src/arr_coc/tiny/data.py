@@ -12,8 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.synthetic import TASKS, dark_colour, draw_text, font_at, generate
+from ..padding import left_pad
+from ..processing_arr_coc import chat_prompt
 from .model import GLYPH_CHARS, GROUPS, IGNORE, MAX_INDEX, SLOT_COLS, SLOT_ROWS
-from .tokenizer import prompt_text
 
 
 @dataclass(frozen=True)
@@ -143,39 +144,33 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
 
 
 def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool = True) -> dict:
-    """Right-padded (left-padded when ``with_answers`` is False, for generation) batch."""
+    """A left-padded batch (`padding.left_pad`, the one rule for every batch the language model reads): prompt and,
+    ``with_answers``, the answer with its labels; the dense reading targets when the samples carry glyphs."""
     vis = image_processor([s["image"] for s in samples], return_tensors="pt")
     grid = vis["image_grid_thw"]
-    pad_id = tokenizer.pad_token_id
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     rows, labels, dense, patches = [], [], [], []
     for s, (_, gh, gw) in zip(samples, grid.tolist()):
         n = gh * gw // 4
-        prompt = prompt_text(s["question"]).replace("<|image_pad|>", "<|image_pad|>" * n)
+        prompt = chat_prompt(s["question"]).replace("<|image_pad|>", "<|image_pad|>" * n)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         lab = [IGNORE] * len(ids)
         if with_answers:
             ans = tokenizer(s["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
             ids, lab = ids + ans, lab + ans
-        rows.append(ids)
-        labels.append(lab)
+        rows.append(torch.tensor(ids))
+        labels.append(torch.tensor(lab))
         if "glyphs" in s:
             dense.append(dense_targets(s["glyphs"], s["image"].size, (gh, gw)))
             patches.append(patch_targets(s["glyphs"], s["image"].size, (gh, gw)))
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), pad_id)
-    label_t = torch.full((len(rows), length), IGNORE)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows, labels)):
-        sl = slice(0, len(ids)) if with_answers else slice(length - len(ids), length)
-        input_ids[i, sl], label_t[i, sl], mask[i, sl] = torch.tensor(ids), torch.tensor(lab), 1
+    input_ids = left_pad(rows, tokenizer.pad_token_id)
     batch = {
         "input_ids": input_ids,
-        "attention_mask": mask,
+        "attention_mask": left_pad([torch.ones_like(r) for r in rows], 0),
         "mm_token_type_ids": (input_ids == image_id).int(),
         "pixel_values": vis["pixel_values"],
         "image_grid_thw": grid,
-        "labels": label_t,
+        "labels": left_pad(labels, IGNORE),
     }
     if dense:
         batch["dense_targets"], batch["patch_targets"] = torch.cat(dense), torch.cat(patches)

@@ -4,6 +4,7 @@ template (no default system prompt: short sequences for a tiny model)."""
 from __future__ import annotations
 
 from ..data.synthetic import TASKS, generate
+from ..processing_arr_coc import chat_prompt
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -30,18 +31,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def prompt_text(question: str) -> str:
-    """The tiny model's prompt for one image and one question (before image-pad expansion)."""
-    return f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
     """Text the tokenizer learns from: rendered prompts, answers and document lines."""
     texts = []
     for i in range(n):
         task = TASKS[i % 2]
         s = generate(task, seed + i, layout=True)
-        texts.append(prompt_text(s["question"]) + s["answer"] + "<|im_end|>")
+        texts.append(chat_prompt(s["question"]) + s["answer"] + "<|im_end|>")
         if task == "doc-fields":
             label_lines = {}
             for ch, *_box, group, _index in s["glyphs"]:

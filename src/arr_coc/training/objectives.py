@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.boxes import box_overlap_map
 from ..modeling_arr_coc import IGNORE_INDEX
-from ..relevance import ALL_TOKENS
-from ..relevance.attending import gist_grid
+from ..relevance import ALL_TOKENS, RealizationRequest
+from ..relevance.saccade import gist_cell_means, random_crops
 
 
 @dataclass
@@ -55,20 +56,6 @@ class ObjectiveWeights:
             )
         values = {"answer": 0.0, **spec}
         return cls(**values)
-
-
-def box_overlap_map(box, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """[h, w]: the fraction of each merged-grid token's cell covered by ``box`` (x0, y0, x1, y1 in image pixels)."""
-    width, height = image_size
-    h, w = grid
-    x0, y0, x1, y1 = (float(v) for v in box)
-    xs = torch.arange(w + 1, dtype=torch.float32) * width / w
-    ys = torch.arange(h + 1, dtype=torch.float32) * height / h
-    ox = (torch.minimum(xs[1:], torch.tensor(x1)) - torch.maximum(xs[:-1], torch.tensor(x0))).clamp_min(0) / (width / w)
-    oy = (torch.minimum(ys[1:], torch.tensor(y1)) - torch.maximum(ys[:-1], torch.tensor(y0))).clamp_min(0) / (
-        height / h
-    )
-    return (oy[:, None] * ox[None, :]).clamp(0.0, 1.0)
 
 
 def mass_inside(relevance: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
@@ -128,10 +115,9 @@ def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
 
     Returns one [h, w] map per image (input order). The backbone's weights get no gradient.
     """
-    c = model.compress_inputs(
-        inputs["input_ids"], inputs.get("attention_mask"), inputs["pixel_values"], inputs["image_grid_thw"],
-        inputs.get("question_mask"), inputs["labels"], budget=ALL_TOKENS, encoding="single",
-    )  # fmt: skip
+    images = model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
+    c = model.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), images, inputs.get("question_mask"),
+                              inputs["labels"], RealizationRequest(budget=ALL_TOKENS, encoding="single"))  # fmt: skip
     embeds = c.inputs_embeds.detach().requires_grad_(True)
     extra = [e.detach() for e in c.visual_extra]
     out = model.adapter.language_model(embeds, c.attention_mask, c.position_ids, None, False, c.visual_mask, extra)
@@ -161,34 +147,6 @@ def vision_encoder_swapped(model, visual: torch.nn.Module):
         inner.visual = own
 
 
-def gist_cell_means(tokens: torch.Tensor, height: int, width: int, scale: int) -> torch.Tensor:
-    """[h*w, D] native tokens -> [hg*wg, D]: the mean over each gist cell's tokens (edge cells are smaller)."""
-    hg, wg = gist_grid(height, width, scale)
-    grid = tokens.new_zeros(hg * scale, wg * scale, tokens.shape[-1])
-    grid[:height, :width] = tokens.view(height, width, -1)
-    count = tokens.new_zeros(hg * scale, wg * scale)
-    count[:height, :width] = 1
-    sums = grid.view(hg, scale, wg, scale, -1).sum((1, 3))
-    return (sums / count.view(hg, scale, wg, scale).sum((1, 3))[..., None]).view(hg * wg, -1)
-
-
-def random_crops(height: int, width: int, scale: int, generator: torch.Generator,
-                 most: int = 4, largest: int = 3) -> list[tuple[int, int, int, int]]:  # fmt: skip
-    """1..``most`` merged-grid boxes (y0, x0, y1, x1) of 1..``largest`` gist cells a side, on gist cells,
-    clipped to the image, like the rectangles `saccade_crops` joins."""
-    hg, wg = gist_grid(height, width, scale)
-
-    def draw(high: int) -> int:
-        return int(torch.randint(high, (1,), generator=generator))
-
-    boxes = []
-    for _ in range(1 + draw(most)):
-        rows, cols = 1 + draw(min(largest, hg)), 1 + draw(min(largest, wg))
-        i, j = draw(hg - rows + 1), draw(wg - cols + 1)
-        boxes.append((i * scale, j * scale, min((i + rows) * scale, height), min((j + cols) * scale, width)))
-    return boxes
-
-
 def consistency_loss(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, teacher: torch.nn.Module,
                      generator: torch.Generator) -> torch.Tensor:  # fmt: skip
     """(e): mean over images of the squared error of the vision encoder's gist, crop and whole-image tokens
@@ -202,7 +160,7 @@ def consistency_loss(model, pixel_values: torch.Tensor, image_grid_thw: torch.Te
         with torch.no_grad(), vision_encoder_swapped(model, teacher):
             target = adapter.encode_images(pixels, thw[None])[0]
         full = adapter.encode_images(pixels, thw[None])[0]
-        gist = adapter.encode_images(*adapter.gist_pixels(pixels, thw, scale))[0]
+        gist = adapter.encode_images(*adapter.patch_geometry.gist(pixels, thw, scale))[0]
         boxes = random_crops(h, w, scale, generator)
         crops = adapter.encode_crops(pixels, thw, boxes)
         for k, wanted in enumerate(_per_token(target)):

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import Trainer
 
-from ..io import COMPLETE, HEADS_CONFIG, HEADS_WEIGHTS, last_complete_checkpoint, mark_complete
+from ..io import COMPLETE, last_complete_checkpoint, mark_complete
+from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
+from ..relevance import budget_options
 from .objectives import (
     ObjectiveWeights,
     attribution_targets,
@@ -81,9 +83,7 @@ class ArrCocTrainer(Trainer):
             offset = self.args.process_index * batch_size
             ratios = torch.exp(lo + (hi - lo) * torch.rand(offset + batch_size, generator=g))[offset:]
             return {"compression": [float(r) for r in ratios]}
-        if isinstance(self.budget, str) and self.budget.startswith("1/"):
-            return {"compression": float(self.budget[2:])}
-        return {"budget": int(self.budget)}
+        return budget_options(self.budget)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

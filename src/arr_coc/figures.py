@@ -1,4 +1,5 @@
-"""Pictures of where the tokens went: relevance heatmaps and allocation grids over the image."""
+"""Pictures of where the tokens went: relevance heatmaps and allocation grids over the image (the CLI's demo and
+heatmaps, the app, the evaluation's examples and plots)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def draw_allocation(
     green: full detail, or with ``gist_scale`` (a saccade) read at full resolution; blue: the rest."""
     from matplotlib.patches import Rectangle
 
-    from ..relevance import reads_full_resolution
+    from .relevance import reads_full_resolution
 
     sy, sx = _grid_to_pixels(image, (allocation.height, allocation.width))
     ax.imshow(image)

@@ -1,0 +1,171 @@
+"""The methods `arr-coc eval` compares, in one registry. A method declares where it acts and whether it takes a
+budget; the harness (`evaluation.harness`) groups the work by that and never names a method.
+
+Where a method acts (``Method.acts``):
+
+- ``"features"``: after the vision encoder, on the batch's shared encoding. The method gives a
+  `RealizationRequest` (its options, and its own realize step if it is not arr-coc's) and the harness runs it
+  through the model's `compress_inputs` and generates: every such method and budget reuses one encoding per image.
+- ``"pixels"``: before the encoder, on the image: it decides what is encoded (a smaller image, a gist and crops).
+  It gives a `RealizationRequest` for the model (arr-coc's saccade, which never asks for the shared encoding) or
+  answers by itself (``run``).
+- ``"language_model"``: inside the language model, on the batch's all-token sequence (computed once per batch and
+  shared); it answers by itself (``run``).
+
+A budgeted method runs at every budget of the sweep; an unbudgeted one once per batch, under its ``label``.
+Adding a method = one `register` call (here or in a module imported here); the harness does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..relevance import ALL_TOKENS, RealizationRequest
+from .baselines import downsample_image, fastv_generate, random_realizer, uniform_allocation, visionzip_realizer
+from .readouts import vision_attention_received
+
+if TYPE_CHECKING:
+    from .harness import Batch, Harness
+
+ACTS = ("pixels", "features", "language_model")
+
+
+@dataclass(frozen=True)
+class Answers:
+    """One method's answers on one batch: per sample its text, visual tokens used and full-detail map [h, w]."""
+
+    texts: list[str]
+    tokens_used: list[int]
+    detail_maps: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison.
+
+    ``request(batch, budgets)`` -> the `RealizationRequest` the model realizes on the batch's images, or
+    ``run(batch, budgets)`` -> its `Answers` (exactly one of them); ``budgets``: T per sample (each image's
+    native count for an unbudgeted method). ``about``: what it keeps and where the port had to choose (the
+    method table of docs/benchmarks.md); ``note``: a line under the results, from the harness's settings.
+    """
+
+    name: str
+    acts: str
+    about: str
+    request: Callable[[Batch, list[int]], RealizationRequest] | None = None
+    run: Callable[[Batch, list[int]], Answers] | None = None
+    budgeted: bool = True
+    label: str = "all"  # the budget column of an unbudgeted method
+    note: Callable[[Harness], str] | None = None
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the comparison (in registration order). Raises `ValueError` for a name already taken, an
+    unknown ``acts``, or not exactly one of ``request`` / ``run`` (a language-model method needs ``run``)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    if method.acts not in ACTS:
+        raise ValueError(f"method {method.name!r}: acts={method.acts!r} is invalid: expected one of {ACTS}")
+    if (method.request is None) == (method.run is None) or (method.acts == "language_model" and method.run is None):
+        raise ValueError(
+            f"method {method.name!r} needs exactly one of request= or run= (run= inside the language model)"
+        )
+    REGISTRY[method.name] = method
+    return method
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+def _downsample(batch: Batch, budgets: list[int]) -> Answers:
+    harness = batch.harness
+    small = [downsample_image(s["image"], harness.processor.image_processor, t) for s, t in zip(batch.samples, budgets)]
+    inputs = harness.processor(images=small, text=[s["question"] for s in batch.samples])
+    answers = harness.answer(inputs, RealizationRequest(budget=ALL_TOKENS, encoding="single"))
+    # a smaller image has fewer tokens than the original's grid: no token is at full detail unless none was dropped
+    detail = [torch.full(g, used == n) for g, used, n in zip(batch.grids, answers.tokens_used, batch.natives)]
+    return Answers(answers.texts, answers.tokens_used, detail)
+
+
+def _text_attention(batch: Batch, budgets: list[int]) -> Answers:
+    h = batch.harness
+    tokens, selections = fastv_generate(h.model, batch.full, budgets, h.fastv_layer, h.max_new_tokens, h.eos)
+    texts = h.processor.batch_decode(tokens, skip_special_tokens=True)
+    return Answers(texts, [s.tokens_used for s in selections], [s.detail_map() for s in selections])
+
+
+def _visionzip(batch: Batch, budgets: list[int]) -> RealizationRequest:
+    readouts = batch.shared(
+        "readouts",
+        lambda: vision_attention_received(batch.harness.model.adapter, batch.inputs["pixel_values"],
+                                          batch.inputs["image_grid_thw"]),
+    )  # fmt: skip
+    return RealizationRequest(budget=budgets, encoding="single", realize=visionzip_realizer(readouts))
+
+
+def _uniform_pool(batch: Batch, budgets: list[int]) -> RealizationRequest:
+    allocations = [uniform_allocation(h, w, t) for (h, w), t in zip(batch.grids, budgets)]
+    return RealizationRequest(allocation=allocations, pooling="mean", encoding="single")
+
+
+register(Method(
+    "full", "features", "every visual token: the backbone as it is (the reference for accuracy kept)",
+    request=lambda batch, budgets: RealizationRequest(budget=ALL_TOKENS, encoding="single"), budgeted=False,
+))  # fmt: skip
+register(Method(
+    "downsample", "pixels",
+    "the largest resize of the image whose native count fits T (the `max_pixels` route), every token kept; not "
+    "query-aware",
+    run=_downsample, note=lambda h: "downsample re-encodes a smaller image; its tokens are that image's native count",
+))  # fmt: skip
+register(Method(
+    "uniform-pool", "features",
+    "M3-style: every region mean-pooled alike, the smallest block factor f with ceil(h/f) x ceil(w/f) <= T; not "
+    "query-aware",
+    request=_uniform_pool,
+))  # fmt: skip
+register(Method(
+    "random", "features", "a seeded random subset of T tokens, each at its own M-RoPE position; not query-aware",
+    request=lambda batch, budgets: RealizationRequest(budget=budgets, encoding="single",
+                                                      realize=random_realizer(batch.harness.seed)),
+))  # fmt: skip
+register(Method(
+    "query-agnostic", "features",
+    "VisionZip: dominant tokens by attention received in a late vision block plus contextual tokens merging the "
+    "rest by key similarity (54 + 10 of 64). Port: Qwen-VL has no CLS token, so attention received is the mean "
+    "over queries and heads, summed over each token's 2 x 2 patches; Qwen2.5-VL reads a full-attention block and "
+    "maps window order back to raster; computed from that block's q/k, no eager attention",
+    request=_visionzip,
+))  # fmt: skip
+register(Method(
+    "text-attention", "language_model",
+    "FastV: every token through language-model layers 0..K-1, then only the T image tokens the last prompt token "
+    "attends to most (mean over heads); query-aware. Port: the one attention row is computed from layer K's q/k (no eager "
+    "switch), kept tokens keep their M-RoPE positions, decoded without a KV cache; Qwen2-VL and Qwen2.5-VL only",
+    run=_text_attention,
+    note=lambda h: f"text-attention (FastV) keeps every visual token through language-model layers 0..{h.fastv_layer - 1}; "
+    "its budget counts the tokens after that layer",
+))  # fmt: skip
+register(Method(
+    "arr-coc-free", "features", "arr-coc with its training-free rules (mode training_free), single encoding; query-aware",
+    request=lambda batch, budgets: RealizationRequest(budget=budgets, encoding="single", mode="training_free"),
+))  # fmt: skip
+register(Method(
+    "arr-coc", "features", "arr-coc with its trained heads (mode trained), single encoding; query-aware",
+    request=lambda batch, budgets: RealizationRequest(budget=budgets, encoding="single", mode="trained"),
+))  # fmt: skip
+register(Method(
+    "arr-coc-saccade", "pixels",
+    "arr-coc's saccade with its trained heads: a gist first, then full-resolution crops of the regions finer than "
+    "the gist (saves encoder time); query-aware",
+    request=lambda batch, budgets: RealizationRequest(budget=budgets, encoding="saccade", mode="trained"),
+))  # fmt: skip
+
+METHODS = tuple(REGISTRY)

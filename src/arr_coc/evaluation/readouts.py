@@ -1,0 +1,79 @@
+"""Attention read-outs for the baselines, computed from one layer's query/key projections (no eager attention
+switch; SDPA and FlashAttention do not expose attention weights). The family differences come from the adapter's
+hooks: `BackboneAdapter.vision_rotary`, `attention_block`, `to_raster` and `decoder`.
+
+- `vision_attention_received`: VisionZip's "dominant" score – Qwen-VL encoders have no CLS token, so it is the
+  attention each merged token *receives* in a late vision block (mean over queries and heads, summed over the
+  token's merged patches).
+- `text_attention_from_last`: FastV's score – the attention of each sample's last prompt token over all tokens at
+  one decoder layer (mean over heads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def vision_attention_received(adapter, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                              block: int = -2) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Per image: (attention each merged token receives in vision block ``block`` [h*w], its keys [h*w, d]).
+
+    The block is the adapter's whole-image attention block for ``block`` (Qwen2.5-VL: a full-attention block);
+    each token's value sums its ``merge x merge`` patches, its key is their mean, in the processor's raster order.
+    """
+    visual = adapter.vlm.model.visual
+    attn = visual.blocks[adapter.attention_block(block)].attn
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(hidden=args[0] if args else kwargs["hidden_states"], **kwargs)
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        adapter.vlm.model.get_image_features(pixel_values, image_grid_thw)
+    finally:
+        handle.remove()
+    hidden, (cos, sin) = captured["hidden"], captured["position_embeddings"]
+    n = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = adapter.vision_rotary()(q, k, cos, sin)
+    q, k = adapter.to_raster(q, image_grid_thw), adapter.to_raster(k, image_grid_thw)
+    unit = adapter.merge_size**2
+    out, start = [], 0
+    for thw in image_grid_thw.tolist():
+        m = thw[0] * thw[1] * thw[2]
+        qi, ki = q[start : start + m].transpose(0, 1), k[start : start + m].transpose(0, 1)  # [heads, m, d]
+        received = torch.zeros(m, device=qi.device, dtype=torch.float32)
+        for chunk in qi.split(1024, dim=1):  # query chunks: a 1344-px image would need [heads, m, m] at once
+            received += torch.softmax((chunk @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1).sum(dim=(0, 1))
+        received /= qi.shape[0] * m  # mean over heads and queries
+        keys = ki.transpose(0, 1).reshape(m, -1)
+        out.append((received.view(-1, unit).sum(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)))
+        start += m
+    return out
+
+
+def text_attention_from_last(adapter, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                             attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """[B, L]: attention of each sample's last token over all tokens at decoder layer ``layer_index`` (mean over
+    heads), from that layer's input ``hidden`` [B, L, d], ``position_ids`` [3, B, L] and ``attention_mask`` [B, L]."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, repeat_kv
+
+    decoder = adapter.decoder
+    layer = decoder.layers[layer_index]
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    b, length, _ = x.shape
+    q = attn.q_proj(x[:, -1:]).view(b, 1, -1, attn.head_dim)
+    k = attn.k_proj(x).view(b, length, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = decoder.rotary_emb(x, position_ids)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = repeat_kv(k, attn.num_key_value_groups)
+    scores = (q @ k.transpose(2, 3)) * attn.scaling  # [B, heads, 1, L]
+    scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).mean(dim=1)[:, 0]

@@ -1,0 +1,118 @@
+"""Loading arr-coc models: heads-only folders, device maps in the backbone's own module names, and the memory
+a loaded model really takes. `ArrCocForConditionalGeneration.from_pretrained` / `from_backbone` use these.
+
+A heads-only folder (written by `training.trainer.save_heads`) holds ``arr_coc_heads.safetensors`` (the relevance
+heads, under ``relevance.``), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
+``config.json``; the backbone is loaded by the name it carries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from .assets import resolve_model_path
+from .io import prepare_local
+
+HEADS_CONFIG = "arr_coc_heads.json"
+HEADS_WEIGHTS = "arr_coc_heads.safetensors"
+
+
+def heads_only_settings(path) -> tuple[str, dict] | None:
+    """(the backbone's name or path, the arr-coc settings) of a heads-only folder; None for any other folder."""
+    file = os.path.join(str(path), HEADS_CONFIG)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        info = json.load(f)
+    return info["base_model_name_or_path"], info["arr_coc"]
+
+
+def load_relevance_heads(model, folder: str) -> None:
+    """Put the relevance heads saved in ``folder`` on ``model``: a heads-only folder (``arr_coc_heads.safetensors``)
+    or a whole arr-coc checkpoint (``model.safetensors``, its ``relevance.*`` weights).
+
+    Raises `FileNotFoundError` when the folder has neither file, and `RuntimeError` (from ``load_state_dict``) when
+    the weights do not fit the model's heads.
+    """
+    from safetensors.torch import load_file
+
+    candidates = [os.path.join(folder, name) for name in (HEADS_WEIGHTS, "model.safetensors")]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"{folder} holds no relevance heads: expected {HEADS_WEIGHTS} (a heads-only folder) or model.safetensors "
+            "(an arr-coc checkpoint)"
+        )
+    state = load_file(path)
+    model.relevance.load_state_dict(
+        {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
+    )
+
+
+def load_backbone(model_or_path, options: dict):
+    """The backbone of `from_backbone`: a loaded ``*ForConditionalGeneration`` as it is, or one loaded from a Hub id
+    or local folder with ``options`` (`from_pretrained` loading options; safetensors only), or an arr-coc
+    checkpoint's backbone. Raises `ValueError` for options given with an already loaded backbone or a
+    ``device_map`` that splits tied embeddings, `FileNotFoundError` for a missing local folder."""
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        if options:
+            raise ValueError(f"unknown options {sorted(options)} for an already loaded backbone")
+        return model_or_path
+    path = resolve_model_path(model_or_path)
+    prepare_local(path)
+    if isinstance(options.get("device_map"), dict):
+        check_tied_placement(AutoConfig.from_pretrained(path), options["device_map"])
+    vlm = AutoModelForImageTextToText.from_pretrained(path, **{"use_safetensors": True, **options})
+    return vlm.vlm if vlm.config.model_type == "arr_coc" else vlm  # an arr-coc checkpoint: its backbone
+
+
+def check_tied_placement(config, device_map: dict) -> None:
+    """A backbone whose lm_head shares the input embeddings needs both in one place (accelerate otherwise
+    fails with "weight is on the meta device"). ``device_map`` uses the backbone's module names."""
+    config = getattr(config, "vlm_config", config)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+
+    def place(name: str):
+        keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        return device_map[max(keys, key=len)] if keys else None
+
+    head, embeddings = place("lm_head"), place("model.language_model.embed_tokens")
+    if head != embeddings and "disk" in (head, embeddings):
+        raise ValueError(
+            f"device_map puts lm_head on {head!r} and the input embeddings on {embeddings!r}, but this backbone ties "
+            "them (tie_word_embeddings=True): place 'lm_head' with 'model.language_model' (e.g. both on 'disk')"
+        )
+
+
+def nested_device_map(path, device_map: dict) -> dict:
+    """A ``device_map`` for an arr-coc checkpoint: one in the backbone's own module names (as for ``from_backbone``)
+    is placed under ``vlm.``, with the heads beside the first module not on disk; one already in arr-coc's names
+    (``vlm...``, ``relevance``) is returned as it is."""
+    if any(k.split(".")[0] in ("vlm", "relevance") for k in device_map):
+        return device_map
+    check_tied_placement(AutoConfig.from_pretrained(path), device_map)
+    heads = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
+    return {**{f"vlm.{k}" if k else "vlm": d for k, d in device_map.items()}, "relevance": heads}
+
+
+def memory_footprint(model: torch.nn.Module, return_buffers: bool = True) -> int:
+    """Bytes of a model's weights (and buffers) as stored in memory; weights offloaded to disk (left on the meta
+    device) count nothing."""
+    tensors = {id(p): p for p in model.parameters()}
+    if return_buffers:
+        tensors.update({id(b): b for b in model.buffers()})
+    return sum(stored_bytes(t) for t in tensors.values() if t.device.type != "meta")
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor takes as stored: a quantized tensor subclass (torchao) counts its packed data and scales."""
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        names, _ = data.__tensor_flatten__()
+        return sum(stored_bytes(getattr(data, name)) for name in names)
+    return data.numel() * data.element_size()
