@@ -34,7 +34,14 @@ from .backbones import adapter_for
 from .backbones.base import ImageInput, VisionFeatures
 from .configuration_arr_coc import ARR_COC_FIELDS, ArrCocConfig
 from .io import MODEL_FILES, atomic_directory, prepare_local
-from .loading import heads_only_settings, load_backbone, load_relevance_heads, memory_footprint, nested_device_map
+from .loading import (
+    fit_4bit_to_cpu,
+    heads_only_settings,
+    load_backbone,
+    load_relevance_heads,
+    memory_footprint,
+    nested_device_map,
+)
 from .padding import left_pad
 from .relevance import (
     Allocation,
@@ -185,6 +192,10 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         kwargs.setdefault("use_safetensors", True)
         if isinstance(kwargs.get("device_map"), dict):  # the backbone's module names are placed under vlm.
             kwargs["device_map"] = nested_device_map(path, kwargs["device_map"])
+        config = kwargs.get("config")
+        if not isinstance(config, ArrCocConfig):
+            config = ArrCocConfig.from_pretrained(path)
+        kwargs = fit_4bit_to_cpu(kwargs, config, lambda: cls(config))
         return super().from_pretrained(path, *args, **kwargs)
 
     @classmethod
