@@ -110,6 +110,10 @@ def speed_section(speed: dict) -> list[str]:
                 f"{r['ttft_s']:.3f} ({r['ttft_speedup']:.2f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}) | "
                 f"{r['peak_mb']:.0f} ({r['memory_ratio']:.2f}) |"
             )
+    problems = speed.get("timing_problems") or []
+    if problems:  # evaluation.speed.timing_checks: timings a loaded machine broke
+        lines += ["", "Timing checks that failed in this run (re-run on a quieter machine):", ""]
+        lines += [f"- {p}" for p in problems]
     return lines + [""]
 
 
@@ -270,6 +274,7 @@ def main(argv=None) -> int:
             **with_2b,
             "command": "\n".join(r["command"] for r in runs),
             "rows": [x for r in runs for x in r["rows"]],
+            "timing_problems": [p for r in runs for p in r.get("timing_problems", [])],
         }
     lines = [
         "# Benchmarks",

@@ -185,6 +185,21 @@ def ratios(rows: list[SpeedRow]) -> list[dict]:
     return out
 
 
+def timing_checks(rows: list[dict], max_decode_per_first_token: float = 200.0) -> list[str]:
+    """What the timings must say if the clock was honest (a benchmark's check, not a unit test's: timings move with
+    the machine's load): decoding a token on the KV cache costs a share of the first token's path, never nothing,
+    so ``decode_tokens_per_s * ttft_s`` stays below ``max_decode_per_first_token``. One line per row that breaks it.
+    """
+    return [
+        f"{r['model']} {r['size']}px batch {r['batch']} {r['budget']} {r['encoding']}: "
+        f"{r['decode_tokens_per_s']:.0f} decoded tokens/s against a first token in {r['ttft_s']:.3g} s "
+        f"({r['decode_tokens_per_s'] * r['ttft_s']:.0f} tokens per first-token time, more than "
+        f"{max_decode_per_first_token:g})"
+        for r in rows
+        if r["decode_tokens_per_s"] * r["ttft_s"] >= max_decode_per_first_token
+    ]
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
