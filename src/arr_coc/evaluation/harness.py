@@ -164,7 +164,9 @@ class Harness:
 
     def generate(self, compressed) -> Answers:
         """Greedy answers from compressed inputs, with the tokens each sample used and its full-detail maps."""
-        new = self.model.generate(**compressed.generate_inputs(), max_new_tokens=self.max_new_tokens, do_sample=False)
+        inputs = compressed.generate_inputs()
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
         return Answers(self.processor.batch_decode(new, skip_special_tokens=True), compressed.tokens_used.tolist(),
                        [r.detail_map() for r in compressed.realizations])  # fmt: skip
 
