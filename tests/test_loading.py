@@ -200,6 +200,10 @@ print(json.dumps({"class": type(model).__name__, "sequences": out.sequences.toli
 """
 
 
+# the environment of a process where arr-coc is not installed: no PYTHONPATH that reaches a source tree of it
+WITHOUT_ARR_COC = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 @pytest.fixture(scope="module")
 def venv_without_arr_coc(tmp_path_factory):
     """A virtual environment with torch and transformers (the project's installed copies) but not arr-coc."""
@@ -225,7 +229,7 @@ def test_remote_code_checkpoint_runs_where_arr_coc_is_not_installed(
     processor.save_pretrained(tmp_path / "shared", remote_code=True)
     samples[0]["image"].save(tmp_path / "q.png")
     proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(tmp_path / "shared"), str(tmp_path / "q.png"), samples[0]["question"]],
-                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=WITHOUT_ARR_COC)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     inputs = processor(images=[samples[0]["image"].convert("RGB")], text=[samples[0]["question"]])
@@ -251,7 +255,7 @@ def test_heads_only_checkpoint_loads_through_remote_code_too(
     arr_coc.ArrCocProcessor.from_pretrained(backbone_dir).save_pretrained(heads, remote_code=True)
     samples[1]["image"].save(tmp_path / "q.png")
     proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(heads), str(tmp_path / "q.png"), samples[1]["question"]],
-                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=WITHOUT_ARR_COC)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
