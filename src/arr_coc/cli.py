@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = answer(model, processor, [image], [question], budget=args.budget, compression=args.compression)[0]
     realization = result["realization"]
     caption = f"Q: {question}   A: {result['answer']}"
-    realization_figure(image, realization, caption, knowing_maps=True).save(args.out)
+    realization_figure(image, realization, caption, knowing_maps=True, expected=expected).save(args.out)
     report = {
         "question": question,
         "answer": result["answer"],
@@ -167,9 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if "answer" in row:
                 record["expected"] = row["answer"]
             if args.heatmap and args.image:
-                realization_figure(image, out["realization"], f"Q: {row['question']}   A: {out['answer']}").save(
-                    args.heatmap
-                )
+                caption = f"Q: {row['question']}   A: {out['answer']}"
+                realization_figure(image, out["realization"], caption, expected=row.get("answer")).save(args.heatmap)
                 record["heatmap"] = os.path.abspath(args.heatmap)
             results.append(record)
     if world > 1:
