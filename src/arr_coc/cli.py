@@ -37,17 +37,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import answer
 
     started = time.time()
-    model, processor = _load(args.model, args.encoding)
     if args.image:
         if not args.question:
-            raise SystemExit("arr-coc demo: --image needs --question")
+            raise ValueError("--image needs --question")
         image, question, expected = _open_image(args.image), args.question, None
     else:
         sample = generate(args.task, eval_seeds(1, args.index)[0])
         image, question, expected = sample["image"], args.question or sample["question"], sample["answer"]
+    model, processor = _load(args.model, args.encoding)  # after the image is known to be readable
     result = answer(model, processor, [image], [question], budget=args.budget, compression=args.compression)[0]
     realization = result["realization"]
     caption = f"Q: {question}   A: {result['answer']}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     realization_figure(image, realization, caption, knowing_maps=True).save(args.out)
     report = {
         "question": question,
@@ -133,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows = [{"id": 0, "image": args.image, "question": args.question}] if args.image else read_inputs(args.input)
     rank, world = _distributed()
     mine = rows[rank::world]
+    for row in mine:  # every image this process reads is there and readable before the model loads
+        _open_image(row["image"])
     model, processor = _load(args.model, args.encoding)
     results = []
     for start in tqdm(

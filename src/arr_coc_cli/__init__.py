@@ -9,9 +9,18 @@ answered) with the standard library only, then the command runs from `arr_coc.cl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_MODEL = "arr-coc-tiny"
+
+
+def output_dir() -> str:
+    """Where commands write what the caller did not place (the demo's picture, eval results, a training run):
+    ``$ARR_COC_OUTPUT``, else ``arr-coc`` in the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``) –
+    never the working directory, which is often a checkout."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("ARR_COC_OUTPUT") or os.path.join(cache, "arr-coc")
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +52,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--encoding", choices=("single", "saccade"), default=None,
         help="train the heads for this encoding (saccade: relevance on the gist; needs localise/distill/budget terms)",
     )  # fmt: skip
-    p.add_argument("--output-dir", default=None, help="checkpoints, logs and the final model")
+    p.add_argument(
+        "--output-dir", default=None, help=f"checkpoints, logs and the final model (default: {output_dir()}/train)"
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -128,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--index", type=int, default=0, help="which held-out sample to render")
     _budget_args(p)
-    p.add_argument("--out", default="arr-coc-demo.png", help="where to write the picture (PNG)")
+    p.add_argument("--out", default=os.path.join(output_dir(), "demo.png"),
+                   help="where to write the picture (PNG; default: %(default)s, set by ARR_COC_OUTPUT)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     p = sub.add_parser("train", help="train the relevance heads (transformers.Trainer; torchrun/accelerate ready)",
@@ -165,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the language-model layer where text-attention prunes (default 2; 1 for 2-3 layer models)",
     )
-    p.add_argument("--out", default="eval-results", help="output folder (results.json, results.md, plots)")
+    p.add_argument("--out", default=os.path.join(output_dir(), "eval-results"),
+                   help="output folder: results.json, results.md, plots (default: %(default)s, set by ARR_COC_OUTPUT)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the output paths as JSON instead of the table")
 
     p = sub.add_parser("app", help="serve the web app (Gradio) on 127.0.0.1",

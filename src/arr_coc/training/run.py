@@ -13,6 +13,8 @@ import json
 import os
 import signal
 
+from arr_coc_cli import output_dir
+
 TEST_KILL_ENV = "ARR_COC_TEST_KILL_AFTER_CHECKPOINT"  # test hook: SIGKILL this process right after checkpoint k
 
 
@@ -20,12 +22,12 @@ DEFAULTS = {
     "data": "synthetic", "train_samples": 512, "eval_samples": 32, "objectives": "answer=1,localise=1",
     "budget": "random", "compression_range": "2,16", "train_parts": "relevance", "learning_rate": 1e-3,
     "max_steps": 200, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "save_steps": 50,
-    "eval_steps": 100, "logging_steps": 10, "seed": 0, "report_to": "none", "output_dir": "arr-coc-train",
+    "eval_steps": 100, "logging_steps": 10, "seed": 0, "report_to": "none",
 }  # fmt: skip
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
-    options = dict(DEFAULTS)
+    options = dict(DEFAULTS, output_dir=os.path.join(output_dir(), "train"))
     if args.config:
         import yaml
 
