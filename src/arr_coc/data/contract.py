@@ -31,8 +31,8 @@ Readings of the contract (where it leaves room):
 
 Seeds: any integer is a sample, deterministic across processes and platforms (the random stream is seeded
 from ``"{task}|{seed}"`` through SHA-512, see `random.seed`). Evaluation with this generator uses seeds from
-`SEED_START` (10**12) upward, far from the training seeds the project draws (``run seed * 10**6 + i``);
-the streams are also this module's own, so no seed renders a training generator's image.
+`SEED_START` (10**12) upward, far from every seed the project trains on; the streams are also this module's
+own, so no seed renders a training generator's image.
 
     >>> s = generate("box-codes", SEED_START)
     >>> sorted(s)
