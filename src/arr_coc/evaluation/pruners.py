@@ -15,18 +15,19 @@ Features are compared in float64 whatever dtype they come in.
   pivot the tokens least similar to it.
 - `pixelprune_select`: PixelPrune (Wang et al., 2026, arXiv:2604.00886; github OPPO-Mente-Lab/PixelPrune,
   ``pixelprune/methods/pred_2d.py``) – 2-D predictive coding over the merged pixel blocks before the vision
-  encoder; unbudgeted. `merged_pixel_blocks` turns processor patches into its blocks and `patch_rows` maps
-  kept blocks back to processor rows.
+  encoder; unbudgeted. `merged_pixel_blocks` turns processor patches into its blocks; the kept blocks are merged
+  cells, which `BackboneAdapter.encode_cells` encodes at their true positions.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .speed import intra_op_threads
 
 _RANK_EPS = 1e-10  # Chen et al.'s stopping threshold on the conditional gain d_j^2
 
@@ -64,18 +65,6 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _raster(order: torch.Tensor) -> torch.Tensor:
     return torch.sort(order).values
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """For loops of k dependent steps on [n]-sized tensors: intra-op threads only add synchronisation there
-    (measured: the DPP greedy ran 100x slower on 2 threads than on 1 on the shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------- CDPruner
@@ -136,7 +125,9 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     rows = L.new_zeros(k, n)  # the incremental Cholesky rows c_i of Chen et al.
     chosen = torch.zeros(n, dtype=torch.bool)
     order: list[int] = []
-    with _one_thread():
+    # a loop of k dependent steps on [n]-sized tensors: intra-op threads only add synchronisation there (measured:
+    # the greedy ran 100x slower on 2 threads than on 1 on the shared 2-core machine)
+    with intra_op_threads(1):
         for i in range(k):
             gain = d2.masked_fill(chosen, -torch.inf)
             j = int(torch.argmax(gain))
@@ -327,10 +318,3 @@ def pixelprune_select(blocks: torch.Tensor, tolerance: float = 0.0) -> torch.Ten
             else:
                 keep[r, c] = True
     return keep.flatten().nonzero().flatten()
-
-
-def patch_rows(kept_blocks: torch.Tensor, merge_size: int = 2) -> torch.Tensor:
-    """Kept merged-block indices [k] -> the processor's pixel_values rows [k * merge^2] that make them (each
-    block's merge^2 patches are consecutive rows): what the vision encoder is given under PixelPrune."""
-    per_block = merge_size**2
-    return (kept_blocks[:, None] * per_block + torch.arange(per_block)).flatten()
