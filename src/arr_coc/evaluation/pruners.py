@@ -76,7 +76,7 @@ def instruction_relevance(tokens: torch.Tensor, text: torch.Tensor) -> torch.Ten
     tokens [n, d], text [m, d] (same space) -> [n] in (0, 1 + 1e-6 / (max - min)]: the mean over the m text
     rows of the cosine similarity, then ``(r - min + 1e-6) / (max - min)`` as in the official code; all ones
     when every token is equally relevant. The official LLaVA code negates the cosine first because CLIP's patch embeddings
-    score inversely against its text embedding; no negation here (see docs/baselines_notes.md).
+    score inversely against its text embedding; no negation here (docs/benchmarks.md's method notes).
     Raises ValueError on empty or mismatched inputs."""
     v, t = _tokens(tokens), _tokens(text, "text")
     if v.shape[1] != t.shape[1]:
@@ -145,14 +145,19 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
-def cdpruner_select(tokens: torch.Tensor, text: torch.Tensor, budget: int, theta: float | None = None) -> torch.Tensor:
-    """CDPruner on one image: tokens [n, d] (the encoder's output after the merger), text [m, d] (the
-    instruction in the same space; see docs/baselines_notes.md for the Qwen2-VL stand-in), budget T ->
-    kept indices [min(T, n)] in raster order: the greedy DPP MAP under `conditional_kernel`.
-    Raises ValueError on bad shapes or T <= 0."""
-    k = _keep_count(budget, _tokens(tokens).shape[0])
+def cdpruner_order(tokens: torch.Tensor, text: torch.Tensor, k: int, theta: float | None = None) -> torch.Tensor:
+    """CDPruner's greedy order on one image: tokens [n, d] (the encoder's output after the merger), text [m, d] (the
+    instruction in the same space; docs/benchmarks.md's method notes give the Qwen2-VL stand-in) -> the first
+    min(k, n) picks of the greedy DPP MAP under `conditional_kernel`, in the order chosen (the first j are the
+    answer for budget j). Raises ValueError on bad shapes or k <= 0."""
     kernel = conditional_kernel(tokens, instruction_relevance(tokens, text), theta)
-    return _raster(greedy_dpp_map(kernel, k))
+    return greedy_dpp_map(kernel, _keep_count(k, kernel.shape[0]))
+
+
+def cdpruner_select(tokens: torch.Tensor, text: torch.Tensor, budget: int, theta: float | None = None) -> torch.Tensor:
+    """CDPruner on one image (`cdpruner_order`), budget T -> kept indices [min(T, n)] in raster order.
+    Raises ValueError on bad shapes or T <= 0."""
+    return _raster(cdpruner_order(tokens, text, budget, theta))
 
 
 # ----------------------------------------------------------------------------------------------- DivPrune

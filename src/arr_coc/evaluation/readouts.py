@@ -7,6 +7,7 @@ hooks: `BackboneAdapter.vision_rotary`, `attention_block`, `to_raster` and `deco
   token's merged patches).
 - `text_attention_from_last`: FastV's score – the attention of each sample's last prompt token over all tokens at
   one decoder layer (mean over heads).
+- `layer_keys`: one decoder layer's post-RoPE keys (DART's pivots are the tokens of largest key norm).
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ def vision_attention_received(adapter, pixel_values: torch.Tensor, image_grid_th
     return out
 
 
+def layer_keys(adapter, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L, kv heads * head dim]: decoder layer ``layer_index``'s post-RoPE key states (Qwen3-VL: after its k_norm),
+    the KV heads side by side – what the layer caches – from its input ``hidden`` [B, L, d] at ``position_ids``
+    [3, B, L]."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    decoder = adapter.decoder
+    layer = decoder.layers[layer_index]
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    b, length, _ = x.shape
+    k = attn.k_proj(x).view(b, length, -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    cos, sin = decoder.rotary_emb(x, position_ids)
+    _, k = apply_rotary_pos_emb(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return k.transpose(1, 2).reshape(b, length, -1)
+
+
 def text_attention_from_last(adapter, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
                              attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """[B, L]: attention of each sample's last token over all tokens at decoder layer ``layer_index`` (mean over
@@ -63,16 +83,14 @@ def text_attention_from_last(adapter, layer_index: int, hidden: torch.Tensor, po
     decoder = adapter.decoder
     layer = decoder.layers[layer_index]
     attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    b, length, _ = x.shape
-    q = attn.q_proj(x[:, -1:]).view(b, 1, -1, attn.head_dim)
-    k = attn.k_proj(x).view(b, length, -1, attn.head_dim)
+    x = layer.input_layernorm(hidden[:, -1:])
+    b, length, _ = hidden.shape
+    q = attn.q_proj(x).view(b, 1, -1, attn.head_dim)
     if getattr(attn, "q_norm", None) is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = decoder.rotary_emb(x, position_ids)
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        q = attn.q_norm(q)
+    cos, sin = decoder.rotary_emb(x, position_ids[..., -1:])
+    q, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos, sin)
+    k = layer_keys(adapter, layer_index, hidden, position_ids).view(b, length, -1, attn.head_dim).transpose(1, 2)
     k = repeat_kv(k, attn.num_key_value_groups)
     scores = (q @ k.transpose(2, 3)) * attn.scaling  # [B, heads, 1, L]
     scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
