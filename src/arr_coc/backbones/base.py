@@ -53,7 +53,7 @@ class ImageInput:
     patches: [h*w patches, C*T*P*P] as the processor emits them; thw: [3] the patch grid; grid: (t, h, w) of the
     merged grid; index: the image's place among the batch's images. ``features`` is the vision encoder's output
     (`VisionFeatures`), encoded on first use and kept – every post-encoder method and budget then reuses one
-    encoding; the saccade reads ``patches`` and never asks for it.
+    encoding; the saccade never asks for it, and reuses its gist the same way (`gist`).
     """
 
     def __init__(self, adapter: BackboneAdapter, patches: torch.Tensor, thw: torch.Tensor, index: int,
@@ -61,6 +61,7 @@ class ImageInput:
         self.adapter, self.patches, self.thw, self.index = adapter, patches, thw, index
         self.grid = adapter.merged_grid(thw.tolist())
         self._features = features
+        self._gists: dict[int, VisionFeatures] = {}
 
     @classmethod
     def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
@@ -81,6 +82,14 @@ class ImageInput:
         if self._features is None:
             self._features = self.adapter.encode_images(self.patches, self.thw[None])[0]
         return self._features
+
+    def gist(self, scale: int) -> VisionFeatures:
+        """The encoder's output on the image at 1/``scale`` per side (`PatchGeometry.gist`: the saccade's first
+        pass), encoded on first use and kept per scale."""
+        if scale not in self._gists:
+            self._gists[scale] = self.adapter.encode_images(*self.adapter.patch_geometry.gist(self.patches, self.thw,
+                                                                                              scale))[0]  # fmt: skip
+        return self._gists[scale]
 
 
 class BackboneAdapter:

@@ -18,6 +18,7 @@ Time beside accuracy: with ``timing_samples`` the run also times, per task, its 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -138,9 +139,11 @@ class Batch:
     ``images`` (`ImageInput`: each encoded once, on first use, for every post-encoder method and budget), their
     merged ``grids`` (h, w) and ``natives`` (h * w), the all-token sequence (`full`), per-batch results a method
     reuses across budgets (`shared`) and per sample the largest budget the run asks of it (``largest_budgets``: a
-    greedy order computed at it serves every smaller budget)."""
+    greedy order computed at it serves every smaller budget). When some of ``methods`` read more from the encoder than
+    its output (`Method.readout`), the images are encoded at once with every such tap armed (`tap`)."""
 
-    def __init__(self, harness: Harness, samples: list[dict], largest_budgets: list[int] | None = None):
+    def __init__(self, harness: Harness, samples: list[dict], methods: list[Method] = (),
+                 largest_budgets: list[int] | None = None):  # fmt: skip
         self.harness, self.samples = harness, samples
         processed = harness.processor(images=[s["image"] for s in samples], text=[s["question"] for s in samples])
         self.inputs = {k: v.to(harness.model.device) for k, v in processed.items()}
@@ -149,6 +152,21 @@ class Batch:
         self.natives = [h * w for h, w in self.grids]
         self.largest_budgets = largest_budgets if largest_budgets is not None else self.natives
         self._shared: dict = {}
+        self._taps = {m.name: m.readout(harness.model.adapter) for m in methods if m.readout is not None}
+        if self._taps:  # one encoder call per image, every tap recording it
+            with contextlib.ExitStack() as armed:
+                for tap in self._taps.values():
+                    armed.enter_context(tap)
+                for image in self.images:
+                    image.features  # noqa: B018 (encoded on first use)
+
+    def tap(self, method: str):
+        """The read-out `Method.readout` of ``method`` recorded while this batch's images were encoded (per image,
+        in order, one encoder call each). Raises `ValueError` if the batch was not built with that method."""
+        if method not in self._taps:
+            raise ValueError(f"the batch was built without {method!r} among its methods, so its encoder read-out was "
+                             "not recorded; pass the method to Batch(..., methods=)")  # fmt: skip
+        return self._taps[method]
 
     def compress(self, request: RealizationRequest):
         """The model's `compress_inputs` on this batch's images."""
@@ -201,10 +219,6 @@ class Harness:
         return Answers(self.processor.batch_decode(new, skip_special_tokens=True), compressed.tokens_used.tolist(),
                        [r.detail_map() for r in compressed.realizations])  # fmt: skip
 
-    def answer(self, inputs: dict, request: RealizationRequest) -> Answers:
-        """Greedy answers for other processor ``inputs`` (a method's own images)."""
-        return self.generate(self.compress({k: v.to(self.model.device) for k, v in inputs.items()}, request))
-
     def answers(self, method: Method, batch: Batch, budgets: list[int]) -> Answers:
         """``method``'s answers on ``batch`` at ``budgets`` (T per sample; native counts for an unbudgeted method)."""
         start = time.perf_counter()
@@ -232,7 +246,7 @@ class Harness:
         the sample alone and nothing reused: the processor, the encoder as the method needs it, the method, the
         prefill and one decoding step (on a harness with ``max_new_tokens=1``)."""
         start = time.perf_counter()
-        batch = Batch(self, [sample])
+        batch = Batch(self, [sample], [method])
         targets = self.targets(method, label, batch.natives)
         batch.largest_budgets = targets
         self.answers(method, batch, targets)
@@ -245,13 +259,13 @@ class Harness:
         if any(not hasattr(s["image"], "size") for s in samples):
             raise ValueError("the harness compares methods on one image per sample; pass a PIL image per sample")
         chosen = [method_named(m) for m in methods]
-        batch = Batch(self, samples)
+        batch = Batch(self, samples, chosen)
         runs = [(m, label, self.targets(m, label, batch.natives)) for m, label in self.runs(chosen, budgets)]
         budgeted = [targets for m, _, targets in runs if m.budgeted]
         batch.largest_budgets = [max(t) for t in zip(*budgeted)] if budgeted else batch.natives
         records: list[Record] = []
         for method, label, targets in runs:
-            answers = self.answers(method, batch if reuse else Batch(self, samples, targets), targets)
+            answers = self.answers(method, batch if reuse else Batch(self, samples, [method], targets), targets)
             for i, s in enumerate(samples):
                 references = s.get("answers") or [s["answer"]]
                 pred = answers.texts[i].strip()

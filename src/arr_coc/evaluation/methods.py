@@ -19,6 +19,7 @@ Adding a method = one `register` call (here or in a module imported here); the h
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from .baselines import (
 )
 from .lm_pruning import Rule, dart_rule, fastv_rule, pruned_generate, run_prefix
 from .pruners import cdpruner_order, divprune_order
-from .readouts import vision_attention_received
+from .readouts import VisionAttentionTap
 
 if TYPE_CHECKING:
     from .harness import Batch, Harness
@@ -59,7 +60,9 @@ class Method:
     ``request(batch, budgets)`` -> the `RealizationRequest` the model realizes on the batch's images, or
     ``run(batch, budgets)`` -> its `Answers` (exactly one of them); ``budgets``: T per sample (each image's
     native count for an unbudgeted method). ``about``: what it keeps and where the port had to choose (the
-    method table of docs/benchmarks.md); ``note``: a line under the results, from the harness's settings.
+    method table of docs/benchmarks.md); ``note``: a line under the results, from the harness's settings;
+    ``readout``: adapter -> a tap (a context manager) the harness arms while it encodes the batch, for what the method
+    reads from the encoder besides its output (VisionZip's attention), so one encoder pass serves both.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Method:
     budgeted: bool = True
     label: str = "all"  # the budget column of an unbudgeted method
     note: Callable[[Harness], str] | None = None
+    readout: Callable[[object], AbstractContextManager] | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -94,10 +98,18 @@ def register(method: Method) -> Method:
 
 
 def _downsample(batch: Batch, budgets: list[int]) -> Answers:
+    """Each image resized to fit its budget and encoded whole; an encoder input met before in this batch (the same
+    sample at the same size, the original size included) reuses its encoding."""
     harness = batch.harness
     small = [downsample_image(s["image"], harness.processor.image_processor, t) for s, t in zip(batch.samples, budgets)]
     inputs = harness.processor(images=small, text=[s["question"] for s in batch.samples])
-    answers = harness.answer(inputs, RealizationRequest(budget=ALL_TOKENS, encoding="single"))
+    inputs = {k: v.to(harness.model.device) for k, v in inputs.items()}
+    encoded = batch.shared("downsampled", lambda: {(i, s["image"].size): im for i, (s, im) in
+                                                   enumerate(zip(batch.samples, batch.images))})  # fmt: skip
+    images = harness.model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
+    images = [encoded.setdefault((i, image.size), fresh) for i, (image, fresh) in enumerate(zip(small, images))]
+    answers = harness.generate(harness.compress(inputs, RealizationRequest(budget=ALL_TOKENS, encoding="single"),
+                                                images))  # fmt: skip
     # a smaller image has fewer tokens than the original's grid: no token is at full detail unless none was dropped
     detail = [torch.full(g, used == n) for g, used, n in zip(batch.grids, answers.tokens_used, batch.natives)]
     return Answers(answers.texts, answers.tokens_used, detail)
@@ -138,11 +150,9 @@ def _pixelprune(tolerance: float) -> Callable[[Batch, list[int]], RealizationReq
 
 
 def _visionzip(batch: Batch, budgets: list[int]) -> RealizationRequest:
-    readouts = batch.shared(
-        "readouts",
-        lambda: vision_attention_received(batch.harness.model.adapter, batch.inputs["pixel_values"],
-                                          batch.inputs["image_grid_thw"]),
-    )  # fmt: skip
+    tap = batch.tap("query-agnostic")  # armed while the batch's images were encoded, one encoder call each
+    readouts = batch.shared("visionzip", lambda: [tap.received(image.thw[None], k)[0]
+                                                  for k, image in enumerate(batch.images)])  # fmt: skip
     return RealizationRequest(budget=budgets, encoding="single", realize=visionzip_realizer(readouts))
 
 
@@ -178,7 +188,7 @@ register(Method(
     "rest by key similarity (54 + 10 of 64). Port: Qwen-VL has no CLS token, so attention received is the mean "
     "over queries and heads, summed over each token's 2 x 2 patches; Qwen2.5-VL reads a full-attention block and "
     "maps window order back to raster; computed from that block's q/k, no eager attention",
-    request=_visionzip,
+    request=_visionzip, readout=VisionAttentionTap,
 ))  # fmt: skip
 register(Method(
     "text-attention", "language_model",

@@ -2,9 +2,9 @@
 switch; SDPA and FlashAttention do not expose attention weights). The family differences come from the adapter's
 hooks: `BackboneAdapter.vision_rotary`, `attention_block`, `to_raster` and `decoder`.
 
-- `vision_attention_received`: VisionZip's "dominant" score – Qwen-VL encoders have no CLS token, so it is the
-  attention each merged token *receives* in a late vision block (mean over queries and heads, summed over the
-  token's merged patches).
+- `vision_attention_received` / `VisionAttentionTap`: VisionZip's "dominant" score – Qwen-VL encoders have no CLS
+  token, so it is the attention each merged token *receives* in a late vision block (mean over queries and heads,
+  summed over the token's merged patches); the tap takes it from an encoding that runs anyway.
 - `text_attention_from_last`: FastV's score – the attention of each sample's last prompt token over all tokens at
   one decoder layer (mean over heads).
 - `layer_keys`: one decoder layer's post-RoPE keys (DART's pivots are the tokens of largest key norm).
@@ -15,44 +15,60 @@ from __future__ import annotations
 import torch
 
 
+class VisionAttentionTap:
+    """VisionZip's read-out taken from an encoding that runs anyway: while armed (``with tap:``) it records, at every
+    encoder call, the input of the adapter's whole-image attention block for ``block`` (Qwen2.5-VL: a full-attention
+    block); `received` turns one call's record into per image (attention received, keys)."""
+
+    def __init__(self, adapter, block: int = -2):
+        self.adapter = adapter
+        self.attn = adapter.vlm.model.visual.blocks[adapter.attention_block(block)].attn
+        self.calls: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def __enter__(self) -> VisionAttentionTap:
+        def grab(module, args, kwargs):
+            self.calls.append((args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"]))
+
+        self._handle = self.attn.register_forward_pre_hook(grab, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    @torch.no_grad()
+    def received(self, image_grid_thw: torch.Tensor, call: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image of encoder call ``call`` (its grids ``image_grid_thw`` [n, 3]): (attention each merged token
+        receives [h*w], its keys [h*w, d]) – each token's value sums its ``merge x merge`` patches, its key is their
+        mean, in the processor's raster order."""
+        adapter, attn = self.adapter, self.attn
+        hidden, (cos, sin) = self.calls[call]
+        n = hidden.shape[0]
+        q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = adapter.vision_rotary()(q, k, cos, sin)
+        q, k = adapter.to_raster(q, image_grid_thw), adapter.to_raster(k, image_grid_thw)
+        unit = adapter.merge_size**2
+        out, start = [], 0
+        for thw in image_grid_thw.tolist():
+            m = thw[0] * thw[1] * thw[2]
+            qi, ki = q[start : start + m].transpose(0, 1), k[start : start + m].transpose(0, 1)  # [heads, m, d]
+            received = torch.zeros(m, device=qi.device, dtype=torch.float32)
+            for chunk in qi.split(1024, dim=1):  # query chunks: a 1344-px image would need [heads, m, m] at once
+                received += torch.softmax((chunk @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1).sum(dim=(0, 1))
+            received /= qi.shape[0] * m  # mean over heads and queries
+            keys = ki.transpose(0, 1).reshape(m, -1)
+            out.append((received.view(-1, unit).sum(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)))
+            start += m
+        return out
+
+
 @torch.no_grad()
 def vision_attention_received(adapter, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                               block: int = -2) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """Per image: (attention each merged token receives in vision block ``block`` [h*w], its keys [h*w, d]).
-
-    The block is the adapter's whole-image attention block for ``block`` (Qwen2.5-VL: a full-attention block);
-    each token's value sums its ``merge x merge`` patches, its key is their mean, in the processor's raster order.
-    """
-    visual = adapter.vlm.model.visual
-    attn = visual.blocks[adapter.attention_block(block)].attn
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.update(hidden=args[0] if args else kwargs["hidden_states"], **kwargs)
-
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    """Per image: (attention each merged token receives in vision block ``block`` [h*w], its keys [h*w, d]), from one
+    encoder call of its own (`VisionAttentionTap`)."""
+    with VisionAttentionTap(adapter, block) as tap:
         adapter.vlm.model.get_image_features(pixel_values, image_grid_thw)
-    finally:
-        handle.remove()
-    hidden, (cos, sin) = captured["hidden"], captured["position_embeddings"]
-    n = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = adapter.vision_rotary()(q, k, cos, sin)
-    q, k = adapter.to_raster(q, image_grid_thw), adapter.to_raster(k, image_grid_thw)
-    unit = adapter.merge_size**2
-    out, start = [], 0
-    for thw in image_grid_thw.tolist():
-        m = thw[0] * thw[1] * thw[2]
-        qi, ki = q[start : start + m].transpose(0, 1), k[start : start + m].transpose(0, 1)  # [heads, m, d]
-        received = torch.zeros(m, device=qi.device, dtype=torch.float32)
-        for chunk in qi.split(1024, dim=1):  # query chunks: a 1344-px image would need [heads, m, m] at once
-            received += torch.softmax((chunk @ ki.transpose(1, 2)).float() * attn.scaling, dim=-1).sum(dim=(0, 1))
-        received /= qi.shape[0] * m  # mean over heads and queries
-        keys = ki.transpose(0, 1).reshape(m, -1)
-        out.append((received.view(-1, unit).sum(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)))
-        start += m
-    return out
+    return tap.received(image_grid_thw)
 
 
 def layer_keys(adapter, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
