@@ -327,17 +327,20 @@ def evaluate(model, processor, samples: list[dict], methods=METHODS, budgets=BUD
 @torch.no_grad()
 def _first_tokens(clock: Harness, samples: list[dict], methods: list[Method], budgets,
                   progress: bool) -> list[FirstToken]:  # fmt: skip
-    """Every (method, budget) on every sample alone (`Harness.first_token_seconds`); each method once untimed first."""
+    """Every (method, budget) on every sample alone (`Harness.first_token_seconds`), each method once untimed first;
+    sample by sample, so a change of the machine's load in the meantime touches every (method, budget) alike."""
     from tqdm.auto import tqdm
 
     runs = clock.runs(methods, budgets)
-    warmed, out = set(), []
-    for method, label in tqdm(runs, desc="first tokens", unit="run", disable=not progress):
-        if method.name not in warmed:
-            clock.first_token_seconds(samples[0], method, label)
-            warmed.add(method.name)
-        out += [FirstToken(s["task"], method.name, label, s["id"], clock.first_token_seconds(s, method, label))
-                for s in samples]  # fmt: skip
+    for method, label in dict(runs[::-1]).items():  # warm-up: each method at its first label
+        clock.first_token_seconds(samples[0], method, label)
+    out = []
+    with tqdm(total=len(samples) * len(runs), desc="first tokens", unit="run", disable=not progress) as bar:
+        for s in samples:
+            for method, label in runs:
+                out.append(FirstToken(s["task"], method.name, label, s["id"], clock.first_token_seconds(s, method,
+                                                                                                        label)))  # fmt: skip
+                bar.update()
     return out
 
 
