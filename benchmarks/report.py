@@ -227,8 +227,8 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
 
 
 def _time_reading(table: list[dict], task: str) -> list[str]:
-    """Per target budget, the methods at least as accurate as arr-coc trained that reach their first token sooner,
-    and each unbudgeted method's own operating point."""
+    """Per target budget, the methods at least as accurate as arr-coc trained that reach their first token sooner (by
+    more than 10%: a shared machine's timing noise), and each unbudgeted method's own operating point."""
     lines = []
     for budget in TARGET_BUDGETS:
         rows = [r for r in table if r["task"] == task and r["budget"] == budget and r.get("ttft_s", math.nan) > 0]
@@ -236,9 +236,10 @@ def _time_reading(table: list[dict], task: str) -> list[str]:
         if ours:
             better = [f"{r['method']} ({r['exact_match']:.2f}, {r['ttft_s']:.2f} s)" for r in rows
                       if r["method"] != "arr-coc" and r["exact_match"] >= ours["exact_match"]
-                      and r["ttft_s"] < ours["ttft_s"]]  # fmt: skip
+                      and r["ttft_s"] < 0.9 * ours["ttft_s"]]  # fmt: skip
             lines.append(f"- {task} at {budget}: arr-coc trained answers {ours['exact_match']:.2f} with a first token "
-                         f"after {ours['ttft_s']:.2f} s; as accurate and sooner: " + ("; ".join(better) or "none") + ".")  # fmt: skip
+                         f"after {ours['ttft_s']:.2f} s; as accurate and more than 10% sooner: "
+                         + ("; ".join(better) or "none") + ".")  # fmt: skip
     for r in table:
         if r["task"] == task and r["budget"] not in BUDGETS and r["method"] != "full":
             lines.append(f"- {task}: {r['method']} at its own operating point keeps {r['tokens_used']:.0f} of "
