@@ -203,7 +203,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = load_vqa(schema, source, split=args.split, limit=args.n)
         samples = [dict(r, task=schema, answer_box=None, id=i) for i, r in enumerate(rows)]
     result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer)  # fmt: skip
+                      timing_samples=args.timing_n, threads=args.threads, max_new_tokens=args.max_new_tokens,
+                      prune_layer=args.prune_layer)  # fmt: skip
     paths = write_outputs(result, args.out, title=f"{args.model} on {args.data} (n={args.n} per task)")
     paths["examples"] = example_allocations(model, processor, samples, args.out)
     print(open(paths["markdown"]).read() if not args.json else json.dumps(paths))

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="all",
-        help="comma-separated: full, downsample, uniform-pool, random, query-agnostic, text-attention, arr-coc-free, arr-coc",
+        help="comma-separated names of the registered methods (docs/benchmarks.md's method table), or 'all'",
     )
     p.add_argument(
         "--budgets", default="all", help="comma-separated: fractions like 1/8 of native and/or token counts like 64"
@@ -172,11 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument(
-        "--fastv-layer",
+        "--prune-layer",
         type=int,
         default=None,
-        help="the language-model layer where text-attention prunes (default 2; 1 for 2-3 layer models)",
+        help="the language-model layer K where text-attention and dart prune (default 2; 1 for 2-3 layer models)",
     )
+    p.add_argument(
+        "--timing-n", type=int, default=3,
+        help="per task, the first N samples are also run one at a time for each method's median time to first token "
+        "(0: no timing)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch's intra-op threads for the run (default 1: the small evaluation ops gain nothing from more, and "
+        "a shared machine's busy cores stall them; 0: torch's default)",
+    )  # fmt: skip
     p.add_argument("--out", default=os.path.join(output_dir(), "eval-results"),
                    help="output folder: results.json, results.md, plots (default: %(default)s, set by ARR_COC_OUTPUT)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the output paths as JSON instead of the table")
