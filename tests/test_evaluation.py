@@ -213,13 +213,25 @@ def test_post_encoder_methods_share_one_encoding_and_leave_the_config_alone(
 
     monkeypatch.setattr(ArrCocConfig, "__setattr__", frozen)
     try:
-        methods = ("full", "uniform-pool", "random", "arr-coc-free", "arr-coc", "text-attention")
+        methods = ("full", "uniform-pool", "random", "query-agnostic", "cdpruner", "divprune", "arr-coc-free",
+                   "arr-coc", "text-attention", "dart")  # fmt: skip
         result = evaluate(model, processor, eval_samples[:2], methods, ("1/4", "1/8"), batch_size=2, progress=False,
                           max_new_tokens=2)  # fmt: skip
+        assert len(encoded) == 2  # each of the 2 images once, for 10 methods at 2 budgets (VisionZip's read-out too)
+        assert {r.method for r in result.records} == set(methods)
+        encoded.clear()
+        # images that fit both budgets: downsample passes the originals on, the batch's own encodings
+        evaluate(model, processor, eval_samples[:2], ("full", "downsample"), ("400", "300"), batch_size=2,
+                 progress=False, max_new_tokens=2)  # fmt: skip
+        assert len(encoded) == 2
     finally:
         hook.remove()
-    assert len(encoded) == 2  # each of the 2 images once, for 6 methods at 2 budgets
-    assert {r.method for r in result.records} == set(methods)
+    gists = []
+    encode_images = type(model.adapter).encode_images
+    monkeypatch.setattr(type(model.adapter), "encode_images", lambda *a: gists.append(1) or encode_images(*a))
+    evaluate(model, processor, eval_samples[:2], ("arr-coc-saccade",), ("1/4", "1/8"), batch_size=2, progress=False,
+             max_new_tokens=2)  # fmt: skip
+    assert len(gists) == 2  # the saccade's gist of each image once, for both budgets (the crops differ per budget)
 
 
 def test_a_method_registers_without_touching_the_harness(make_model, make_processor, eval_samples):

@@ -72,7 +72,7 @@ def catalogue(tmp_path_factory):
         "NaN pixels": (np.full((40, 50, 3), np.nan, dtype=np.float32), "error:NaN"),
         "inf pixels": (torch.full((3, 40, 50), float("inf")), "error:NaN or infinite"),
         "wrong dtype": (np.zeros((40, 50, 3), dtype=np.int64), "error:dtype"),
-        "floats out of range": (np.full((40, 50, 3), 7.0), "error:expected \\[0, 1\\]"),
+        "floats out of range": (np.full((40, 50, 3), 300.0), "error:expected \\[0, 1\\]"),
         "a path that does not exist": (d / "missing.png", "missing:does not exist"),
         "bytes": (png, "ok"),
     }

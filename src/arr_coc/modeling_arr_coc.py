@@ -304,7 +304,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             )
         adapter, scale = self.adapter, self.config.gist_scale
         _, h, w = image.grid
-        gist = adapter.encode_images(*adapter.patch_geometry.gist(image.patches, image.thw, scale))[0]
+        gist = image.gist(scale)
         maps = expand_maps(self._relevance_maps(gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
         expected, allocation, decision = self._attend(maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)

@@ -156,8 +156,12 @@ class RelevanceVQAPipeline(Pipeline):
 
 
 def register() -> None:
+    """The ``relevance-vqa`` task; with no model it uses the embedded arr-coc-tiny (no network)."""
     from transformers import AutoModelForImageTextToText
     from transformers.pipelines import PIPELINE_REGISTRY
 
+    from .assets import EMBEDDED_MODELS
+
     PIPELINE_REGISTRY.register_pipeline("relevance-vqa", pipeline_class=RelevanceVQAPipeline,
-                                        pt_model=AutoModelForImageTextToText, type="multimodal")  # fmt: skip
+                                        pt_model=AutoModelForImageTextToText, type="multimodal",
+                                        default={"model": (EMBEDDED_MODELS["arr-coc-tiny"], None)})  # fmt: skip
