@@ -2,7 +2,7 @@
 a loaded model really takes. `ArrCocForConditionalGeneration.from_pretrained` / `from_backbone` use these.
 
 A heads-only folder (written by `training.trainer.save_heads`) holds ``arr_coc_heads.safetensors`` (the relevance
-heads, under ``relevance.``), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
+heads, under ``relevance.``, and any scoped LoRA's weights under their names in the model), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
 ``config.json``; the backbone is loaded by the name it carries.
 """
 
@@ -32,13 +32,16 @@ def heads_only_settings(path) -> tuple[str, dict] | None:
 
 
 def load_relevance_heads(model, folder: str) -> None:
-    """Put the relevance heads saved in ``folder`` on ``model``: a heads-only folder (``arr_coc_heads.safetensors``)
-    or a whole arr-coc checkpoint (``model.safetensors``, its ``relevance.*`` weights).
+    """Put the relevance heads saved in ``folder`` on ``model``, with the weights of its scoped LoRA adapters
+    (`scoped_lora`): a heads-only folder (``arr_coc_heads.safetensors``) or a whole arr-coc checkpoint
+    (``model.safetensors``, its ``relevance.*`` and scoped LoRA weights).
 
-    Raises `FileNotFoundError` when the folder has neither file, and `RuntimeError` (from ``load_state_dict``) when
-    the weights do not fit the model's heads.
+    Raises `FileNotFoundError` when the folder has neither file, `RuntimeError` (from ``load_state_dict``) when
+    the weights do not fit the model's heads, and `ValueError` when its scoped LoRA weights do not match the model's.
     """
     from safetensors.torch import load_file
+
+    from .scoped_lora import load_scoped_lora
 
     candidates = [os.path.join(folder, name) for name in (HEADS_WEIGHTS, "model.safetensors")]
     path = next((p for p in candidates if os.path.isfile(p)), None)
@@ -51,6 +54,7 @@ def load_relevance_heads(model, folder: str) -> None:
     model.relevance.load_state_dict(
         {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
     )
+    load_scoped_lora(model, state, path)
 
 
 def load_backbone(model_or_path, options: dict):
