@@ -179,3 +179,64 @@ def test_gradient_checkpointing_recomputes_each_row_in_its_scope(make_model, mak
     plain, recomputed = gradients(False), gradients(True)
     assert all(g is not None and g.abs().sum() > 0 for g in plain.values())
     assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
+
+
+def test_a_short_training_run_moves_only_the_loras_and_the_heads(tmp_path, make_backbone, make_processor, samples):
+    from safetensors.torch import load_file
+
+    from arr_coc.training.run import DEFAULTS, train
+
+    model = ArrCocForConditionalGeneration.from_backbone(copy.deepcopy(make_backbone("qwen2_vl")), gist_scale=2,
+                                                          allocator="quadtree", min_tokens=4, max_tokens=48)  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    make_processor("qwen2_vl").save_pretrained(tmp_path / "model")
+    options = dict(DEFAULTS, model=str(tmp_path / "model"), output_dir=str(tmp_path / "run"), encoding="saccade",
+                   data="synthetic:box-codes", train_samples=8, eval_samples=0, max_steps=3, save_steps=100,
+                   per_device_train_batch_size=2, learning_rate=1e-2, lm_lora="r=2", vision_lora="r=2,alpha=4",
+                   save_heads_only=True, use_cpu=True)  # fmt: skip
+    with pytest.raises(ValueError, match="--vision-lora is on only for saccade passes"):
+        train(dict(options, encoding="single"))
+    train(options)
+
+    before, after = (
+        load_file(tmp_path / "model" / "model.safetensors"),
+        load_file(tmp_path / "run" / "model.safetensors"),
+    )
+    lora = {k for k in after if ".lora_A." in k or ".lora_B." in k}
+    assert any(".lora_A.arr_coc_lm." in k for k in lora) and any(
+        "visual.blocks.0.attn.qkv.lora_B.arr_coc_vision" in k for k in lora
+    )
+    moved = {k for k in lora if ".lora_B." in k and after[k].abs().sum() > 0}  # B starts at zero
+    assert any("arr_coc_lm" in k for k in moved) and any("arr_coc_vision" in k for k in moved)
+    rest = {k.replace(".base_layer.", "."): v for k, v in after.items() if k not in lora}
+    assert rest.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], rest[k])}
+    assert changed and all(k.startswith("relevance.") for k in changed)
+    heads = ArrCocForConditionalGeneration.from_pretrained(tmp_path / "run" / "heads")
+    assert heads.config.scoped_lora == {
+        "language_model": {"r": 2, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "vision": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["qkv", "proj"]},
+    }
+    assert all(torch.equal(after[k], v) for k, v in scoped_lora_parameters(heads).items())
+
+
+def test_the_consistency_objective_trains_the_vision_lora_through_gist_and_crops_only(
+    make_model, make_processor, samples
+):
+    from arr_coc.training import surgery
+    from arr_coc.training.objectives import consistency_loss, vision_encoder_swapped
+
+    model = with_lora(make_model("qwen2_vl", gist_scale=2), "vision")
+    surgery.freeze(model, "all")
+    surgery.unfreeze(model, "vision_encoder.lora")
+    inputs = make_processor("qwen2_vl")(images=[samples[0]["image"]], text=[samples[0]["question"]])
+    teacher = copy.deepcopy(model.vlm.model.visual).requires_grad_(False)
+    loss = consistency_loss(model, inputs["pixel_values"], inputs["image_grid_thw"], teacher, torch.Generator())
+    loss.backward()
+    grads = [p.grad for p in scoped_lora_parameters(model, "vision").values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():  # the whole image's term alone: the scoped LoRA is off there, nothing to learn
+        whole = model.adapter.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0].tokens
+        with vision_encoder_swapped(model, teacher):
+            target = model.adapter.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0].tokens
+    assert torch.equal(whole, target)
