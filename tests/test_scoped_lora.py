@@ -240,3 +240,79 @@ def test_the_consistency_objective_trains_the_vision_lora_through_gist_and_crops
         with vision_encoder_swapped(model, teacher):
             target = model.adapter.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0].tokens
     assert torch.equal(whole, target)
+
+
+def test_export_carries_the_loras_as_peft_adapters_for_the_stock_backbone(
+    tmp_path, make_model, make_processor, samples
+):
+    import json
+
+    from peft import PeftModel
+
+    from arr_coc.export import export_heads
+    from arr_coc.relevance import RealizationRequest
+
+    base, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
+    lora = with_lora(base, "language_model", "vision")
+    paths = export_heads(lora, str(tmp_path))
+    settings = json.loads((tmp_path / "relevance_heads.json").read_text())
+    assert set(settings["scoped_lora"]) == {"language_model", "vision"}
+    assert "pooled visual token" in settings["scoped_lora"]["language_model"]["on_for"]
+    assert paths["scoped_lora_language_model"] == str(tmp_path / "scoped_lora" / "language_model")
+
+    # the stock backbone with the exported adapter, run on arr-coc's compressed sequence, gives arr-coc's logits
+    one = processor(images=[samples[0]["image"]], text=[samples[0]["question"]])
+    with torch.no_grad():
+        ours = lora(**one, compression=4)
+        images = lora.image_inputs(one["pixel_values"], one["image_grid_thw"])
+        c = lora.compress_inputs(one["input_ids"], one["attention_mask"], images, one["question_mask"],
+                                 request=RealizationRequest(compression=4))  # fmt: skip
+        stock = PeftModel.from_pretrained(copy.deepcopy(base.vlm), paths["scoped_lora_language_model"]).eval()
+        inner = stock.base_model.model
+        hidden = inner.model.language_model(inputs_embeds=c.inputs_embeds, attention_mask=c.attention_mask,
+                                            position_ids=c.position_ids).last_hidden_state  # fmt: skip
+        assert torch.allclose(inner.lm_head(hidden), ours.logits, atol=1e-5)
+        assert not torch.allclose(base(**one, compression=4).logits, ours.logits, atol=1e-3)
+    vision = PeftModel.from_pretrained(copy.deepcopy(base.vlm), paths["scoped_lora_vision"])
+    exported = {k: v for k, v in vision.named_parameters() if "lora_" in k}
+    assert len(exported) == len(scoped_lora_parameters(lora, "vision"))
+    for name, p in scoped_lora_parameters(lora, "vision").items():
+        twin = "base_model.model." + name.removeprefix("vlm.").replace(".arr_coc_vision.", ".default.")
+        assert torch.equal(exported[twin], p)
+
+
+@pytest.mark.parametrize("name", ["bnb-8bit", "torchao-int8"])
+def test_quantized_backbones_carry_the_language_model_lora_or_refuse_it(
+    name, tmp_path, make_model, make_processor, samples, make_backbone
+):
+    from transformers import BitsAndBytesConfig
+
+    from arr_coc.evaluation.quantization import quantization_config
+
+    make_backbone("qwen2_vl").save_pretrained(tmp_path / "backbone")
+    lora = with_lora(make_model("qwen2_vl"), "language_model")
+    lora.save_pretrained(tmp_path / "full")
+    config = quantization_config(name)
+    if name == "bnb-8bit":  # LLM.int8's outlier columns mix the rows of a batch: refused, then taken without them
+        with pytest.raises(ValueError, match="llm_int8_threshold=0.0"):
+            ArrCocForConditionalGeneration.from_pretrained(
+                tmp_path / "full", quantization_config=config, device_map="cpu"
+            )
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    quantized = ArrCocForConditionalGeneration.from_pretrained(tmp_path / "full", quantization_config=config,
+                                                               device_map="cpu")  # fmt: skip
+    without = ArrCocForConditionalGeneration.from_backbone(str(tmp_path / "backbone"), quantization_config=config,
+                                                           device_map="cpu")  # fmt: skip
+    q_proj = quantized.vlm.model.language_model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ != "Linear" or type(q_proj.base_layer.weight.data) is not torch.Tensor
+    loaded = scoped_lora_parameters(quantized)
+    assert all(
+        type(p.data) is torch.Tensor and torch.equal(p, loaded[k]) for k, p in scoped_lora_parameters(lora).items()
+    )
+    both = make_processor("qwen2_vl")(
+        images=[s["image"] for s in samples[:2]], text=[s["question"] for s in samples[:2]]
+    )
+    with torch.no_grad():
+        ours, stock = quantized(**both, budget=[FULL, 20]), without(**both, budget=[FULL, 20])
+    assert torch.equal(ours.logits[0], stock.logits[0])
+    assert not torch.allclose(ours.logits[1], stock.logits[1], atol=1e-3)

@@ -8,7 +8,8 @@ AutoProcessor .from_pretrained(folder, trust_remote_code=True)`` work where arr-
 the balancer and the budget head, as one module from (visual tokens, question embeddings) to (the three
 maps, relevance, expected tokens) – with ``torch.export`` (a ``.pt2`` program) and to ONNX with dynamic
 numbers of visual and question tokens; `OnnxRelevance` runs the ONNX file under onnxruntime and the
-allocator runs on its outputs in Python.
+allocator runs on its outputs in Python. A model's scoped LoRA adapters (`arr_coc.scoped_lora`) go beside them as
+standard PEFT adapter folders for the stock backbone, with the scope each is on for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 
 import torch
 from torch import nn
+
+from .scoped_lora import SCOPED_LORA_SCOPES, save_peft_adapter
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # source files, in dependency order, that make up each flat remote-code module
@@ -161,7 +164,9 @@ def _example(model, h: int = 6, w: int = 5, m: int = 7):
 
 
 def export_heads(model, folder: str) -> dict:
-    """Write ``relevance_heads.pt2`` (torch.export) and ``relevance_heads.onnx``; returns their paths."""
+    """Write ``relevance_heads.pt2`` (torch.export) and ``relevance_heads.onnx``, and the model's scoped LoRA adapters
+    as standard PEFT adapter folders (``scoped_lora/<part>``, `scoped_lora.save_peft_adapter`; where each is on is
+    named in ``relevance_heads.json``); returns their paths."""
     from torch.export import Dim
 
     os.makedirs(folder, exist_ok=True)
@@ -184,11 +189,16 @@ def export_heads(model, folder: str) -> dict:
         output_names=["information", "salience", "coupling", "relevance", "expected_tokens"],
     )  # fmt: skip
     onnx_program.save(paths["onnx"])
+    adapters = {}
+    for part in model.config.scoped_lora or {}:
+        paths[f"scoped_lora_{part}"] = save_peft_adapter(model, part, os.path.join(folder, "scoped_lora", part))
+        adapters[part] = {"folder": f"scoped_lora/{part}", "on_for": SCOPED_LORA_SCOPES[part]}
     with open(os.path.join(folder, "relevance_heads.json"), "w") as f:
         json.dump({"min_tokens": model.config.min_tokens, "max_tokens": model.config.max_tokens,
                    "allocator": model.config.allocator, "region_size": model.config.region_size,
                    "lod_ladder": model.config.lod_ladder, "inputs": "grid_tokens [h, w, d], question [m, d]",
-                   "outputs": "information, salience, coupling, relevance [n]; expected_tokens []"}, f, indent=2)  # fmt: skip
+                   "outputs": "information, salience, coupling, relevance [n]; expected_tokens []",
+                   "scoped_lora": adapters}, f, indent=2)  # fmt: skip
     return paths
 
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .assets import resolve_model_path
 from .io import prepare_local
+from .scoped_lora import load_scoped_lora
 
 HEADS_CONFIG = "arr_coc_heads.json"
 HEADS_WEIGHTS = "arr_coc_heads.safetensors"
@@ -40,8 +41,6 @@ def load_relevance_heads(model, folder: str) -> None:
     the weights do not fit the model's heads, and `ValueError` when its scoped LoRA weights do not match the model's.
     """
     from safetensors.torch import load_file
-
-    from .scoped_lora import load_scoped_lora
 
     candidates = [os.path.join(folder, name) for name in (HEADS_WEIGHTS, "model.safetensors")]
     path = next((p for p in candidates if os.path.isfile(p)), None)

@@ -138,7 +138,7 @@ class ArrCocPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # the relevance heads stay fp32 and unquantized whatever the backbone's dtype or quantization
-    _keep_in_fp32_modules = ["relevance"]
+    _keep_in_fp32_modules = ["relevance", r".*\.lora_[AB]"]
     _keep_in_fp32_modules_strict = ["relevance"]
     _supports_sdpa = True
     _supports_flash_attn = True

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import re
 from collections.abc import Sequence
 
@@ -44,6 +45,11 @@ SCOPED_LORA_PARTS = {
 SCOPED_LORA_DEFAULTS = {
     "language_model": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "vision": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["qkv", "proj"]},
+}
+SCOPED_LORA_SCOPES = {
+    "language_model": "the rows (samples) whose sequence holds a pooled visual token: fewer visual tokens passed on "
+    "than the image's native count",
+    "vision": "the saccade's encodings: its gist, and its crops of an image passed on with fewer tokens than native",
 }
 POOLED_ROWS = "arr_coc_pooled"  # the attribute a call leaves on its cache: [B] bool, the rows it pooled
 
@@ -94,12 +100,13 @@ def inject_scoped_lora(model, specs: dict) -> None:
 
     layers = dict(getattr(model, "_scoped_lora_layers", {}))
     for part, spec in specs.items():
+        if part == "language_model":
+            _check_rows_stay_apart(model)
         name, prefix = SCOPED_LORA_PARTS[part]
-        targets = spec["target_modules"]
-        pattern = prefix + "(" + "|".join(re.escape(t) for t in targets) + ")"
+        pattern = _target_pattern(part, spec)
         if not any(re.fullmatch(pattern, n) for n, _ in model.vlm.named_modules()):
-            raise ValueError(f"scoped_lora.{part}: target_modules {targets} match no module of the backbone "
-                             f"(searched {prefix}NAME)")  # fmt: skip
+            raise ValueError(f"scoped_lora.{part}: target_modules {spec['target_modules']} match no module of the "
+                             f"backbone (searched {prefix}NAME)")  # fmt: skip
         config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=pattern)
         trainable = {id(p): p.requires_grad for p in model.vlm.parameters()}
         inject_adapter_in_model(config, model.vlm, adapter_name=name)
@@ -110,6 +117,22 @@ def inject_scoped_lora(model, specs: dict) -> None:
         for p in model.vlm.parameters():  # PEFT freezes everything but the adapters: keep what was trainable
             p.requires_grad_(trainable.get(id(p), True))
     model._scoped_lora_layers = layers
+
+
+def _check_rows_stay_apart(model) -> None:
+    """Raise `ValueError` for a backbone whose layers mix the rows of a batch: LLM.int8 (bitsandbytes 8-bit with an
+    outlier threshold) picks its outlier columns from every row, so a full-budget sample beside a compressed one – whose
+    activations the adapter changes – would not compute what the stock backbone computes."""
+    for config in (model.config, model.vlm.config):
+        quantization = getattr(config, "quantization_config", None)
+        settings = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization or {})
+        if settings.get("load_in_8bit") and settings.get("llm_int8_threshold", 6.0) > 0:
+            raise ValueError(
+                f"the language model's scoped LoRA needs the rows of a batch computed apart, but LLM.int8 (llm_int8_"
+                f"threshold={settings.get('llm_int8_threshold', 6.0)}) picks its outlier columns across the batch: load "
+                "the backbone with BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0), in 4 bit or with "
+                "torchao, or without the adapter"
+            )
 
 
 def add_scoped_lora(model, part: str, **settings) -> dict:
@@ -131,6 +154,32 @@ def add_scoped_lora(model, part: str, **settings) -> dict:
         model.config.scoped_lora = previous
         raise
     return model.config.scoped_lora[part]
+
+
+def _target_pattern(part: str, spec: dict) -> str:
+    """The regex of ``part``'s target modules under the backbone (module names relative to it)."""
+    return SCOPED_LORA_PARTS[part][1] + "(" + "|".join(re.escape(t) for t in spec["target_modules"]) + ")"
+
+
+def save_peft_adapter(model, part: str, folder: str) -> str:
+    """``part``'s scoped LoRA as a standard PEFT adapter folder for the stock backbone (``adapter_config.json``,
+    ``adapter_model.safetensors``): ``PeftModel.from_pretrained(backbone, folder)`` puts it on every input, so whoever
+    serves it applies it only within its scope (`SCOPED_LORA_SCOPES`), e.g. as a per-request LoRA. Returns the
+    folder; raises `ValueError` when the model has no scoped LoRA on ``part``."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if not has_scoped_lora(model, part):
+        raise ValueError(f"the model has no {part} scoped LoRA to save")
+    spec, name = model.config.scoped_lora[part], SCOPED_LORA_PARTS[part][0]
+    config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+                        target_modules=_target_pattern(part, spec), base_model_name_or_path=model.vlm.name_or_path)  # fmt: skip
+    os.makedirs(folder, exist_ok=True)
+    config.save_pretrained(folder)
+    state = {"base_model.model." + k.removeprefix("vlm.").replace(f".{name}.", "."): v.detach().contiguous().cpu()
+             for k, v in scoped_lora_parameters(model, part).items()}  # fmt: skip
+    save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
 
 
 def has_scoped_lora(model, part: str) -> bool:
