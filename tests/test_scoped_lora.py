@@ -316,3 +316,27 @@ def test_quantized_backbones_carry_the_language_model_lora_or_refuse_it(
         ours, stock = quantized(**both, budget=[FULL, 20]), without(**both, budget=[FULL, 20])
     assert torch.equal(ours.logits[0], stock.logits[0])
     assert not torch.allclose(ours.logits[1], stock.logits[1], atol=1e-3)
+
+
+def test_a_scope_belongs_to_the_thread_that_entered_it(make_model, make_processor, samples):
+    import threading
+
+    from arr_coc.scoped_lora import lora_scope
+
+    base = make_model("qwen2_vl")
+    lora = with_lora(base, "vision")
+    inputs = make_processor("qwen2_vl")(images=[samples[0]["image"]], text=[samples[0]["question"]])
+
+    def encode(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.adapter.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0].tokens
+
+    other = {}
+    with lora_scope(lora, "vision"):
+        inside = encode(lora)
+        thread = threading.Thread(target=lambda: other.update(tokens=encode(lora)))  # e.g. the app's next request
+        thread.start()
+        thread.join()
+    stock = encode(base)
+    assert not torch.allclose(inside, stock, atol=1e-3)
+    assert torch.equal(other["tokens"], stock) and torch.equal(encode(lora), stock)

@@ -12,12 +12,13 @@ Two parts may carry one (``ArrCocConfig.scoped_lora``; `add_scoped_lora` puts a 
   image) runs the stock encoder.
 
 One mechanism serves both. The adapters are injected with PEFT (`peft.inject_adapter_in_model`, never merged) and
-left inactive, so every LoRA layer computes its base layer alone; `lora_scope` turns one on inside a block – for every
-input (PEFT's active adapter), or for some batch rows (PEFT's mixed-adapter batches: ``adapter_names`` with
-``"__base__"`` for the other rows, as ``PeftModel.generate(adapter_names=...)`` does). The base rows are never
-touched: the base layer runs over the whole batch and only the adapter's rows get the low-rank update added, so
-their numerics are the stock model's bit for bit. Which rows a prefill pooled travels with its KV cache
-(`keep_pooled_rows` / `pooled_rows`), so decoding steps – `generate`'s and manual loops' – keep each row's scope.
+left inactive, so PEFT's forward of every LoRA layer computes its base layer alone; a forward hook on each adds
+the low-rank update where the adapter is in scope (`lora_scope`, a context variable: per thread, so concurrent calls
+on one model do not see each other's scopes) – to the whole output, or to some batch rows, as PEFT's mixed-adapter
+batches do (``adapter_names`` with ``"__base__"`` for the other rows): the base layer runs over the whole batch and
+the other rows are never touched, so their numerics are the stock model's bit for bit. Which rows a prefill pooled
+travels with its KV cache (`keep_pooled_rows` / `pooled_rows`), so decoding steps – `generate`'s and manual loops'
+– keep each row's scope.
 
 Gradient checkpointing recomputes a layer after its forward pass has left the scope: the model wraps its
 checkpoint function with `checkpoint_in_scope`, so the recomputation runs in the scope of the original pass.
@@ -53,8 +54,16 @@ SCOPED_LORA_SCOPES = {
 }
 POOLED_ROWS = "arr_coc_pooled"  # the attribute a call leaves on its cache: [B] bool, the rows it pooled
 
-# the scopes entered now: (layers, adapter name, rows or None for every input)
+# the scopes entered in this context: (switch, rows) pairs – rows None for every input, else a bool per batch row
 _ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("arr_coc_scoped_lora", default=())
+
+
+class _Switch:
+    """One model's scoped LoRA on one part: what `lora_scope` turns on and its layers' hooks look up (by identity,
+    so another model – or a copy of the vision tower, like the consistency objective's teacher – is not affected)."""
+
+    def __init__(self, name: str):
+        self.name = name  # the PEFT adapter name
 
 
 def parse_spec(text: str) -> dict:
@@ -98,7 +107,7 @@ def inject_scoped_lora(model, specs: dict) -> None:
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    layers = dict(getattr(model, "_scoped_lora_layers", {}))
+    switches = dict(getattr(model, "_scoped_lora", {}))
     for part, spec in specs.items():
         if part == "language_model":
             _check_rows_stay_apart(model)
@@ -111,12 +120,14 @@ def inject_scoped_lora(model, specs: dict) -> None:
         trainable = {id(p): p.requires_grad for p in model.vlm.parameters()}
         inject_adapter_in_model(config, model.vlm, adapter_name=name)
         del model.vlm.peft_config  # the settings live in ArrCocConfig.scoped_lora; the backbone stays a plain model
-        layers[part] = [m for m in model.vlm.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-        for layer in layers[part]:
-            layer._active_adapter = []  # inactive: the layer computes its base layer alone
+        switches[part] = _Switch(name)
+        for layer in model.vlm.modules():
+            if isinstance(layer, LoraLayer) and name in layer.lora_A:
+                layer._active_adapter = []  # PEFT's forward: the base layer alone
+                layer.register_forward_hook(functools.partial(_add_update, switches[part]))
         for p in model.vlm.parameters():  # PEFT freezes everything but the adapters: keep what was trainable
             p.requires_grad_(trainable.get(id(p), True))
-    model._scoped_lora_layers = layers
+    model._scoped_lora = switches
 
 
 def _check_rows_stay_apart(model) -> None:
@@ -184,7 +195,7 @@ def save_peft_adapter(model, part: str, folder: str) -> str:
 
 def has_scoped_lora(model, part: str) -> bool:
     """Whether ``model`` carries a scoped LoRA on ``part``."""
-    return part in getattr(model, "_scoped_lora_layers", {})
+    return part in getattr(model, "_scoped_lora", {})
 
 
 def scoped_lora_parameters(model, part: str | None = None) -> dict[str, torch.nn.Parameter]:
@@ -213,51 +224,45 @@ def load_scoped_lora(model, state: dict[str, torch.Tensor], source: str) -> None
 
 @contextlib.contextmanager
 def lora_scope(model, part: str, on: bool | Sequence[bool] | torch.Tensor | None = True):
-    """Inside the block, ``part``'s scoped LoRA (if the model has one) is on: ``on=True`` for every input, a [B] bool
-    sequence for the batch rows marked True (dim 0 of each LoRA layer's input), False / None for none."""
-    layers = getattr(model, "_scoped_lora_layers", {}).get(part)
-    rows = None if isinstance(on, bool) or on is None else [bool(v) for v in on]
-    if not layers or on is None or on is False or (rows is not None and not any(rows)):
+    """Inside the block (in this thread), ``part``'s scoped LoRA – if the model has one – is on: ``on=True`` for
+    every input, a [B] bool sequence for the batch rows marked True (dim 0 of each LoRA layer's input), False / None
+    for none."""
+    switch = getattr(model, "_scoped_lora", {}).get(part)
+    rows = None if isinstance(on, bool) or on is None else tuple(bool(v) for v in on)
+    if switch is None or on is None or on is False or (rows is not None and not any(rows)):
         yield
         return
-    entry = (tuple(layers), SCOPED_LORA_PARTS[part][0], None if rows is None or all(rows) else tuple(rows))
-    with _entered((entry,)):
-        yield
-
-
-@contextlib.contextmanager
-def _entered(entries: tuple):
-    """Turn the adapters of ``entries`` on: PEFT's active adapter for every input, else its ``adapter_names``."""
-    handles, previous = [], []
+    token = _ACTIVE.set((*_ACTIVE.get(), (switch, None if all(rows or ()) else rows)))
     try:
-        for layers, name, rows in entries:
-            if rows is None:
-                for layer in layers:
-                    previous.append((layer, layer._active_adapter))
-                    layer._active_adapter = [name]
-            else:
-                names = [name if on else "__base__" for on in rows]
-                hook = functools.partial(_adapter_names, names)
-                handles += [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-        token = _ACTIVE.set(_ACTIVE.get() + entries)
-        try:
-            yield
-        finally:
-            _ACTIVE.reset(token)
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for layer, active in reversed(previous):
-            layer._active_adapter = active
+        _ACTIVE.reset(token)
 
 
-def _adapter_names(names: list[str], module, args, kwargs):
-    return args, {**kwargs, "adapter_names": names}
+def _add_update(switch: _Switch, layer, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A scoped LoRA layer's forward hook: its base layer's ``output`` as it is, plus the low-rank update
+    B(A(dropout(x))) * scaling (PEFT's vanilla LoRA) where the adapter is in scope – every row, or only the rows in
+    scope (the others left untouched)."""
+    rows = next((rows for s, rows in reversed(_ACTIVE.get()) if s is switch), False)
+    if rows is False:
+        return output
+    name, x = switch.name, args[0]
+    if rows is not None and len(rows) != x.shape[0]:
+        raise ValueError(f"the scoped LoRA is on for {len(rows)} rows, but its layer got a batch of {x.shape[0]}")
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    index = None if rows is None else torch.tensor([i for i, on in enumerate(rows) if on], device=x.device)
+    if index is not None:
+        x = x.index_select(0, index)
+    update = (lora_b(lora_a(layer.lora_dropout[name](x.to(lora_a.weight.dtype)))) * layer.scaling[name]).to(
+        output.dtype
+    )
+    return output + update if index is None else output.index_add(0, index, update)
 
 
 def checkpoint_in_scope(checkpoint):
     """A gradient-checkpoint function (``checkpoint(function, *args, **kwargs)``) whose recomputation, run by the
-    backward pass after the forward pass has left its scopes, runs in the scopes of that forward pass."""
+    backward pass after the forward pass has left its scopes (maybe in another thread), runs in the scopes of that
+    forward pass."""
 
     def run(function, *args, **kwargs):
         return checkpoint(functools.partial(_in_scopes, _ACTIVE.get(), function), *args, **kwargs)
@@ -266,10 +271,11 @@ def checkpoint_in_scope(checkpoint):
 
 
 def _in_scopes(entries: tuple, function, *args, **kwargs):
-    if _ACTIVE.get() == entries:
+    token = _ACTIVE.set(entries)
+    try:
         return function(*args, **kwargs)
-    with _entered(entries):
-        return function(*args, **kwargs)
+    finally:
+        _ACTIVE.reset(token)
 
 
 # ----------------------------------------------------------------------------- the language model's rows
