@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import arr_coc
 from arr_coc.evaluation.quantization import quantization_config
@@ -257,6 +258,49 @@ def test_heads_only_checkpoint_loads_through_remote_code_too(
     proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(heads), str(tmp_path / "q.png"), samples[1]["question"]],
                           capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=WITHOUT_ARR_COC)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+SCOPED_LORA_SCRIPT = """
+import json, sys, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+folder, images, questions = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split("|")
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = processor(images=[Image.open(i) for i in images], text=questions)
+with torch.no_grad():
+    out = model(**inputs, budget=[10**6, 20])
+print(json.dumps({"lora": model.config.scoped_lora, "pooled": out.pooled.tolist(), "last": out.logits[:, -1].tolist()}))
+"""
+
+
+def test_remote_code_checkpoint_carries_the_scoped_lora(tmp_path, make_model, make_processor, samples,
+                                                        venv_without_arr_coc):  # fmt: skip
+    import json
+
+    from arr_coc.scoped_lora import add_scoped_lora, scoped_lora_parameters
+
+    model, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
+    add_scoped_lora(model, "language_model", r=2)
+    with torch.no_grad():
+        for p in scoped_lora_parameters(model).values():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "shared", remote_code=True)
+    processor.save_pretrained(tmp_path / "shared", remote_code=True)
+    names = []
+    for i, s in enumerate(samples[:2]):
+        names.append(str(tmp_path / f"q{i}.png"))
+        s["image"].save(names[-1])
+    questions = [s["question"] for s in samples[:2]]
+    proc = subprocess.run([venv_without_arr_coc, "-c", SCOPED_LORA_SCRIPT, str(tmp_path / "shared"), ",".join(names),
+                           "|".join(questions)], capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    inputs = processor(images=[Image.open(n) for n in names], text=questions)
+    with torch.no_grad():
+        expected = model(**inputs, budget=[10**6, 20])
+    assert result["lora"] == model.config.scoped_lora and result["pooled"] == [False, True]
+    assert torch.equal(torch.tensor(result["last"]), expected.logits[:, -1])
 
 
 def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, make_model, make_processor, samples):

@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .assets import resolve_model_path
 from .backbones import SUPPORTED_FAMILIES
 from .relevance.realizing import ENCODINGS, MODES, POOLINGS
+from .scoped_lora import SCOPED_LORA_DEFAULTS, with_lora_defaults
 
 ALLOCATORS = ("ladder", "quadtree")
 DEFAULT_LADDER = (1, 4, 16, 64, 100, 144, 196, 256, 400)
@@ -42,6 +43,11 @@ class ArrCocConfig(PreTrainedConfig):
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
         balance_weights (`list[float]`): training-free mix of (information, salience, coupling).
+        scoped_lora (`dict`, *optional*): LoRA adapters on the backbone that are on only where arr-coc changes
+            what it sees (`arr_coc.scoped_lora`): part (`"language_model"`: for samples whose sequence holds a
+            pooled visual token; `"vision"`: for the saccade's encodings) -> settings `r`, `alpha`, `dropout`,
+            `target_modules` (defaults: r 8, alpha 16, dropout 0, the language model's `q_proj` / `v_proj`, the
+            vision tower's `qkv` / `proj`). None: no adapter, the stock backbone everywhere.
     """
 
     model_type = "arr_coc"
@@ -60,6 +66,7 @@ class ArrCocConfig(PreTrainedConfig):
     coupling_size: int = 64
     pooling: str = "relevance"
     balance_weights: list[float] | tuple[float, ...] | None = None
+    scoped_lora: dict | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vlm_config, PreTrainedConfig):
@@ -67,6 +74,7 @@ class ArrCocConfig(PreTrainedConfig):
             kwargs.setdefault("attn_implementation", self.vlm_config._attn_implementation)
         self.lod_ladder = list(DEFAULT_LADDER if self.lod_ladder is None else self.lod_ladder)
         self.balance_weights = list((0.25, 0.25, 0.5) if self.balance_weights is None else self.balance_weights)
+        self.scoped_lora = with_lora_defaults(self.scoped_lora)
         super().__post_init__(**kwargs)
         self.check()
 
@@ -112,6 +120,28 @@ class ArrCocConfig(PreTrainedConfig):
                 weights,
                 "3 finite weights >= 0 (information, salience, coupling) with a positive sum",
             )
+        for part, spec in (self.scoped_lora or {}).items():
+            if part not in SCOPED_LORA_DEFAULTS:
+                _fail("scoped_lora", part, f"parts among {sorted(SCOPED_LORA_DEFAULTS)}")
+            unknown = set(spec) - set(SCOPED_LORA_DEFAULTS[part])
+            if unknown:
+                _fail(
+                    f"scoped_lora.{part}",
+                    spec,
+                    f"settings among {sorted(SCOPED_LORA_DEFAULTS[part])}, not {sorted(unknown)}",
+                )
+            for name in ("r", "alpha"):
+                if not isinstance(spec[name], int) or isinstance(spec[name], bool) or spec[name] < 1:
+                    _fail(f"scoped_lora.{part}.{name}", spec[name], "an integer >= 1")
+            if not isinstance(spec["dropout"], (int, float)) or not 0 <= spec["dropout"] < 1:
+                _fail(f"scoped_lora.{part}.dropout", spec["dropout"], "a number in [0, 1)")
+            targets = spec["target_modules"]
+            if (
+                not isinstance(targets, (list, tuple))
+                or not targets
+                or not all(isinstance(t, str) and t for t in targets)
+            ):
+                _fail(f"scoped_lora.{part}.target_modules", targets, "a non-empty list of module names")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ArrCocConfig:

@@ -2,7 +2,7 @@
 a loaded model really takes. `ArrCocForConditionalGeneration.from_pretrained` / `from_backbone` use these.
 
 A heads-only folder (written by `training.trainer.save_heads`) holds ``arr_coc_heads.safetensors`` (the relevance
-heads, under ``relevance.``), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
+heads, under ``relevance.``, and any scoped LoRA's weights under their names in the model), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
 ``config.json``; the backbone is loaded by the name it carries.
 """
 
@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .assets import resolve_model_path
 from .io import prepare_local
+from .scoped_lora import load_scoped_lora
 
 HEADS_CONFIG = "arr_coc_heads.json"
 HEADS_WEIGHTS = "arr_coc_heads.safetensors"
@@ -38,11 +39,12 @@ def heads_only_settings(path) -> tuple[str, dict] | None:
 
 
 def load_relevance_heads(model, folder: str) -> None:
-    """Put the relevance heads saved in ``folder`` on ``model``: a heads-only folder (``arr_coc_heads.safetensors``)
-    or a whole arr-coc checkpoint (``model.safetensors``, its ``relevance.*`` weights).
+    """Put the relevance heads saved in ``folder`` on ``model``, with the weights of its scoped LoRA adapters
+    (`scoped_lora`): a heads-only folder (``arr_coc_heads.safetensors``) or a whole arr-coc checkpoint
+    (``model.safetensors``, its ``relevance.*`` and scoped LoRA weights).
 
-    Raises `FileNotFoundError` when the folder has neither file, and `RuntimeError` (from ``load_state_dict``) when
-    the weights do not fit the model's heads.
+    Raises `FileNotFoundError` when the folder has neither file, `RuntimeError` (from ``load_state_dict``) when
+    the weights do not fit the model's heads, and `ValueError` when its scoped LoRA weights do not match the model's.
     """
     from safetensors.torch import load_file
 
@@ -57,6 +59,7 @@ def load_relevance_heads(model, folder: str) -> None:
     model.relevance.load_state_dict(
         {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
     )
+    load_scoped_lora(model, state, path)
 
 
 def load_backbone(model_or_path, options: dict):

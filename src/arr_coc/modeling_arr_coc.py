@@ -69,6 +69,14 @@ from .relevance import (
     saccade_crops,
 )
 from .relevance.knowing import CouplingScorer
+from .scoped_lora import (
+    checkpoint_in_scope,
+    has_scoped_lora,
+    inject_scoped_lora,
+    keep_pooled_rows,
+    lora_scope,
+    pooled_rows,
+)
 
 IGNORE_INDEX = -100
 
@@ -92,6 +100,7 @@ class ArrCocCausalLMOutputWithPast(ModelOutput):
     tokens_used: torch.Tensor | None = None
     native_tokens: torch.Tensor | None = None
     realizations: list[RelevanceRealization] | None = None
+    pooled: torch.Tensor | None = None  # [B] bool: rows whose sequence holds a pooled visual token
 
 
 @dataclass
@@ -108,6 +117,9 @@ class CompressedInputs:
     realizations: list[Realization] = field(default_factory=list)
     tokens_used: torch.Tensor | None = None  # [B]
     native_tokens: torch.Tensor | None = None  # [B]
+    pooled: torch.Tensor | None = (
+        None  # [B] bool: the sequence holds a pooled visual token (`RelevanceRealization.pooled`)
+    )
 
     def generate_inputs(self, copies: int = 1) -> dict:
         """Keyword arguments for ``generate`` on this sequence (no ``pixel_values``): its ``input_ids`` – what
@@ -123,6 +135,7 @@ class CompressedInputs:
             inputs["deepstack_visual_embeds"] = [
                 torch.cat([part for part in x.split(per_sample) for _ in range(copies)]) for x in self.visual_extra
             ]
+        inputs["pooled"] = self.pooled  # the language model's scoped LoRA: the rows it is on for (`scoped_lora`)
         return inputs
 
 
@@ -145,7 +158,7 @@ class ArrCocPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # the relevance heads stay fp32 and unquantized whatever the backbone's dtype or quantization
-    _keep_in_fp32_modules = ["relevance"]
+    _keep_in_fp32_modules = ["relevance", r".*\.lora_[AB]"]
     _keep_in_fp32_modules_strict = ["relevance"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -176,6 +189,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             visual_size, visual_size, config.relevance_hidden_size, config.coupling_size, config.balance_weights
         )
         self.post_init()
+        if config.scoped_lora:  # after post_init, which would re-initialise the fresh adapters' weights
+            inject_scoped_lora(self, config.scoped_lora)
 
     @property
     def adapter(self):
@@ -253,6 +268,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         disk (left on the meta device) count nothing."""
         return memory_footprint(self, return_buffers)
 
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1
+    ):
+        """transformers' own, with the recomputation of a layer run in the scoped LoRA scopes of its forward pass
+        (`scoped_lora.checkpoint_in_scope`)."""
+        from torch.utils.checkpoint import checkpoint
+
+        func = checkpoint_in_scope(gradient_checkpointing_func or checkpoint)
+        super()._set_gradient_checkpointing(enable, func, every_n_layers)
+
     def get_input_embeddings(self):
         return self.vlm.get_input_embeddings()
 
@@ -304,11 +329,13 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             )
         adapter, scale = self.adapter, self.config.gist_scale
         _, h, w = image.grid
-        gist = image.gist(scale)
+        with lora_scope(self, "vision"):  # the vision tower's scoped LoRA: on for the saccade's encodings
+            gist = image.gist(scale)
         maps = expand_maps(self._relevance_maps(gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
         expected, allocation, decision = self._attend(maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)
-        crops = adapter.encode_crops(image.patches, image.thw, boxes)
+        with lora_scope(self, "vision", allocation.tokens_used < h * w):  # at >= native: the single encoding
+            crops = adapter.encode_crops(image.patches, image.thw, boxes)
         features = native_features([gist.tokens, *gist.extra], [[c.tokens, *c.extra] for c in crops], boxes, h, w,
                                    scale)  # fmt: skip
         return realize_allocation(features, maps, expected, allocation, decision, ask.pooling, "saccade", scale)
@@ -448,9 +475,10 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         per_sample = [[r for r in realizations if r.sample_index == b] for b in range(len(rows))]
         tokens_used = torch.tensor([sum(r.tokens_used for r in rs) for rs in per_sample])
         native = torch.tensor([sum(r.native_count for r in rs) for rs in per_sample])
+        pooled = torch.tensor([any(isinstance(r, RelevanceRealization) and r.pooled for r in rs) for rs in per_sample])
         return CompressedInputs(embeds, mask, positions, labels, left_pad([r.visual for r in rows], False),
                                 visual_extra, left_pad([r.ids for r in rows], pad_id), realizations, tokens_used,
-                                native)  # fmt: skip
+                                native, pooled)  # fmt: skip
 
     def _question_positions(self, ids: torch.Tensor, question_mask: torch.Tensor | None, spans) -> torch.Tensor:
         """Where the question's tokens are: the processor's question_mask, else the text after the last image."""
@@ -485,6 +513,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 budget=None, compression=None, allocation=None, pooling: str | None = None,
                 encoding: str | None = None, mode: str | None = None, prefill_embeds: torch.Tensor | None = None,
                 visual_pos_masks: torch.Tensor | None = None, deepstack_visual_embeds: list[torch.Tensor] | None = None,
+                pooled: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.LongTensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ArrCocCausalLMOutputWithPast:  # fmt: skip
         r"""
@@ -501,8 +530,10 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
         Returns `ArrCocCausalLMOutputWithPast` over the compressed sequence of length L': logits [B, L', vocab] (or
         the last ``logits_to_keep``), loss with ``labels``, the KV cache, attention_mask [B, L'], position_ids
-        [3, B, L'], labels [B, L'], tokens_used / native_tokens [B] (0 on calls without images) and the
-        realizations ([] without images).
+        [3, B, L'], labels [B, L'], tokens_used / native_tokens [B] (0 on calls without images), the
+        realizations ([] without images), and pooled [B] bool: the rows whose sequence holds a pooled visual token.
+        A language-model scoped LoRA (`scoped_lora`) is on for those rows only; a call without images takes them
+        from ``pooled`` or, without it, from its cache's prefill (they travel with the cache).
 
         Raises `ValueError` for video inputs, pixel_values without input_ids or image_grid_thw, bad pixel_values
         (not floating point, NaN/inf, not matching the grid), neither input_ids nor inputs_embeds, and everything
@@ -518,6 +549,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
             labels, visual_pos_masks, deepstack_visual_embeds = c.labels, c.visual_mask, c.visual_extra
             counted = (c.tokens_used, c.native_tokens, c.realizations)
+            pooled = c.pooled
         else:
             if inputs_embeds is None:
                 if input_ids is None:
@@ -528,15 +560,19 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             )
             nothing = torch.zeros(inputs_embeds.shape[0], dtype=torch.long)
             counted = (nothing, nothing.clone(), [])
+            if has_scoped_lora(self, "language_model"):  # a decoding step: its prefill's rows
+                pooled = pooled_rows(pooled, cache, inputs_embeds.shape[0])
         if position_ids is None:
             position_ids = text_positions(inputs_embeds, attention_mask, cache)
 
-        outputs = self.adapter.language_model(
-            inputs_embeds, attention_mask, position_ids, cache, use_cache, visual_mask=visual_pos_masks,
-            visual_extra=deepstack_visual_embeds, **kwargs,
-        )  # fmt: skip
+        with lora_scope(self, "language_model", pooled):  # its scoped LoRA: on for the pooled rows only
+            outputs = self.adapter.language_model(
+                inputs_embeds, attention_mask, position_ids, cache, use_cache, visual_mask=visual_pos_masks,
+                visual_extra=deepstack_visual_embeds, **kwargs,
+            )  # fmt: skip
         if past == 0 and outputs.cache is not None:  # a prefill: what its decoding steps need goes with its cache
             keep_rope_deltas(outputs.cache, position_ids, attention_mask)
+        keep_pooled_rows(outputs.cache, pooled)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -549,7 +585,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return ArrCocCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-            tokens_used=counted[0], native_tokens=counted[1], realizations=counted[2],
+            tokens_used=counted[0], native_tokens=counted[1], realizations=counted[2], pooled=pooled,
         )  # fmt: skip
 
     @torch.no_grad()

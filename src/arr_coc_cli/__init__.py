@@ -85,6 +85,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lora-r", type=int, default=None, help="add LoRA of this rank to the language model's q/v projections"
     )
+    p.add_argument(
+        "--lm-lora", default=None, metavar="SPEC",
+        help="train a fresh LoRA on the language model that is on only for samples whose sequence holds a pooled visual "
+        "token (a budget >= native stays the stock backbone), e.g. 'r=8' or 'r=8,alpha=16,dropout=0,targets=q_proj+v_proj'",
+    )  # fmt: skip
+    p.add_argument(
+        "--vision-lora", default=None, metavar="SPEC",
+        help="train a fresh LoRA on the vision tower that is on only for saccade passes (the single encoding stays the "
+        "stock encoder), e.g. 'r=8' (targets default: qkv+proj); with --encoding saccade or the consistency objective",
+    )  # fmt: skip
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None)

@@ -176,6 +176,12 @@ class RelevanceRealization:
     def tokens_used(self) -> int:
         return self.allocation.tokens_used
 
+    @property
+    def pooled(self) -> bool:
+        """Whether a region passes fewer tokens than it covers (the allocation tiles the whole grid, so: whether
+        fewer tokens than native were passed on) – where the language model's scoped LoRA is on."""
+        return self.tokens_used < self.native_count
+
     def detail_map(self) -> torch.Tensor:
         """[h, w] bool: True where the token is passed at full detail."""
         return self.allocation.detail_map()

@@ -10,7 +10,9 @@
               (binary cross-entropy against each token's overlap with the box, plus the mass inside);
 (e) consistency  for saccade encoding, the vision encoder itself: its gist tokens toward the frozen
               encoder's tokens of the whole image averaged per gist cell, its crop tokens toward the
-              whole image's tokens at the same places, and its whole-image tokens unchanged.
+              whole image's tokens at the same places, and its whole-image tokens unchanged (gist and crops
+              with the vision tower's scoped LoRA on, as in a saccade: trained alone, it leaves the whole
+              image exactly as it was).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..data.boxes import box_overlap_map
 from ..modeling_arr_coc import IGNORE_INDEX
 from ..relevance import ALL_TOKENS, RealizationRequest
 from ..relevance.saccade import gist_cell_means, random_crops
+from ..scoped_lora import lora_scope
 
 
 @dataclass
@@ -160,9 +163,10 @@ def consistency_loss(model, pixel_values: torch.Tensor, image_grid_thw: torch.Te
         with torch.no_grad(), vision_encoder_swapped(model, teacher):
             target = adapter.encode_images(pixels, thw[None])[0]
         full = adapter.encode_images(pixels, thw[None])[0]
-        gist = adapter.encode_images(*adapter.patch_geometry.gist(pixels, thw, scale))[0]
         boxes = random_crops(h, w, scale, generator)
-        crops = adapter.encode_crops(pixels, thw, boxes)
+        with lora_scope(model, "vision"):  # the saccade's encodings: the vision tower's scoped LoRA is on
+            gist = adapter.encode_images(*adapter.patch_geometry.gist(pixels, thw, scale))[0]
+            crops = adapter.encode_crops(pixels, thw, boxes)
         for k, wanted in enumerate(_per_token(target)):
             grid = wanted.view(h, w, -1)
             pairs = [(_per_token(full)[k], wanted), (_per_token(gist)[k], gist_cell_means(wanted, h, w, scale))]

@@ -85,8 +85,10 @@ def train(options: dict) -> dict:
     from ..io import last_complete_checkpoint
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor
+    from ..scoped_lora import add_scoped_lora, parse_spec
     from . import surgery
     from .data import VQACollator
+    from .objectives import ObjectiveWeights
     from .trainer import ArrCocTrainer
 
     set_seed(int(options["seed"]))  # fresh heads and LoRA matrices start the same in every run
@@ -104,6 +106,14 @@ def train(options: dict) -> dict:
     surgery.unfreeze(model, *[p.strip() for p in str(options["train_parts"]).split(",") if p.strip()])
     if options.get("lora_r"):
         surgery.add_lora(model, r=int(options["lora_r"]), alpha=2 * int(options["lora_r"]))
+    consistency = ObjectiveWeights.parse(options["objectives"]).consistency
+    if options.get("vision_lora") and model.config.encoding != "saccade" and not consistency:
+        raise ValueError("--vision-lora is on only for saccade passes: train it with --encoding saccade or the "
+                         "consistency objective")  # fmt: skip
+    for part, option in (("language_model", "lm_lora"), ("vision", "vision_lora")):  # fresh scoped LoRA: trained
+        if options.get(option):
+            spec = options[option]
+            add_scoped_lora(model, part, **(spec if isinstance(spec, dict) else parse_spec(spec)))
     if options.get("gradient_checkpointing"):
         surgery.set_gradient_checkpointing(model, True)
     summary = surgery.report(model)

@@ -10,6 +10,8 @@ Parts are named like the model's modules (the backbone adapter knows where they 
     "language_model.layers.3"   one decoder layer (any index)
     "lm_head"               the output projection (tied to the embeddings in small Qwen models)
     "relevance"             all relevance heads; "relevance.coupling" etc. for one
+    "language_model.lora"   the language model's scoped LoRA, "vision_encoder.lora" the vision tower's (only when
+                            the model has one: `arr_coc.scoped_lora`)
 
 Example::
 
@@ -24,6 +26,8 @@ import re
 from collections import OrderedDict
 
 from torch import nn
+
+from ..scoped_lora import has_scoped_lora, scoped_lora_parameters
 
 HEADS = ("information", "salience", "coupling", "balancer", "budget")
 
@@ -43,6 +47,9 @@ def part_modules(model) -> OrderedDict[str, nn.Module]:
     parts["relevance"] = model.relevance
     for name in HEADS:
         parts[f"relevance.{name}"] = getattr(model.relevance, name)
+    for lora, name in (("language_model", "language_model.lora"), ("vision", "vision_encoder.lora")):
+        if has_scoped_lora(model, lora):
+            parts[name] = _Parameters(scoped_lora_parameters(model, lora).values())
     return parts
 
 
@@ -55,6 +62,16 @@ class _Without:
     def parameters(self):
         skip = {id(p) for p in self.excluded.parameters()}
         return (p for p in self.module.parameters() if id(p) not in skip)
+
+
+class _Parameters:
+    """A fixed set of parameters as a part (a scoped LoRA's, spread over many modules)."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def parameters(self):
+        return iter(self.params)
 
 
 def _resolve(model, names) -> list:

@@ -13,6 +13,7 @@ from transformers import Trainer
 from ..io import COMPLETE, last_complete_checkpoint, mark_complete
 from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
 from ..relevance import budget_options
+from ..scoped_lora import scoped_lora_parameters
 from .objectives import (
     ObjectiveWeights,
     attribution_targets,
@@ -183,11 +184,13 @@ class ArrCocTrainer(Trainer):
 
 
 def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
-    """``arr_coc_heads.safetensors`` + ``arr_coc_heads.json`` (the arr-coc config and the backbone's name)
-    + ``config.json``, so `ArrCocForConditionalGeneration.from_pretrained(output_dir)` and the Auto
-    classes load the backbone by name and put these heads on it."""
+    """``arr_coc_heads.safetensors`` (the relevance heads and any scoped LoRA's weights) + ``arr_coc_heads.json``
+    (the arr-coc config, scoped LoRA settings included, and the backbone's name) + ``config.json``, so
+    `ArrCocForConditionalGeneration.from_pretrained(output_dir)` and the Auto classes load the backbone by name and
+    put these heads (and adapters) on it."""
     os.makedirs(output_dir, exist_ok=True)
     state = {f"relevance.{k}": v.detach().contiguous().cpu() for k, v in model.relevance.state_dict().items()}
+    state.update({k: v.detach().contiguous().cpu() for k, v in scoped_lora_parameters(model).items()})
     save_file(state, os.path.join(output_dir, HEADS_WEIGHTS), metadata={"format": "pt"})
     base = base_model or model.config.vlm_config.name_or_path or model.vlm.name_or_path
     if not base:
