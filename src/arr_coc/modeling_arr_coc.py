@@ -145,7 +145,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         budget / compression: explicit T or N/T ratio – one value, one per sample, or per image.
         allocation: a fixed `Allocation` per image (bypasses the budget and the allocator).
         pooling: "relevance" or "mean" for the pooled tokens; encoding: "single" or "saccade"; mode:
-            "training_free" or "trained" (each default: the config's).
+            "training_free" or "trained"; crop_margin: merged cells of context around each saccade crop (each
+            default: the config's).
     """
 
     def __init__(self, config: ArrCocConfig, vlm: PreTrainedModel | None = None):
@@ -273,7 +274,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                          ask: ImageRequest) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
         """One image by saccade, in two encoder passes: the gist -> relevance, the budget and the allocation on it,
         as in the single encoding -> the gist cells under regions finer than the gist, encoded again at full
-        resolution -> every region pooled from those crops or from the gist."""
+        resolution with ``ask.crop_margin`` cells of context around them -> every region pooled from those crops or
+        from the gist."""
         if ask.allocation is not None:
             raise ValueError(
                 "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
@@ -285,7 +287,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         maps = expand_maps(self._relevance_maps(gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
         expected, allocation, decision = self._attend(maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)
-        crops = adapter.encode_crops(image.patches, image.thw, boxes)
+        crops = adapter.encode_crops(image.patches, image.thw, boxes, ask.crop_margin)
         features = native_features([gist.tokens, *gist.extra], [[c.tokens, *c.extra] for c in crops], boxes, h, w,
                                    scale)  # fmt: skip
         return realize_allocation(features, maps, expected, allocation, decision, ask.pooling, "saccade", scale)
@@ -428,13 +430,13 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                           attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                           mm_token_type_ids: torch.Tensor | None = None, budget=None, compression=None,
                           allocation=None, pooling: str | None = None, encoding: str | None = None,
-                          mode: str | None = None) -> list[RelevanceRealization]:  # fmt: skip
+                          mode: str | None = None, crop_margin: int | None = None) -> list[RelevanceRealization]:  # fmt: skip
         """The relevance realization of every image, in input order, without running the language model.
 
         Takes the processor's outputs (``mm_token_type_ids`` is accepted and unused, as by `forward`) and the call
         options of `forward`; raises `ValueError` like `compress_inputs`, and `TypeError` naming any other argument.
         """
-        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
         images = self.image_inputs(pixel_values, image_grid_thw)
         return self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request).realizations
 
@@ -446,7 +448,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                 budget=None, compression=None, allocation=None, pooling: str | None = None,
-                encoding: str | None = None, mode: str | None = None, visual_pos_masks: torch.Tensor | None = None,
+                encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
+                visual_pos_masks: torch.Tensor | None = None,
                 deepstack_visual_embeds: list[torch.Tensor] | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.LongTensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ArrCocCausalLMOutputWithPast:  # fmt: skip
@@ -467,7 +470,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         c = None
         if pixel_values is not None:
-            request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+            request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
             images = self.image_inputs(pixel_values, image_grid_thw)
             c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
@@ -519,7 +522,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                  budget=None, compression=None, allocation=None, pooling: str | None = None,
-                 encoding: str | None = None, mode: str | None = None, **kwargs):  # fmt: skip
+                 encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
+                 **kwargs):  # fmt: skip
         """Like the stock `generate` (returns ``input_ids`` [B, L] followed by the new tokens: [B * copies,
         L + new], KV cache, left-padded batches), with each image compressed to its budget first.
 
@@ -531,7 +535,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         if pixel_values is None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
         images = self.image_inputs(pixel_values, image_grid_thw)
         c = self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request)
         # generate repeats every sample per beam / return sequence; the per-token deepstack features follow suit
