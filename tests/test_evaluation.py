@@ -183,6 +183,20 @@ def test_speed_rows_cover_both_encodings_with_positive_times_and_ratios(make_mod
     assert all(r["visual_tokens"] <= math.ceil(rows[0]["native_tokens"] / 4) for r in rows[1:])
 
 
+def test_speed_rows_count_the_crop_margins_the_encoder_read(make_model, make_processor):
+    from arr_coc.evaluation.speed import measure
+
+    model = make_model("qwen2_vl", gist_scale=2, allocator="quadtree").eval()
+    rows = measure(model, make_processor("qwen2_vl"), "test", 224, 1, ["1/4"], repeats=1, new_tokens=2,
+                   encodings=("single", "saccade"), crop_margins=(0, 1, 3))  # fmt: skip
+    assert [(r.encoding, r.crop_margin) for r in rows] == [("single", None)] * 2 + [("saccade", m) for m in (0, 1, 3)]
+    native, gist = 8 * 8, 4 * 4  # 224 px: an 8 x 8 merged grid, its gist at scale 2 4 x 4
+    assert rows[0].native_tokens == rows[0].encoded_tokens == rows[1].encoded_tokens == native
+    saccades = [r.encoded_tokens for r in rows[2:]]
+    assert gist < saccades[0] < saccades[1] < saccades[2] <= native + gist, saccades  # each cell of margin encoded
+    assert len({r.visual_tokens for r in rows[2:]}) == 1  # the same tokens reach the language model
+
+
 def test_post_encoder_methods_share_one_encoding_and_leave_the_config_alone(
     make_model, make_processor, eval_samples, monkeypatch
 ):
