@@ -50,13 +50,15 @@ def main(argv=None) -> int:
     parser.add_argument("--text-layers", type=int, default=4, help="2B-shaped language-model layers (real: 28)")
     parser.add_argument("--vocab", type=int, default=151936, help="2B-shaped vocabulary (the real one's size)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (median)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's intra-op threads (default 0: one per CPU core; 1 on a machine other jobs share)")  # fmt: skip
     parser.add_argument("--out", default="docs/results/speed.json")
     args = parser.parse_args(argv)
 
     import arr_coc
     from arr_coc.evaluation.speed import machine, measure, ratios
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     encodings = tuple(e.strip() for e in args.encodings.split(","))
     margins = None if args.crop_margins is None else [int(m) for m in args.crop_margins.split(",")]
     rows = []

@@ -430,7 +430,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                           attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                           mm_token_type_ids: torch.Tensor | None = None, budget=None, compression=None,
                           allocation=None, pooling: str | None = None, encoding: str | None = None,
-                          mode: str | None = None, crop_margin: int | None = None) -> list[RelevanceRealization]:  # fmt: skip
+                          mode: str | None = None,
+                          crop_margin: int | None = None) -> list[RelevanceRealization]:  # fmt: skip
         """The relevance realization of every image, in input order, without running the language model.
 
         Takes the processor's outputs (``mm_token_type_ids`` is accepted and unused, as by `forward`) and the call

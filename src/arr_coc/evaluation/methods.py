@@ -119,7 +119,8 @@ def _downsample(batch: Batch, budgets: list[int]) -> Answers:
 
 
 def low_res_first(factor: float, threshold: float) -> Callable[[Batch, list[int]], Answers]:
-    """VisionThink's two passes without its reinforcement learning: every sample answered from its image resized by
+    """VisionThink's two passes (Yang et al., NeurIPS 2025, arXiv:2507.13348) without its reinforcement learning, whose
+    learned request for the full image becomes a confidence threshold: every sample answered from its image resized by
     ``factor`` per side (`baselines.downscale`); those whose answer's confidence (`baselines.answer_confidence`: the
     mean probability of its greedy tokens) is below ``threshold`` asked again with the full image, which reuses the
     batch's encoding. The first pass always generates the whole answer (the harness's ``answer_tokens``: its
