@@ -126,16 +126,20 @@ def speed_section(speed: dict) -> list[str]:
               f"{s['vision_depth_2b']} of 32 vision blocks and {s['text_layers_2b']} of 28 LM layers (so it runs here). "
               "Times are medians; peak memory is the peak of live tensor bytes on the first-token path "
               "(PyTorch profiler allocation events). `px` is the page's side before the processor, whose pixel range sets "
-              "the native count in brackets. `saccade` rows time the encoder inside the saccade (gist + crops).", ""]  # fmt: skip
+              "the native count in brackets. `saccade` rows time the encoder inside the saccade (gist + crops, each crop with "
+              "its margin of context: `saccade +m` for m merged cells), and `encoded/img` counts the merged tokens the "
+              "encoder read per image.", ""]  # fmt: skip
     keys = sorted({(r["model"], r["size"], r["batch"]) for r in speed["rows"]})
-    lines += ["| model | px | batch | encoding | budget | tokens/img (native) | vision s (× faster) | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["| model | px | batch | encoding | budget | tokens/img (native) | encoded/img | vision s (× faster) | relevance/vision | prefill s (× faster) | TTFT s (× faster) | decode tok/s (×) | peak MB (×) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in keys:
         for r in (r for r in speed["rows"] if (r["model"], r["size"], r["batch"]) == key):
             share = "–" if r["encoding"] == "saccade" else f"{100 * r['relevance_share_of_vision']:.1f}%"
+            encoding = r["encoding"] + (f" +{r['crop_margin']}" if r.get("crop_margin") else "")
+            encoded = f"{r['encoded_tokens']:.0f}" if "encoded_tokens" in r else "–"
             lines.append(
-                f"| {r['model']} | {r['size']} | {r['batch']} | {r['encoding']} | {r['budget']} | {r['visual_tokens']:.0f} "
-                f"({r['native_tokens']}) | {r['vision_s']:.3f} ({r['vision_speedup']:.2f}) | {share} | "
+                f"| {r['model']} | {r['size']} | {r['batch']} | {encoding} | {r['budget']} | {r['visual_tokens']:.0f} "
+                f"({r['native_tokens']}) | {encoded} | {r['vision_s']:.3f} ({r['vision_speedup']:.2f}) | {share} | "
                 f"{r['prefill_s']:.3f} ({r['prefill_speedup']:.2f}) | "
                 f"{r['ttft_s']:.3f} ({r['ttft_speedup']:.2f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}) | "
                 f"{r['peak_mb']:.0f} ({r['memory_ratio']:.2f}) |"

@@ -3,6 +3,7 @@ depth reduced by flags so it runs on a CPU), at 448 / 896 / 1344 px, batch 1 and
 
     python benchmarks/speed.py --out docs/results/speed.json
     python benchmarks/speed.py --models 2b --vision-depth 4 --text-layers 4 --sizes 1344 --batches 1
+    python benchmarks/speed.py --models 2b --sizes 896 --batches 1 --budgets 1/8 --crop-margins 0,1,2
 
 Results: a JSON file read by benchmarks/report.py (which writes docs/benchmarks.md).
 """
@@ -43,18 +44,23 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budgets", default="1/2,1/4,1/8,1/16")
     parser.add_argument("--encodings", default="single,saccade", help="single and/or saccade rows per budget")
+    parser.add_argument("--crop-margins", default=None,
+                        help="saccade rows per crop margin, e.g. 0,1,2 (merged cells; default: the model's config)")  # fmt: skip
     parser.add_argument("--vision-depth", type=int, default=4, help="2B-shaped vision blocks (real: 32)")
     parser.add_argument("--text-layers", type=int, default=4, help="2B-shaped language-model layers (real: 28)")
     parser.add_argument("--vocab", type=int, default=151936, help="2B-shaped vocabulary (the real one's size)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after a warm-up (median)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's intra-op threads (default 0: one per CPU core; 1 on a machine other jobs share)")  # fmt: skip
     parser.add_argument("--out", default="docs/results/speed.json")
     args = parser.parse_args(argv)
 
     import arr_coc
     from arr_coc.evaluation.speed import machine, measure, ratios, timing_checks
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     encodings = tuple(e.strip() for e in args.encodings.split(","))
+    margins = None if args.crop_margins is None else [int(m) for m in args.crop_margins.split(",")]
     rows = []
     started = time.time()
     for name in args.models.split(","):
@@ -69,7 +75,7 @@ def main(argv=None) -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 probe = time.time()
                 got = measure(model, processor, name, size, batch, args.budgets.split(","), repeats=args.repeats,
-                              encodings=encodings)  # fmt: skip
+                              encodings=encodings, crop_margins=margins)  # fmt: skip
                 rows += got
                 print(f"{name} {size}px batch {batch}: {time.time() - probe:.0f}s", file=sys.stderr, flush=True)
     result = {

@@ -1,6 +1,7 @@
 """The registered pruners in the harness (CDPruner, DivPrune, DART, PixelPrune, and FastV's shared loop): within
 budget on a batch, deterministic, per image in a packed batch, kept tokens at the stock model's positions, on every
-backbone family; the pruned decoding loop against its definition; the reused-work evaluation against per-call runs."""
+backbone family; the pruned decoding loop against its definition; the reused-work evaluation against per-call runs;
+low-res-first's two passes and their token count."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from arr_coc.relevance import budget_from_spec
 from conftest import FAMILIES
 
 BUDGETED = ("cdpruner", "divprune", "dart", "text-attention")
+TWO_PASSES = ("low-res-first",)  # unbudgeted, and may read the image twice
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,9 @@ def test_every_method_runs_on_every_family_within_budget_and_deterministic(famil
     assert runs[0].records == runs[1].records
     assert {r.method for r in runs[0].records} == set(METHODS)
     for r in runs[0].records:
+        if r.method in TWO_PASSES:  # the small image's tokens, plus the full image's where it asked again
+            assert 1 <= r.tokens_used < 2 * r.native_tokens and r.budget_tokens == r.native_tokens, r
+            continue
         assert 1 <= r.tokens_used <= r.budget_tokens <= r.native_tokens, r
         if r.method in BUDGETED:  # these reach any budget exactly
             assert r.tokens_used == r.budget_tokens == budget_from_spec(r.budget, r.native_tokens), r
@@ -225,3 +230,63 @@ def test_first_token_times_sit_beside_accuracy(make_model, make_processor, eval_
     assert all(r["ttft_s"] > 0 for r in rows)
     assert set(result.seconds) == {*methods, "first tokens", "total"}
     assert " s)" in markdown_table(rows, "t", [])
+
+
+def test_answer_confidence_is_the_mean_token_probability_up_to_the_first_end(make_processor):
+    from arr_coc.evaluation.baselines import answer_confidence
+
+    eos = 2
+    # 2 answers, 3 steps, a vocabulary of 4: answer 0 = [1, 2 (eos), 0 (padding)], answer 1 = [3, 3, 1] (no eos)
+    probs = torch.tensor([[[0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1], [0.01, 0.33, 0.33, 0.33]],
+                          [[0.1, 0.1, 0.1, 0.7], [0.2, 0.1, 0.1, 0.6], [0.1, 0.5, 0.2, 0.2]]])  # fmt: skip
+    tokens = torch.tensor([[1, 2, 0], [3, 3, 1]])
+    confidence = answer_confidence(tuple(probs.log().unbind(1)), tokens, eos)
+    assert torch.allclose(confidence, torch.tensor([0.65, 0.6]))  # answer 0's padding (0.01) is not read
+    without_end = answer_confidence(tuple(probs.log().unbind(1)), tokens, None)
+    assert torch.allclose(without_end, torch.tensor([(0.6 + 0.7 + 0.01) / 3, 0.6]))
+
+
+def test_low_res_first_asks_again_only_when_unsure_and_counts_both_passes(make_model, make_processor, eval_samples):
+    from arr_coc.evaluation.baselines import answer_confidence, downscale
+    from arr_coc.evaluation.methods import low_res_first
+    from arr_coc.relevance import ALL_TOKENS, RealizationRequest
+
+    model, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
+    harness = Harness(model, processor, max_new_tokens=3)
+    batch = Batch(harness, eval_samples)
+    # the first pass by hand: each image at half its side, answered alone
+    small, confidence = [], []
+    for s in eval_samples:
+        inputs = processor(images=[downscale(s["image"], 0.5)], text=[s["question"]])
+        c = harness.compress(inputs, RealizationRequest(budget=ALL_TOKENS, encoding="single"))
+        prompt = c.generate_inputs()
+        out = model.generate(**prompt, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+        answer = out.sequences[:, prompt["input_ids"].shape[1] :]  # generate returns the prompt, then the answer
+        small.append((int(c.tokens_used[0]), processor.decode(answer[0], skip_special_tokens=True)))
+        confidence.append(float(answer_confidence(out.logits, answer, harness.eos)[0]))
+    assert all(t < n for (t, _), n in zip(small, batch.natives))  # a quarter of the pixels: fewer tokens
+    full = harness.generate(batch.full).texts
+    ranked = sorted(set(confidence))
+    assert len(ranked) >= 2
+    threshold = (ranked[0] + ranked[1]) / 2  # the least confident sample asks again, the others do not
+    answers = low_res_first(0.5, threshold)(batch, batch.natives)
+    again = low_res_first(0.5, threshold)(Batch(harness, eval_samples), batch.natives)  # deterministic
+    assert (again.texts, again.tokens_used) == (answers.texts, answers.tokens_used)
+    assert all(torch.equal(a, b) for a, b in zip(again.detail_maps, answers.detail_maps))
+    for i, ((tokens, text), n) in enumerate(zip(small, batch.natives)):
+        if confidence[i] >= threshold:  # answered confidently from the small image: not asked again
+            assert answers.tokens_used[i] == tokens and answers.texts[i] == text
+            assert not bool(answers.detail_maps[i].any())
+        else:  # both passes counted, the full image's answer given
+            assert answers.tokens_used[i] == tokens + n and answers.texts[i] == full[i]
+            assert bool(answers.detail_maps[i].all())
+    never = low_res_first(0.5, 0.0)(batch, batch.natives)
+    assert never.tokens_used == [t for t, _ in small] and never.texts == [text for _, text in small]
+    # timing first tokens (one new token), the first pass still reads whole answers: the same decisions
+    clock = Harness(model, processor, max_new_tokens=1, answer_tokens=3)
+    assert low_res_first(0.5, threshold)(Batch(clock, eval_samples), batch.natives).tokens_used == answers.tokens_used
+    with pytest.raises(ValueError, match="threshold=1.5 is invalid"):
+        low_res_first(0.5, 1.5)
+    with pytest.raises(ValueError, match="factor=0 is invalid"):
+        low_res_first(0, 0.5)

@@ -125,6 +125,94 @@ def test_qwen2_5_vl_cells_keep_the_whole_images_attention_windows(tokenizer):
     assert not torch.allclose(cut, whole[cells[:3]], atol=1e-5)  # (so the check above can fail)
 
 
+def _crop_distance(adapter, pixels, thw, box, margin) -> float:
+    """Mean over a crop's kept tokens of their distance to the whole image's tokens at the same place, relative to
+    the whole image's token norm."""
+    with torch.no_grad():
+        whole = adapter.encode_images(pixels, thw)[0]
+        crop = adapter.encode_crops(pixels, thw[0], [box], margin)[0].tokens
+    _, h, w = whole.grid
+    y0, x0, y1, x1 = box
+    wanted = whole.tokens.view(h, w, -1)[y0:y1, x0:x1].reshape(crop.shape)
+    return float((crop - wanted).norm(dim=-1).mean() / wanted.norm(dim=-1).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_crops_distance_to_the_whole_image_does_not_grow_with_its_margin(family, make_backbone):
+    """Full attention (Qwen2-VL, Qwen3-VL, and Qwen2.5-VL's full-attention block): over crops across the image, each
+    cell of margin brings their tokens closer to what the whole image gives at the same place (one crop's distance may
+    tick up by a step as the context shifts its attention, e.g. a corner crop on Qwen3-VL); a margin over the whole
+    image gives them exactly."""
+    from arr_coc.backbones import adapter_for
+
+    adapter = adapter_for(make_backbone(family))
+    out = image_processor_for(family)(images=[_image(family, 10, 12, seed=4)], return_tensors="pt")
+    pixels, thw = out["pixel_values"], out["image_grid_thw"]
+    boxes = [(3, 4, 6, 7), (0, 0, 2, 5), (7, 9, 10, 12), (4, 0, 8, 3), (0, 8, 3, 12), (5, 5, 7, 9)]
+    distances = torch.tensor([[_crop_distance(adapter, pixels, thw, box, m) for m in range(12)] for box in boxes])
+    mean = distances.mean(0).tolist()
+    assert mean[0] > 1e-3  # (so the checks can fail: a crop alone is not the whole image)
+    assert all(b <= a for a, b in zip(mean, mean[1:])), mean
+    assert float(distances[:, -1].max()) <= 1e-5  # 11 cells reach every edge of the 10 x 12 grid from every crop
+
+
+def test_qwen2_5_vl_crops_with_the_margin_of_their_windows_are_exact_under_window_attention(tokenizer):
+    """Qwen2.5-VL's window blocks attend within windows laid from the image's origin: once a crop's margin covers
+    every window its cells fall in, window attention gives its tokens exactly – less margin does not."""
+    from transformers import AutoModelForImageTextToText
+
+    from arr_coc.backbones import adapter_for
+    from arr_coc.backbones.shapes import tiny_config
+
+    config = tiny_config("qwen2_5_vl", tokenizer)
+    config.vision_config.fullatt_block_indexes = []
+    torch.manual_seed(0)
+    adapter = adapter_for(AutoModelForImageTextToText.from_config(config).eval())
+    out = image_processor_for("qwen2_5_vl")(images=[_image("qwen2_5_vl", 10, 12, seed=4)], return_tensors="pt")
+    pixels, thw = out["pixel_values"], out["image_grid_thw"]
+    # windows of 2 x 2 merged cells: rows 3..5 of the box fall in the windows of rows 2..7, columns 4..6 in 4..7
+    box = (3, 4, 6, 7)
+    assert _crop_distance(adapter, pixels, thw, box, 0) > 1e-3
+    assert _crop_distance(adapter, pixels, thw, box, 1) <= 1e-5
+    # a box on window edges needs no margin
+    assert _crop_distance(adapter, pixels, thw, (2, 4, 6, 8), 0) <= 1e-5
+
+
+@given(
+    boxes=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 13), st.integers(1, 4), st.integers(1, 4)),
+                   min_size=1, max_size=5),
+    margin=st.integers(0, 4),
+)  # fmt: skip
+def test_context_groups_read_every_crop_with_its_margin_and_each_cell_once(boxes, margin):
+    from arr_coc.relevance.saccade import box_index, context_groups
+
+    h, w = 12, 14
+    boxes = [(y, x, min(y + dy, h), min(x + dx, w)) for y, x, dy, dx in boxes]
+    groups = context_groups(boxes, margin, h, w)
+    seen = torch.cat([cells for cells, _ in groups])
+    assert len(seen) == len(set(seen.tolist()))  # each cell in one group only
+    assert sorted(i for _, kept in groups for i, _ in kept) == list(range(len(boxes)))
+    for cells, kept in groups:
+        assert torch.equal(cells, cells.sort().values)
+        grown = torch.zeros(h, w, dtype=torch.bool)
+        for i, index in kept:
+            y0, x0, y1, x1 = boxes[i]
+            assert torch.equal(cells[index], box_index(boxes[i], w))  # the box's own cells, in its raster order
+            grown[max(y0 - margin, 0) : y1 + margin, max(x0 - margin, 0) : x1 + margin] = True
+        assert torch.equal(cells, grown.flatten().nonzero().flatten())  # the union of the grown boxes, nothing else
+    # boxes in different groups: their grown boxes do not overlap
+    owner = {i: g for g, (_, kept) in enumerate(groups) for i, _ in kept}
+    for i, a in enumerate(boxes):
+        for j, b in enumerate(boxes[:i]):
+            if owner[i] != owner[j]:
+                assert a[0] - margin >= b[2] + margin or b[0] - margin >= a[2] + margin or \
+                    a[1] - margin >= b[3] + margin or b[1] - margin >= a[3] + margin  # fmt: skip
+    if margin == 0 and len(set(seen.tolist())) == sum((y1 - y0) * (x1 - x0) for y0, x0, y1, x1 in boxes):
+        assert len(groups) == len(boxes)  # disjoint boxes without margin: one group each, as before margins
+    with pytest.raises(ValueError, match="crop_margin=-1 is invalid"):
+        context_groups(boxes, -1, h, w)
+
+
 @given(
     h=st.integers(1, 30), w=st.integers(1, 30), scale=st.integers(2, 6), extra=st.integers(0, 400),
     allocator=st.sampled_from([("quadtree", 8, [1, 4, 16, 64]), ("ladder", 4, [1, 4]), ("ladder", 6, [4, 9])]),
@@ -198,15 +286,38 @@ def test_batch_with_different_budgets_matches_each_sample_alone(family, make_mod
                 assert (float(region.y0), float(region.x0)) in centres
 
 
-def test_with_every_token_a_saccade_is_the_single_encoding(make_model, make_processor, samples):
-    """Budget >= native: one crop, the whole image, at its own positions – the same logits as encoding once."""
+@pytest.mark.parametrize("margin", [0, 2])
+def test_with_every_token_a_saccade_is_the_single_encoding(margin, make_model, make_processor, samples):
+    """Budget >= native: one crop, the whole image, at its own positions – the same logits as encoding once (a margin
+    around the whole image adds nothing)."""
     model, processor = make_model("qwen3_vl", gist_scale=3), make_processor("qwen3_vl")
     inputs = processor(images=[s["image"] for s in samples[:2]], text=[s["question"] for s in samples[:2]])
     with torch.no_grad():
         single = model(**inputs, budget=10_000)
-        saccade = model(**inputs, budget=10_000, encoding="saccade")
+        saccade = model(**inputs, budget=10_000, encoding="saccade", crop_margin=margin)
     assert torch.equal(saccade.tokens_used, single.tokens_used)
     assert torch.allclose(saccade.logits, single.logits, atol=1e-4)
+
+
+def test_the_crop_margin_is_a_setting_and_a_call_option(make_model, make_processor, samples):
+    """The margin changes what a crop's tokens see, not which tokens pass: the same allocation, other logits; a call's
+    margin overrides the config's."""
+    model, processor = make_model("qwen2_vl", gist_scale=2, allocator="quadtree"), make_processor("qwen2_vl")
+    inputs = processor(images=[samples[1]["image"]], text=[samples[1]["question"]])
+    with torch.no_grad():
+        plain = model(**inputs, compression=4, encoding="saccade")
+        wide = model(**inputs, compression=4, encoding="saccade", crop_margin=2)
+        model.config.crop_margin = 2
+        configured = model(**inputs, compression=4, encoding="saccade")
+        zero = model(**inputs, compression=4, encoding="saccade", crop_margin=0)
+    assert plain.realizations[0].allocation == wide.realizations[0].allocation
+    assert torch.equal(plain.tokens_used, wide.tokens_used) and saccade_crops(plain.realizations[0].allocation, 2)
+    difference = float((plain.logits - wide.logits).abs().max())
+    assert difference > 1e-5, difference
+    assert torch.equal(configured.logits, wide.logits) and torch.equal(zero.logits, plain.logits)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="crop_margin=.* is invalid"):
+            model(**inputs, encoding="saccade", crop_margin=bad)
 
 
 def test_kv_cache_generate_matches_a_manual_loop(make_model, make_processor, samples):
@@ -231,15 +342,18 @@ def test_kv_cache_generate_matches_a_manual_loop(make_model, make_processor, sam
 def test_saccade_settings_save_load_and_errors(tmp_path, make_model, make_processor, samples, make_backbone):
     from transformers import AutoModelForImageTextToText
 
-    model, processor = make_model("qwen2_vl", encoding="saccade", gist_scale=3), make_processor("qwen2_vl")
+    model = make_model("qwen2_vl", encoding="saccade", gist_scale=3, crop_margin=1)
+    processor = make_processor("qwen2_vl")
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    assert (loaded.config.encoding, loaded.config.gist_scale) == ("saccade", 3)
+    assert (loaded.config.encoding, loaded.config.gist_scale, loaded.config.crop_margin) == ("saccade", 3, 1)
     inputs = processor(images=[samples[0]["image"]], text=[samples[0]["question"]])
     a = model.generate(**inputs, budget=40, max_new_tokens=3, do_sample=False)
     assert torch.equal(a, loaded.generate(**inputs, budget=40, max_new_tokens=3, do_sample=False))
     with pytest.raises(ValueError, match="gist_scale=1 is invalid"):
         ArrCocConfig(vlm_config=make_backbone("qwen2_vl").config, encoding="saccade", gist_scale=1)
+    with pytest.raises(ValueError, match="crop_margin=-2 is invalid"):
+        ArrCocConfig(vlm_config=make_backbone("qwen2_vl").config, crop_margin=-2)
     with pytest.raises(ValueError, match="encoding='tiles' is invalid"):
         model.generate(**inputs, encoding="tiles")
     from arr_coc import Allocation

@@ -14,13 +14,15 @@ import time
 from arr_coc_cli import main
 
 
-def _load(model_name: str, encoding: str | None = None):
+def _load(model_name: str, encoding: str | None = None, crop_margin: int | None = None):
     import arr_coc
 
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(model_name).eval()
     if encoding:
         model.config.encoding = encoding
-        model.config.check()
+    if crop_margin is not None:
+        model.config.crop_margin = crop_margin
+    model.config.check()
     return model, arr_coc.ArrCocProcessor.from_pretrained(model_name)
 
 
@@ -44,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         sample = generate(args.task, eval_seeds(1, args.index)[0])
         image, question, expected = sample["image"], args.question or sample["question"], sample["answer"]
-    model, processor = _load(args.model, args.encoding)  # after the image is known to be readable
+    model, processor = _load(args.model, args.encoding, args.crop_margin)  # after the image is known to be readable
     result = answer(model, processor, [image], [question], budget=args.budget, compression=args.compression)[0]
     realization = result["realization"]
     caption = f"Q: {question}   A: {result['answer']}"
@@ -136,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     mine = rows[rank::world]
     for row in mine:  # every image this process reads is there and readable before the model loads
         _open_image(row["image"])
-    model, processor = _load(args.model, args.encoding)
+    model, processor = _load(args.model, args.encoding, args.crop_margin)
     results = []
     for start in tqdm(
         range(0, len(mine), args.batch_size), desc=f"run (rank {rank}/{world})", disable=args.json or len(mine) <= 1
@@ -186,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import parse_data_spec
     from .evaluation.harness import BUDGETS, METHODS, evaluate, example_allocations, synthetic_samples, write_outputs
 
-    model, processor = _load(args.model, args.encoding)
+    model, processor = _load(args.model, args.encoding, args.crop_margin)
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -214,7 +216,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     """``arr-coc app``: serve the web app."""
     from .app.app import build_app
 
-    model, processor = _load(args.model, args.encoding)
+    model, processor = _load(args.model, args.encoding, args.crop_margin)
     app = build_app(model, processor, max_bytes=args.max_upload_mb * 2**20, max_pixels=args.max_pixels,
                     concurrency=args.concurrency, queue_size=args.queue_size)  # fmt: skip
     app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True)
@@ -223,7 +225,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``arr-coc export``: the learned heads (.pt2 and ONNX) and/or a remote-code checkpoint."""
-    model, processor = _load(args.model, args.encoding)
+    model, processor = _load(args.model, args.encoding, args.crop_margin)
     report = {}
     if args.heads:
         from .export import export_heads

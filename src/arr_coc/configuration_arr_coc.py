@@ -9,7 +9,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .assets import resolve_model_path
 from .backbones import SUPPORTED_FAMILIES
-from .relevance.realizing import ENCODINGS, MODES, POOLINGS
+from .relevance.realizing import ENCODINGS, MODES, POOLINGS, check_margin
 from .scoped_lora import SCOPED_LORA_DEFAULTS, with_lora_defaults
 
 ALLOCATORS = ("ladder", "quadtree")
@@ -39,6 +39,9 @@ class ArrCocConfig(PreTrainedConfig):
             gist at full resolution; `allocator`, `region_size` and `lod_ladder` apply to both).
         gist_scale (`int`): the saccade gist's downscale per side: one gist token per `gist_scale**2` native
             tokens; the gist cells under a region finer than that are encoded again at full resolution.
+        crop_margin (`int`): merged cells of context the saccade encodes around each crop and drops after the
+            encoder, so a crop's tokens see what their neighbours saw in the whole image (crops whose margins overlap
+            are encoded together); a call may choose its own (`crop_margin=`, like `encoding=`).
         relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
@@ -62,6 +65,7 @@ class ArrCocConfig(PreTrainedConfig):
     mode: str = "training_free"
     encoding: str = "single"
     gist_scale: int = 4
+    crop_margin: int = 0
     relevance_hidden_size: int = 128
     coupling_size: int = 64
     pooling: str = "relevance"
@@ -95,6 +99,10 @@ class ArrCocConfig(PreTrainedConfig):
             _fail("mode", self.mode, f"one of {MODES}")
         if self.encoding not in ENCODINGS:
             _fail("encoding", self.encoding, f"one of {ENCODINGS}")
+        try:
+            check_margin(self.crop_margin)
+        except ValueError:
+            _fail("crop_margin", self.crop_margin, "an integer >= 0 (merged cells of context around each saccade crop)")
         if self.gist_scale < 2:
             _fail("gist_scale", self.gist_scale, "an integer >= 2 (the gist is the image at 1/gist_scale per side)")
         if self.pooling not in POOLINGS:

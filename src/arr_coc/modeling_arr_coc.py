@@ -178,7 +178,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         budget / compression: explicit T or N/T ratio – one value, one per sample, or per image.
         allocation: a fixed `Allocation` per image (bypasses the budget and the allocator).
         pooling: "relevance" or "mean" for the pooled tokens; encoding: "single" or "saccade"; mode:
-            "training_free" or "trained" (each default: the config's).
+            "training_free" or "trained"; crop_margin: merged cells of context around each saccade crop (each
+            default: the config's).
     """
 
     def __init__(self, config: ArrCocConfig, vlm: PreTrainedModel | None = None):
@@ -321,7 +322,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                          ask: ImageRequest) -> tuple[list[torch.Tensor], RelevanceRealization]:  # fmt: skip
         """One image by saccade, in two encoder passes: the gist -> relevance, the budget and the allocation on it,
         as in the single encoding -> the gist cells under regions finer than the gist, encoded again at full
-        resolution -> every region pooled from those crops or from the gist."""
+        resolution with ``ask.crop_margin`` cells of context around them -> every region pooled from those crops or
+        from the gist."""
         if ask.allocation is not None:
             raise ValueError(
                 "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
@@ -335,7 +337,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         expected, allocation, decision = self._attend(maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)
         with lora_scope(self, "vision", allocation.tokens_used < h * w):  # at >= native: the single encoding
-            crops = adapter.encode_crops(image.patches, image.thw, boxes)
+            crops = adapter.encode_crops(image.patches, image.thw, boxes, ask.crop_margin)
         features = native_features([gist.tokens, *gist.extra], [[c.tokens, *c.extra] for c in crops], boxes, h, w,
                                    scale)  # fmt: skip
         return realize_allocation(features, maps, expected, allocation, decision, ask.pooling, "saccade", scale)
@@ -493,13 +495,14 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                           attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                           mm_token_type_ids: torch.Tensor | None = None, budget=None, compression=None,
                           allocation=None, pooling: str | None = None, encoding: str | None = None,
-                          mode: str | None = None) -> list[RelevanceRealization]:  # fmt: skip
+                          mode: str | None = None,
+                          crop_margin: int | None = None) -> list[RelevanceRealization]:  # fmt: skip
         """The relevance realization of every image, in input order, without running the language model.
 
         Takes the processor's outputs (``mm_token_type_ids`` is accepted and unused, as by `forward`) and the call
         options of `forward`; raises `ValueError` like `compress_inputs`, and `TypeError` naming any other argument.
         """
-        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
         images = self.image_inputs(pixel_values, image_grid_thw)
         return self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request).realizations
 
@@ -511,9 +514,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                 budget=None, compression=None, allocation=None, pooling: str | None = None,
-                encoding: str | None = None, mode: str | None = None, prefill_embeds: torch.Tensor | None = None,
-                visual_pos_masks: torch.Tensor | None = None, deepstack_visual_embeds: list[torch.Tensor] | None = None,
-                pooled: torch.Tensor | None = None,
+                encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
+                prefill_embeds: torch.Tensor | None = None, visual_pos_masks: torch.Tensor | None = None,
+                deepstack_visual_embeds: list[torch.Tensor] | None = None, pooled: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.LongTensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ArrCocCausalLMOutputWithPast:  # fmt: skip
         r"""
@@ -543,7 +546,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         past = cache_length(cache)
         if pixel_values is not None:
-            request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+            request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
             images = self.image_inputs(pixel_values, image_grid_thw)
             c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
@@ -593,7 +596,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                  budget=None, compression=None, allocation=None, pooling: str | None = None,
-                 encoding: str | None = None, mode: str | None = None, **kwargs):  # fmt: skip
+                 encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
+                 **kwargs):  # fmt: skip
         """Like the stock `generate` (returns ``input_ids`` [B, L] followed by the new tokens: [B * copies,
         L + new], KV cache, left-padded batches), with each image compressed to its budget first.
 
@@ -613,7 +617,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             nothing = torch.zeros(prompt.shape[0] if prompt is not None else 1, dtype=torch.long)
             return with_counts(out, nothing, nothing.clone(), [])
-        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
+        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
         images = self.image_inputs(pixel_values, image_grid_thw)
         c = self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request)
         # generate repeats every sample per beam / return sequence; the per-token deepstack features follow suit

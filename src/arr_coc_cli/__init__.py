@@ -32,6 +32,11 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
         help="'single': encode the whole image, then compress; 'saccade': encode a gist, then only the regions "
         "that matter at full resolution (saves encoder time). Default: the model's config",
     )  # fmt: skip
+    parser.add_argument(
+        "--crop-margin", type=int, default=None,
+        help="saccade: merged cells (28 px on Qwen2-VL) of context encoded around each crop and dropped after the "
+        "encoder. Default: the model's config",
+    )  # fmt: skip
 
 
 def _budget_args(parser: argparse.ArgumentParser) -> None:

@@ -3,11 +3,11 @@ place positions, run the language model – plus the per-family hooks the evalua
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from ..relevance.saccade import Box, PatchGeometry, box_index
+from ..relevance.saccade import Box, PatchGeometry, context_groups
 
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class (filled by each subclass)
 
@@ -176,14 +176,26 @@ class BackboneAdapter:
             for i, cells in enumerate(groups)
         ]
 
-    def encode_crops(self, pixels: torch.Tensor, thw: torch.Tensor, boxes: list[Box]) -> list[VisionFeatures]:
-        """Encode crops (merged-grid boxes) of one image at full resolution in one encoder call (`encode_cells`:
-        each crop attends only within itself, every patch at its true position in the full image)."""
+    def encode_crops(self, pixels: torch.Tensor, thw: torch.Tensor, boxes: list[Box],
+                     margin: int = 0) -> list[VisionFeatures]:  # fmt: skip
+        """Encode crops (merged-grid boxes) of one image at full resolution in one encoder call (`encode_cells`: every
+        patch at its true position in the full image), each with ``margin`` merged cells of context around it that
+        are dropped after the encoder; crops whose grown boxes overlap are encoded as one group, each cell once
+        (`saccade.context_groups`). Returns per box tokens [area, d] in its raster order, grid (1, rows, columns).
+        Raises `ValueError` for a negative or non-integer margin."""
         if not boxes:
             return []
-        width = self.merged_grid(thw.tolist())[2]
-        features = self.encode_cells(pixels, thw, [box_index(box, width) for box in boxes])
-        return [replace(f, grid=(1, y1 - y0, x1 - x0)) for f, (y0, x0, y1, x1) in zip(features, boxes)]
+        _, h, w = self.merged_grid(thw.tolist())
+        groups = context_groups(boxes, margin, h, w)
+        encoded = self.encode_cells(pixels, thw, [cells.to(thw.device) for cells, _ in groups])
+        out: list[VisionFeatures | None] = [None] * len(boxes)
+        for features, (_, kept) in zip(encoded, groups):
+            for i, index in kept:
+                y0, x0, y1, x1 = boxes[i]
+                index = index.to(features.tokens.device)
+                tokens, extra = features.tokens[index], [x[index] for x in features.extra]
+                out[i] = VisionFeatures(tokens, (1, y1 - y0, x1 - x0), extra)
+        return out
 
     def _extra(self, encoder_output, index: int) -> list[torch.Tensor]:
         return []

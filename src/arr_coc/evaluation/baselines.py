@@ -12,6 +12,8 @@ Each keeps at most the budget T of visual tokens and reports what it really used
 - ``cdpruner`` / ``divprune``: the first T picks of a greedy order over the encoder's tokens (`greedy_realizer`
   with `pruners.cdpruner_order` / `divprune_order`).
 - ``pixelprune``: pixel-duplicate blocks dropped before the encoder (`pixelprune_realizer`); unbudgeted.
+- ``low-res-first``: VisionThink's two passes without its reinforcement learning – a downscaled image first
+  (`downscale`), the full image again where that answer's confidence (`answer_confidence`) is low; unbudgeted.
 
 The methods inside the language model (FastV, DART) live in `evaluation.lm_pruning`. ``random``,
 ``query-agnostic``, ``cdpruner`` and ``divprune`` act after the encoder and ``pixelprune`` before it: they are
@@ -200,3 +202,23 @@ def downsample_image(image: Image.Image, image_processor, budget: int) -> Image.
             hi = mid
     w, h = max(1, round(width * lo)), max(1, round(height * lo))
     return image.resize((w, h), Image.BICUBIC)
+
+
+def downscale(image: Image.Image, factor: float) -> Image.Image:
+    """``image`` resized by ``factor`` per side (bicubic, at least 1 px a side; 0.5: a quarter of the pixels); the
+    processor then applies its own pixel range. Raises `ValueError` for a factor outside (0, 1]."""
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise ValueError(f"factor={factor!r} is invalid: expected a scale per side in (0, 1]")
+    width, height = image.size
+    return image.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.BICUBIC)
+
+
+def answer_confidence(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, eos: int | None) -> torch.Tensor:
+    """Per answer the mean probability the model gave its tokens: ``logits`` one [B, vocab] per generated step (the
+    model's own, before any logits processor), ``tokens`` [B, steps] the greedy tokens; an answer counts its tokens up
+    to and including its first ``eos`` (all of them without one) -> [B] in [0, 1]."""
+    probs = torch.stack([step.float().softmax(-1) for step in logits], dim=1)  # [B, steps, vocab]
+    chosen = probs.gather(-1, tokens[..., None].to(probs.device))[..., 0]  # [B, steps]
+    ended = tokens == eos if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+    answer = ((ended.long().cumsum(1) - ended.long()) == 0).to(chosen.device)  # not the padding after the first eos
+    return (chosen * answer).sum(1) / answer.sum(1)

@@ -188,9 +188,12 @@ class Batch:
 class Harness:
     """Runs the registered methods on one backbone (an arr-coc model) over samples ``{"image", "question",
     "answers", "answer_box" (optional), "task"}``. ``prune_layer``: the language-model layer K where the methods
-    inside it prune (default 2, or half the layers of a model with fewer than 4)."""
+    inside it prune (default 2, or half the layers of a model with fewer than 4). ``answer_tokens``: the length of a
+    whole answer a method reads before it gives its own (low-res-first's first pass; default ``max_new_tokens``: the
+    harness that times first tokens generates one token but keeps the accuracy run's answer length here)."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 8, prune_layer: int | None = None, seed: int = 0):
+    def __init__(self, model, processor, max_new_tokens: int = 8, prune_layer: int | None = None, seed: int = 0,
+                 answer_tokens: int | None = None):  # fmt: skip
         self.model, self.processor = model.eval(), processor
         n_layers = len(model.adapter.decoder.layers)
         # FastV prunes at K = 2-3 of 32 layers, DART's Qwen2-VL setting is K = 2; small models: half the layers
@@ -200,6 +203,7 @@ class Harness:
                 f"prune_layer={self.prune_layer} must lie in [1, {n_layers - 1}] for a {n_layers}-layer language model"
             )
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.answer_tokens = max_new_tokens if answer_tokens is None else answer_tokens
         self.eos = (
             processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.eos_token)
             if processor.tokenizer.eos_token
@@ -317,8 +321,9 @@ def evaluate(model, processor, samples: list[dict], methods=METHODS, budgets=BUD
             timed = [s for task in dict.fromkeys(s["task"] for s in timed)
                      for s in [s for s in timed if s["task"] == task][:timing_samples]]  # fmt: skip
             began = time.perf_counter()
-            result.first_tokens = _first_tokens(Harness(model, processor, **dict(harness_kwargs, max_new_tokens=1)),
-                                                timed, chosen, budgets, progress)  # fmt: skip
+            clock = Harness(model, processor, **dict(harness_kwargs, max_new_tokens=1,
+                                                     answer_tokens=harness.max_new_tokens))  # fmt: skip
+            result.first_tokens = _first_tokens(clock, timed, chosen, budgets, progress)
             result.seconds["first tokens"] = time.perf_counter() - began
     for m in chosen:
         if m.note is not None:

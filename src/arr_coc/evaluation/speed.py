@@ -5,7 +5,8 @@ language-model prefill time, time to first token (all of them plus the first dec
 decoding tokens/s (greedy steps on the prefill's KV cache, timed alone), and peak tensor memory of the
 whole first-token path (from the PyTorch profiler's allocation events). Every time is the median of
 ``repeats`` runs after a warm-up.
-Saccade rows time the encoder inside the saccade (gist + crops) with hooks on the encoder module.
+Saccade rows time the encoder inside the saccade (gist + crops, each crop with its margin of context) with hooks on
+the encoder module, which also count the merged tokens the encoder read; one row per crop margin asked for.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class SpeedRow:
     batch: int
     budget: str
     encoding: str
+    crop_margin: int | None  # the saccade's margin of context around each crop, in merged cells (None: single)
     visual_tokens: float  # per image, really used
     native_tokens: int
+    encoded_tokens: float  # per image, merged tokens the encoder read (a saccade's gist and crops, margins too)
     vision_s: float
     relevance_s: float
     prefill_s: float
@@ -68,14 +71,18 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
 
 
 class EncoderClock:
-    """Seconds spent inside the vision encoder while the ``with`` block runs (forward hooks)."""
+    """Seconds spent inside the vision encoder while the ``with`` block runs, and the patches it read (forward hooks)."""
 
     def __init__(self, model):
-        self.visual, self.seconds, self._start = model.vlm.model.visual, 0.0, 0.0
+        self.visual, self.seconds, self.patches, self._start = model.vlm.model.visual, 0.0, 0, 0.0
+
+    def _begin(self, module, args) -> None:
+        self.patches += args[0].shape[0]  # pixel_values [patches, C*T*P*P]
+        self._start = time.perf_counter()
 
     def __enter__(self) -> EncoderClock:
         self._handles = [
-            self.visual.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter())),
+            self.visual.register_forward_pre_hook(self._begin),
             self.visual.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._start)),
         ]  # fmt: skip
         return self
@@ -107,14 +114,15 @@ def page_image(size: int, seed: int = 0) -> Image.Image:
 
 
 def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, new_tokens: int,
-                    encoding: str = "single") -> tuple:  # fmt: skip
+                    encoding: str = "single", crop_margin: int | None = None) -> tuple:  # fmt: skip
     """(vision s or None, relevance s, prefill s, time to first token s, decode tokens/s, peak MB, mean tokens
-    used) at one budget. Single encoding reuses ``features`` (its vision time is measured once per image
-    size); a saccade runs its own encoder calls, timed inside."""
+    used, merged tokens encoded per image or None) at one budget. Single encoding reuses ``features`` (its vision
+    time is measured once per image size); a saccade runs its own encoder calls (``crop_margin``: its margin, None:
+    the config's), timed and counted inside."""
     batch = inputs["input_ids"].shape[0]
     saccade = encoding == "saccade"
 
-    request = RealizationRequest(budget=budget, encoding=encoding)
+    request = RealizationRequest(budget=budget, encoding=encoding, crop_margin=crop_margin)
 
     def realize(with_features=True):
         encoded = features if with_features and not saccade else None
@@ -129,7 +137,7 @@ def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, ne
     def first_token():
         return prefill(realize(with_features=False)).logits.argmax(-1)
 
-    vision_time = None
+    vision_time = encoded = None
     if saccade:
         realize()  # warm-up
         totals, encoder = [], []
@@ -140,6 +148,7 @@ def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, ne
                 totals.append(time.perf_counter() - start)
             encoder.append(clock.seconds)
         vision_time = statistics.median(encoder)
+        encoded = clock.patches / model.adapter.merge_size**2 / batch
         relevance_time = statistics.median(totals) - vision_time
     else:
         relevance_time, compressed = _median_time(realize, repeats)
@@ -161,28 +170,31 @@ def _budget_timings(model, inputs: dict, features, budget: int, repeats: int, ne
     decode_seconds()  # warm-up
     decode_rate = batch * (new_tokens - 1) / statistics.median([decode_seconds() for _ in range(repeats)])
     used = float(compressed.tokens_used.float().mean())
-    return vision_time, relevance_time, prefill_time, ttft, decode_rate, peak_tensor_mb(first_token), used
+    return vision_time, relevance_time, prefill_time, ttft, decode_rate, peak_tensor_mb(first_token), used, encoded
 
 
 @torch.no_grad()
 def measure(model, processor, name: str, size: int, batch: int, budgets, repeats: int = 3, new_tokens: int = 8,
-            encodings=("single",)) -> list[SpeedRow]:  # fmt: skip
+            encodings=("single",), crop_margins=None) -> list[SpeedRow]:  # fmt: skip
     """One image size and batch size: full first, then each budget ("1/8" fractions or token counts) in each
-    encoding."""
+    encoding – a saccade once per crop margin of ``crop_margins`` (None: the config's)."""
     images = [page_image(size, i) for i in range(batch)]
     inputs = processor(images=images, text=["What is the Total?"] * batch)
     vision_time, features = _median_time(
         lambda: model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"]), repeats
     )
     native = math.prod(features[0].grid)
+    margins = [model.config.crop_margin] if crop_margins is None else list(crop_margins)
     rows = []
-    runs = [("full", "single")] + [(spec, encoding) for encoding in encodings for spec in budgets]
-    for spec, encoding in runs:
+    runs = [("full", "single", None)] + [(spec, encoding, margin) for encoding in encodings for margin in
+                                         (margins if encoding == "saccade" else [None]) for spec in budgets]  # fmt: skip
+    for spec, encoding, margin in runs:
         budget = budget_from_spec(spec, native)
-        vision, relevance, prefill, ttft, decode, peak, used = _budget_timings(
-            model, inputs, features, budget, repeats, new_tokens, encoding
+        vision, relevance, prefill, ttft, decode, peak, used, encoded = _budget_timings(
+            model, inputs, features, budget, repeats, new_tokens, encoding, margin
         )
-        rows.append(SpeedRow(name, size, batch, spec, encoding, used, native, vision_time if vision is None else vision,
+        rows.append(SpeedRow(name, size, batch, spec, encoding, margin, used, native,
+                             native if encoded is None else encoded, vision_time if vision is None else vision,
                              relevance, prefill, ttft, decode, peak))  # fmt: skip
     return rows
 

@@ -38,6 +38,14 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_margin(margin) -> int:
+    """``margin`` if it is an integer >= 0 (merged cells of context around each crop), else `ValueError`."""
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"crop_margin={margin!r} is invalid: expected an integer >= 0 (merged cells of context "
+                         "encoded around each crop and dropped after the encoder)")  # fmt: skip
+    return margin
+
+
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -63,13 +71,14 @@ Realize = Callable[[Any, torch.Tensor, "ImageRequest"], tuple[list[torch.Tensor]
 @dataclass(frozen=True)
 class ImageRequest:
     """One image's share of a `RealizationRequest`: its explicit budget or compression, or a fixed allocation, and
-    the resolved pooling and mode."""
+    the resolved pooling, mode and crop margin (the saccade's)."""
 
     budget: int | None
     compression: float | None
     allocation: Allocation | None
     pooling: str
     mode: str
+    crop_margin: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,9 @@ class RealizationRequest:
     budget / compression: an explicit T or N/T ratio – one value, one per sample, or per sample a list with one per
     image (None: the automatic budget). allocation: a fixed `Allocation`, broadcast alike (bypasses the budget and
     the allocator). pooling ("relevance" / "mean"), encoding ("single" / "saccade"), mode ("training_free" /
-    "trained"): this call's choices (None: the config's). realize: another realize step for every image (the
-    evaluation's post-encoder baselines; None: the model's own for the encoding).
+    "trained"), crop_margin (merged cells of context around each saccade crop, an integer >= 0): this call's choices
+    (None: the config's). realize: another realize step for every image (the evaluation's post-encoder baselines;
+    None: the model's own for the encoding).
     """
 
     budget: Any = None
@@ -90,15 +100,18 @@ class RealizationRequest:
     pooling: str | None = None
     encoding: str | None = None
     mode: str | None = None
+    crop_margin: int | None = None
     realize: Realize | None = None
 
     def resolve(self, config) -> RealizationRequest:
-        """The config's choices where this call made none; `ValueError` naming the choices for a misspelt one."""
+        """The config's choices where this call made none; `ValueError` naming the choices for a misspelt one (or the
+        range of a crop margin that is not an integer >= 0)."""
         return replace(
             self,
             pooling=check_choice("pooling", self.pooling or config.pooling, POOLINGS),
             encoding=check_choice("encoding", self.encoding or config.encoding, ENCODINGS),
             mode=check_choice("mode", self.mode or config.mode, MODES),
+            crop_margin=check_margin(config.crop_margin if self.crop_margin is None else self.crop_margin),
         )
 
     def per_image(self, images_per_sample: list[int]) -> list[ImageRequest]:
@@ -109,7 +122,8 @@ class RealizationRequest:
             for name, value in (("budget", self.budget), ("compression", self.compression),
                                 ("allocation", self.allocation))
         )  # fmt: skip
-        return [ImageRequest(b, r, a, self.pooling, self.mode) for b, r, a in zip(budgets, ratios, fixed)]
+        margin = self.crop_margin
+        return [ImageRequest(b, r, a, self.pooling, self.mode, margin) for b, r, a in zip(budgets, ratios, fixed)]
 
 
 def _per_image(value, name: str, images_per_sample: list[int]) -> list:

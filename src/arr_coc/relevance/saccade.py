@@ -5,8 +5,8 @@ and the encoder calls (`BackboneAdapter.encode_crops`, `encode_cells`) lives her
 
 - the gist's grid on the merged grid (`gist_grid`) and its values spread back onto the native grid (`expand_gist`,
   `expand_maps`);
-- which regions of an allocation are read at full resolution (`reads_full_resolution`) and the crops that read
-  them (`saccade_crops`);
+- which regions of an allocation are read at full resolution (`reads_full_resolution`), the crops that read
+  them (`saccade_crops`) and the encoder groups that read the crops with a margin of context (`context_groups`);
 - the processor's patches as pixels: the gist image and a crop's patches (`PatchGeometry`);
 - the native grid's features assembled from the gist's and the crops' tokens (`native_features`);
 - the training objective's view of the same geometry (`gist_cell_means`, `random_crops`).
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .attending import Allocation, Region
-from .realizing import RelevanceMaps
+from .realizing import RelevanceMaps, check_margin
 
 Box = tuple[int, int, int, int]
 
@@ -111,6 +111,42 @@ def saccade_crops(allocation: Allocation, gist_scale: int) -> list[Box]:
         for run in runs:
             running.setdefault(run, i)
     return [(i0 * g, j0 * g, min(i1 * g, height), min(j1 * g, width)) for i0, j0, i1, j1 in sorted(rectangles)]
+
+
+def context_groups(boxes: list[Box], margin: int, height: int,
+                   width: int) -> list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]:  # fmt: skip
+    """The encoder groups that read ``boxes`` with ``margin`` merged cells of context on every side (clipped to the
+    ``height x width`` merged grid): each box grown by the margin, and boxes whose grown boxes overlap read as one
+    group – their union, each cell once – so no cell is encoded twice and a crop sees its neighbouring crops as the
+    whole image does. The margin's tokens are dropped after the encoder. At margin 0 the boxes of `saccade_crops`
+    (disjoint) are one group each, their own cells.
+
+    Returns per group (cells [k]: ascending raster indices on the merged grid, kept: per box of the group
+    (its number in ``boxes``, index [box area]: where its cells sit in ``cells``, in the box's raster order)).
+    Raises `ValueError` for a negative or non-integer margin."""
+    m = check_margin(margin)
+    grown = [(max(y0 - m, 0), max(x0 - m, 0), min(y1 + m, height), min(x1 + m, width)) for y0, x0, y1, x1 in boxes]
+    group = list(range(len(boxes)))  # union-find over boxes whose grown boxes overlap
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i, a in enumerate(grown):
+        for j, b in enumerate(grown[:i]):
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                group[root(i)] = root(j)
+    out = []
+    for r in dict.fromkeys(root(i) for i in range(len(boxes))):
+        members = [i for i in range(len(boxes)) if root(i) == r]
+        inside = torch.zeros(height, width, dtype=torch.bool)
+        for i in members:
+            y0, x0, y1, x1 = grown[i]
+            inside[y0:y1, x0:x1] = True
+        cells = inside.flatten().nonzero().flatten()
+        out.append((cells, [(i, torch.searchsorted(cells, box_index(boxes[i], width))) for i in members]))
+    return out
 
 
 def random_crops(height: int, width: int, scale: int, generator: torch.Generator,
