@@ -115,7 +115,7 @@ def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
 
     Returns one [h, w] map per image (input order). The backbone's weights get no gradient.
     """
-    images = model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
+    images = model.image_inputs(inputs.get("pixel_values"), inputs["image_grid_thw"], inputs.get("image_features"))
     c = model.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), images, inputs.get("question_mask"),
                               inputs["labels"], RealizationRequest(budget=ALL_TOKENS, encoding="single"))  # fmt: skip
     embeds = c.inputs_embeds.detach().requires_grad_(True)

@@ -13,6 +13,7 @@ from transformers import Trainer
 from ..io import COMPLETE, last_complete_checkpoint, mark_complete
 from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
 from ..relevance import budget_options
+from .cache import CachedPool, check_cached_training
 from .objectives import (
     ObjectiveWeights,
     attribution_targets,
@@ -32,7 +33,9 @@ class ArrCocTrainer(Trainer):
     choice, needed for the expected-token term), ``"random"`` (a compression ratio drawn per sample
     from ``compression_range``, log-uniform and seeded by the step), or a fixed int / ratio string
     like ``"1/8"``. Batches may carry ``answer_box`` [B, 4] and ``image_size`` [B, 2] for the
-    localisation term; they never reach the model.
+    localisation term; they never reach the model. A ``train_dataset`` of cached encoder outputs
+    (`training.cache.CachedPool`, batches with ``image_features``) is checked first: nothing trained may need the
+    vision encoder to run (`check_cached_training` raises `ValueError`).
 
     Resuming is strict: a checkpoint whose weights do not all match the model's names raises instead
     of loading silently with some weights left at their initial values.
@@ -51,6 +54,8 @@ class ArrCocTrainer(Trainer):
         self._terms: dict[str, list[float]] = {}
         # (e)'s teacher: the vision tower as given (a resumed run loads its trained weights only later), frozen
         self._teacher = None
+        if isinstance(self.train_dataset, CachedPool):  # the vision encoder never runs in a step
+            check_cached_training(self.model, self.objectives, self.model.config.encoding)
         if self.objectives.consistency:
             if self.args.world_size > 1:  # (e) runs the encoder outside the DDP wrapper's forward
                 raise ValueError("the consistency objective trains in one process: run it without torchrun/accelerate")
@@ -88,6 +93,8 @@ class ArrCocTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         boxes, sizes = inputs.pop("answer_box", None), inputs.pop("image_size", None)
+        if "image_features" in inputs:  # cached encoder outputs (`training.cache`): on the batch's device
+            inputs["image_features"] = [f.to(inputs["input_ids"].device) for f in inputs["image_features"]]
         w = self.objectives
         core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
         loss, terms, outputs = torch.zeros((), device=inputs["input_ids"].device), {}, None
