@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
 
 import arr_coc
 from arr_coc.assets import EMBEDDED_MODELS
 from arr_coc.data.boxes import box_overlap_map, oracle_allocation
+from arr_coc.evaluation.calibration import rank_average
 from arr_coc.evaluation.harness import box_covered, synthetic_samples
+from arr_coc.relevance import BudgetCalculator
+from arr_coc.training.objectives import budget_loss
 
 
 def test_the_oracle_allocation_covers_the_answer_box_at_full_detail_where_it_fits():
@@ -30,3 +38,50 @@ def test_the_oracle_allocation_covers_the_answer_box_at_full_detail_where_it_fit
             else:
                 not_fitting += 1
     assert fitting >= 60 and not_fitting >= 1, (fitting, not_fitting)
+
+
+def test_the_budget_objective_fits_the_survival_model_to_when_answers_survive():
+    """Survival labels from a known rule – an answer survives T tokens when T >= T_true, with T_true twice the
+    tokens of relevance >= 0.5 – fit by `budget_loss` alone: the budget head's T* (its expected tokens at
+    confidence 0.5) lands near T_true and ranks images like it, and a higher confidence asks for more tokens."""
+    torch.manual_seed(0)
+    head = BudgetCalculator(text_size=8, hidden_size=32)
+    head.log_slope.data.zero_()
+    question = torch.randn(5, 8)
+    maps = []
+    for _ in range(32):
+        n, hot = int(torch.randint(200, 700, ())), int(torch.randint(4, 40, ()))
+        relevance = torch.rand(n) * 0.3
+        relevance[torch.randperm(n)[:hot]] = 0.6 + 0.4 * torch.rand(hot)
+        maps.append((relevance, 2 * hot))
+    optimizer = torch.optim.Adam(head.parameters(), lr=2e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        realizations, survived = [], []
+        for i, (relevance, needed) in enumerate(maps):
+            n = relevance.shape[0]
+            used = int(torch.exp(torch.empty(()).uniform_(math.log(4), math.log(n), generator=generator)))
+            realizations.append(SimpleNamespace(tokens_used=used, sample_index=i,
+                                                expected_tokens=head(relevance, question, True, 0.5)))  # fmt: skip
+            survived.append(used >= needed)
+        loss = budget_loss(realizations, torch.tensor(survived), head.slope, 0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = [float(head(r, question, True, 0.5)) for r, _ in maps]
+        cautious = [float(head(r, question, True, 0.9)) for r, _ in maps]
+    truth = [t for _, t in maps]
+    ratios = torch.tensor(predicted) / torch.tensor(truth, dtype=torch.float)
+    assert 0.7 < float(ratios.median()) < 1.4, ratios
+    a, b = rank_average(predicted), rank_average(truth)
+    assert float(np.corrcoef(a, b)[0, 1]) > 0.8
+    assert all(c > p for c, p in zip(cautious, predicted))
+
+
+def test_budget_confidence_is_a_probability():
+    with pytest.raises(ValueError, match="budget_confidence"):
+        arr_coc.ArrCocConfig(budget_confidence=1.0)
+    with pytest.raises(ValueError, match="budget_confidence"):
+        arr_coc.ArrCocConfig(budget_confidence=float("nan"))
+    assert arr_coc.ArrCocConfig(budget_confidence=0.5).budget_confidence == 0.5

@@ -52,6 +52,7 @@ from .relevance import (
     realize_allocation,
     saccade_crops,
 )
+from .relevance.attending import BudgetCalculator
 from .relevance.knowing import CouplingScorer
 
 IGNORE_INDEX = -100
@@ -135,6 +136,8 @@ class ArrCocPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CouplingScorer):
             torch.nn.init.zeros_(module.bias)
+        if isinstance(module, BudgetCalculator):
+            torch.nn.init.zeros_(module.log_slope)
 
 
 class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
@@ -253,7 +256,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         rules and the allocation -> (expected tokens [], allocation, decision)."""
         config, trained = self.config, ask.mode == "trained"
         question = question.to(next(self.relevance.parameters()).dtype)
-        expected = self.relevance.budget(maps.relevance, question, config.min_tokens, config.max_tokens, trained)
+        expected = self.relevance.budget(maps.relevance, question, trained, config.budget_confidence)
         allocation, decision = self.allocator.decide(maps.relevance, h, w, float(expected.detach()),
                                                      config.min_tokens, config.max_tokens, ask.budget,
                                                      ask.compression, ask.allocation)  # fmt: skip

@@ -4,8 +4,8 @@
               carries it back to the heads);
 (b) distill   relevance distillation: the full-token backbone's own gradient attribution
               (|grad x input| of the answer loss per visual token) as the target distribution;
-(c) budget    a differentiable expected-token term: the budget head's expected tokens, pushed down
-              where the answer survives at the budget it chose and up where it does not;
+(c) budget    the budget head's survival model: the predicted probability that the answer survives the
+              tokens it was given, against whether it did (greedy exact match under teacher forcing);
 (d) localise  when a sample has an ``answer_box``: the relevance map should cover the box
               (binary cross-entropy against each token's overlap with the box, plus the mass inside);
 (e) consistency  for saccade encoding, the vision encoder itself: its gist tokens toward the frozen
@@ -35,7 +35,6 @@ class ObjectiveWeights:
     budget: float = 0.0
     localise: float = 0.0
     consistency: float = 0.0
-    survive_nll: float = 0.5  # (c): an answer "survives" when its mean token NLL is below this
 
     @classmethod
     def parse(cls, spec: str | dict | None) -> ObjectiveWeights:
@@ -51,9 +50,7 @@ class ObjectiveWeights:
         known = set(cls.__dataclass_fields__)
         unknown = set(spec) - known
         if unknown:
-            raise ValueError(
-                f"unknown objectives {sorted(unknown)}; expected some of {sorted(known - {'survive_nll'})}"
-            )
+            raise ValueError(f"unknown objectives {sorted(unknown)}; expected some of {sorted(known)}")
         values = {"answer": 0.0, **spec}
         return cls(**values)
 
@@ -99,14 +96,27 @@ def per_sample_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def budget_loss(realizations, answer_nll: torch.Tensor, survive_nll: float) -> torch.Tensor:
-    """(c): expected tokens as a share of native, signed by whether the sample's answer survived."""
-    terms = []
+def answer_survived(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: every labelled token is the argmax of the logits before it – under teacher forcing, exactly when
+    greedy decoding reproduces the labelled answer (and its end-of-turn token)."""
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    labelled = shift_labels != IGNORE_INDEX
+    return ((shift_logits.argmax(-1) == shift_labels) | ~labelled).all(dim=1) & labelled.any(dim=1)
+
+
+def budget_loss(realizations, survived: torch.Tensor, slope: torch.Tensor, confidence: float) -> torch.Tensor:
+    """(c): binary cross-entropy of the budget head's survival model against ``survived`` ([B] bool, per sample)
+    at each image's tokens used T. With E the head's expected tokens (where survival is ``confidence``) and s its
+    slope, the predicted log-odds are ``s * (log T - log E) + logit(confidence)`` – the same curve as
+    ``s * (log T - log T*)`` (`relevance.BudgetCalculator`), so the objective trains T* and s together."""
+    logits, targets = [], []
     for r in realizations:
-        survived = float(answer_nll[r.sample_index]) < survive_nll
-        share = r.expected_tokens / r.native_count
-        terms.append(share if survived else -share)
-    return torch.stack(terms).mean() if terms else _zero(realizations)
+        used = torch.tensor(float(r.tokens_used), device=r.expected_tokens.device)
+        logits.append(slope * (used.log() - r.expected_tokens.log()) + math.log(confidence / (1 - confidence)))
+        targets.append(survived[r.sample_index].float().to(used.device))
+    if not logits:
+        return _zero(realizations)
+    return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
 
 @torch.enable_grad()
@@ -186,6 +196,6 @@ def _zero(realizations) -> torch.Tensor:
 
 
 def expected_budget_share(realizations) -> float:
-    """Mean expected tokens / native over images (for logging)."""
+    """Mean expected tokens / native over images (for logging; before the budget rules' clip)."""
     values = [float(r.expected_tokens.detach()) / r.native_count for r in realizations]
     return sum(values) / max(len(values), 1) if values else math.nan

@@ -16,13 +16,13 @@ from ..relevance import budget_options
 from .cache import CachedPool, check_cached_training
 from .objectives import (
     ObjectiveWeights,
+    answer_survived,
     attribution_targets,
     budget_loss,
     consistency_loss,
     distillation_loss,
     expected_budget_share,
     localisation_loss,
-    per_sample_answer_nll,
 )
 
 
@@ -30,9 +30,9 @@ class ArrCocTrainer(Trainer):
     """Trains an `ArrCocForConditionalGeneration` with `ObjectiveWeights`.
 
     ``budget``: how each training sample's budget is chosen – ``"auto"`` (the budget head's own
-    choice, needed for the expected-token term), ``"random"`` (a compression ratio drawn per sample
-    from ``compression_range``, log-uniform and seeded by the step), or a fixed int / ratio string
-    like ``"1/8"``. Batches may carry ``answer_box`` [B, 4] and ``image_size`` [B, 2] for the
+    choice), ``"random"`` (a compression ratio drawn per sample from ``compression_range``, log-uniform
+    and seeded by the step; what the ``budget`` objective's survival model needs to see both sides of
+    each answer's threshold), or a fixed int / ratio string like ``"1/8"``. Batches may carry ``answer_box`` [B, 4] and ``image_size`` [B, 2] for the
     localisation term; they never reach the model. A ``train_dataset`` of cached encoder outputs
     (`training.cache.CachedPool`, batches with ``image_features``) is checked first: nothing trained may need the
     vision encoder to run (`check_cached_training` raises `ValueError`).
@@ -132,9 +132,11 @@ class ArrCocTrainer(Trainer):
             term = distillation_loss(realizations, targets)
             loss, terms["distill"] = loss + w.distill * term, term.detach()
         if w.budget:
-            nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
-            term = budget_loss(realizations, nll, w.survive_nll)
+            survived = answer_survived(outputs.logits.detach(), outputs.labels)
+            head = core.relevance.budget
+            term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
+            terms["survived"], terms["slope"] = survived.float().mean(), head.slope.detach()
         terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
         return loss, terms, outputs
