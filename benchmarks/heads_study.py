@@ -67,7 +67,8 @@ def study(model, processor, samples: list[dict], budgets: list[float], confidenc
             model.config.budget_confidence = c
             add(f"auto c={c:g}", batch, RealizationRequest(encoding="single", mode="trained"))
         model.config.budget_confidence = own
-        add("auto training-free", batch, RealizationRequest(encoding="single", mode="training_free"))
+        if confidences:
+            add("auto training-free", batch, RealizationRequest(encoding="single", mode="training_free"))
     table = {}
     for key, rows in records.items():
         for task in sorted({r["task"] for r in rows}):
@@ -85,24 +86,26 @@ def study(model, processor, samples: list[dict], budgets: list[float], confidenc
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="arr-coc-tiny")
+    p.add_argument("--processor", default=None, help="where the processor is (default: --model; a checkpoint has none)")
     p.add_argument("--n", type=int, default=50, help="held-out samples per task")
     p.add_argument("--offset", type=int, default=0, help="first held-out seed (offset into the held-out range)")
     p.add_argument("--budgets", default="8,16", help="compression ratios for the heads and the oracle")
-    p.add_argument("--confidences", default="0.5,0.8,0.9,0.95", help="budget_confidence values for the auto budget")
+    p.add_argument("--confidences", default="0.5,0.8,0.9,0.95",
+                   help="budget_confidence values for the auto budget ('': no automatic budget)")  # fmt: skip
     p.add_argument("--calibration", type=int, default=25, help="samples per task for the Spearman check (0: none)")
     p.add_argument("--out", default=None, help="a JSON file for the results")
     args = p.parse_args()
     torch.manual_seed(0)
     started = time.time()
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = arr_coc.ArrCocProcessor.from_pretrained(args.model)
+    processor = arr_coc.ArrCocProcessor.from_pretrained(args.processor or args.model)
     samples = synthetic_samples(TASKS, args.n, args.offset)
     result = {
         "model": args.model, "n_per_task": args.n, "offset": args.offset,
         "budget_confidence": model.config.budget_confidence, "min_tokens": model.config.min_tokens,
         "max_tokens": model.config.max_tokens,
         "table": study(model, processor, samples, [float(b) for b in args.budgets.split(",")],
-                       [float(c) for c in args.confidences.split(",")]),
+                       [float(c) for c in args.confidences.split(",") if c]),
     }  # fmt: skip
     if args.calibration:
         chosen = synthetic_samples(TASKS, args.calibration, args.offset)

@@ -14,8 +14,8 @@ from arr_coc.assets import EMBEDDED_MODELS
 from arr_coc.data.boxes import box_overlap_map, oracle_allocation
 from arr_coc.evaluation.calibration import rank_average
 from arr_coc.evaluation.harness import box_covered, synthetic_samples
-from arr_coc.relevance import BudgetCalculator
-from arr_coc.training.objectives import budget_loss
+from arr_coc.relevance import BudgetCalculator, TokenAllocator
+from arr_coc.training.objectives import budget_loss, cover_loss
 
 
 def test_the_oracle_allocation_covers_the_answer_box_at_full_detail_where_it_fits():
@@ -85,3 +85,27 @@ def test_budget_confidence_is_a_probability():
     with pytest.raises(ValueError, match="budget_confidence"):
         arr_coc.ArrCocConfig(budget_confidence=float("nan"))
     assert arr_coc.ArrCocConfig(budget_confidence=0.5).budget_confidence == 0.5
+
+
+def test_the_cover_objective_is_zero_at_the_oracle_and_moves_relevance_toward_the_missed_box():
+    """A 12 x 16 grid, the box on 3 x 4 tokens, a distractor of the same size elsewhere, budget 20: with relevance
+    equal to the oracle's map the chosen allocation is the oracle's (loss 0); with the distractor more relevant than
+    the box the loss is positive, and its gradient raises the box's relevance and lowers the distractor's."""
+    allocator = TokenAllocator("quadtree", 8, [1, 4, 16, 64])
+    h, w, size, box = 12, 16, (160, 120), (40.0, 30.0, 80.0, 60.0)  # pixels: 10 px per token, rows 3-5, cols 4-7
+    touched = box_overlap_map(box, size, (h, w)) > 0
+    distractor = torch.zeros(h, w, dtype=torch.bool)
+    distractor[8:11, 10:14] = True
+
+    def realization(relevance: torch.Tensor) -> SimpleNamespace:
+        allocation = allocator(relevance.detach().flatten(), h, w, 20)
+        return SimpleNamespace(relevance=relevance, allocation=allocation, budget=20, sample_index=0)
+
+    boxes, sizes = torch.tensor([box]), torch.tensor([size])
+    perfect = touched.float().requires_grad_(True)
+    assert float(cover_loss([realization(perfect)], boxes, sizes, allocator)) == 0.0
+    wrong = (0.3 * touched + 0.9 * distractor + 0.01).requires_grad_(True)
+    loss = cover_loss([realization(wrong)], boxes, sizes, allocator)
+    assert float(loss) > 0
+    loss.backward()
+    assert bool((wrong.grad[touched] < 0).all()) and bool((wrong.grad[distractor] > 0).all())

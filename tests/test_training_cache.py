@@ -3,8 +3,14 @@ vision encoder never running, the pool is tied to the encoder that made it, and 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from arr_coc.training import surgery
@@ -110,3 +116,36 @@ def test_what_needs_the_vision_encoder_is_refused(tmp_path, make_model, make_pro
     build_cache(model, VQACollator(make_processor("qwen2_vl")), [dict(s) for s in samples], folder, progress=False)
     with pytest.raises(ValueError, match="trainable"):  # the trainer checks a cached pool itself
         _trainer(model, tmp_path, CachedPool(folder, vision_fingerprint(model.vlm)), "answer=1")
+
+
+def test_the_real_backbone_recipe_runs_end_to_end_on_local_files(tmp_path, make_backbone, make_processor, samples):
+    """docs/training.md's two commands for a real backbone on DocVQA-schema data – heads on a cached pool, then the
+    budget calibrated on the same pool – on a tiny random backbone and a local JSON-lines file: the pool is encoded
+    once and reused, the second command trains the budget head only."""
+    backbone = tmp_path / "backbone"
+    make_backbone("qwen2_vl").save_pretrained(backbone)
+    make_processor("qwen2_vl").save_pretrained(backbone)
+    with open(tmp_path / "docvqa.jsonl", "w") as f:
+        for i, s in enumerate(samples * 2):
+            s["image"].save(tmp_path / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "question": s["question"], "answers": [s["answer"]]}) + "\n")
+    pool, heads, budget = tmp_path / "pool", tmp_path / "heads", tmp_path / "budget"
+    common = ["--data", f"docvqa:{tmp_path / 'docvqa.jsonl'}", "--train-samples", "8", "--eval-samples", "0",
+              "--cache-encoder", str(pool), "--per-device-train-batch-size", "4", "--max-steps", "2",
+              "--save-steps", "100", "--logging-steps", "1", "--budget", "random", "--use-cpu", "--save-heads-only"]  # fmt: skip
+    _cli("--backbone", str(backbone), "--output-dir", str(heads), "--objectives", "answer=1,distill=0.5", *common)
+    shards = {p: p.stat().st_mtime_ns for p in (pool / "train").glob("shard-*")}
+    assert shards and (heads / "heads" / "arr_coc_heads.safetensors").is_file()
+    _cli("--model", str(heads), "--output-dir", str(budget), "--objectives", "budget=1", "--train-parts",
+         "relevance.budget", "--compression-range", "1,32", "--learning-rate", "0.05", *common)  # fmt: skip
+    assert {p: p.stat().st_mtime_ns for p in (pool / "train").glob("shard-*")} == shards, "the pool was encoded again"
+    before, after = load_file(heads / "heads" / "arr_coc_heads.safetensors"), load_file(budget / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("relevance.budget.") for k in changed), changed
+
+
+def _cli(*args: str) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "arr_coc.cli", "train", *args], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -65,6 +65,14 @@ class Allocation:
                 out[r.y0 : r.y1, r.x0 : r.x1] = True
         return out
 
+    def resolution_map(self) -> torch.Tensor:
+        """[h, w] float: each token's resolution – 1 at full detail, tokens / area for a region pooled to fewer
+        tokens than it covers (the allocators' utility is the sum of relevance x resolution)."""
+        out = torch.zeros(self.height, self.width)
+        for r in self.regions:
+            out[r.y0 : r.y1, r.x0 : r.x1] = r.tokens / ((r.y1 - r.y0) * (r.x1 - r.x0))
+        return out
+
     def coverage(self) -> torch.Tensor:
         """[h, w] int: how many regions cover each token (1 everywhere for a valid tiling)."""
         out = torch.zeros(self.height, self.width, dtype=torch.long)

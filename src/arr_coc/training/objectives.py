@@ -10,7 +10,10 @@
               (binary cross-entropy against each token's overlap with the box, plus the mass inside);
 (e) consistency  for saccade encoding, the vision encoder itself: its gist tokens toward the frozen
               encoder's tokens of the whole image averaged per gist cell, its crop tokens toward the
-              whole image's tokens at the same places, and its whole-image tokens unchanged.
+              whole image's tokens at the same places, and its whole-image tokens unchanged;
+(f) cover     when a sample has an ``answer_box``: the allocation toward the oracle's at the step's budget – the
+              utility the allocator maximises (relevance x resolution) of its own allocation minus that of the
+              oracle allocation (`data.boxes.oracle_allocation`), a structured hinge loss.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.boxes import box_overlap_map
+from ..data.boxes import box_overlap_map, oracle_allocation
 from ..modeling_arr_coc import IGNORE_INDEX
 from ..relevance import ALL_TOKENS, RealizationRequest
 from ..relevance.saccade import gist_cell_means, random_crops
@@ -34,6 +37,7 @@ class ObjectiveWeights:
     distill: float = 0.0
     budget: float = 0.0
     localise: float = 0.0
+    cover: float = 0.0
     consistency: float = 0.0
 
     @classmethod
@@ -75,7 +79,30 @@ def localisation_loss(realizations, boxes, image_sizes) -> torch.Tensor:
         bce = F.binary_cross_entropy(r.relevance.clamp(1e-5, 1 - 1e-5), overlap, reduction="none")
         bce = (bce * (1 + (pos_weight - 1) * overlap)).mean()
         terms.append(bce - torch.log(mass_inside(r.relevance, overlap) + 1e-6))
-    return torch.stack(terms).mean() if terms else _zero(realizations)
+    return torch.stack(terms).mean() if terms else zero_loss(realizations)
+
+
+def cover_loss(realizations, boxes, image_sizes, allocator) -> torch.Tensor:
+    """(f): mean over images with a box of ``sum(relevance * (resolution_chosen - resolution_oracle)) / k``, where
+    the resolutions are those of the allocation the model chose and of the oracle allocation at the same budget
+    (`Allocation.resolution_map`) and k the tokens the box touches.
+
+    The allocators pick the allocation of highest utility ``sum(relevance * resolution)``; this is the structured
+    hinge loss of that choice against the oracle's (Taskar et al., 2003; Tsochantaridis et al., 2005, without the
+    margin): zero when the oracle's allocation is worth as much under the relevance map, and otherwise its gradient
+    raises relevance where the oracle spends more resolution (the box the allocation missed) and lowers it where the
+    chosen allocation spent it instead. A constant map also scores zero, so pair it with ``localise``."""
+    terms = []
+    for r in realizations:
+        box = boxes[r.sample_index]
+        if box is None or (torch.is_tensor(box) and bool((box < 0).any())):
+            continue
+        size, grid = tuple(int(v) for v in image_sizes[r.sample_index]), tuple(r.relevance.shape)
+        touched = float((box_overlap_map(box, size, grid) > 0).sum())
+        oracle = oracle_allocation(allocator, box, size, grid, r.budget)
+        gap = (r.allocation.resolution_map() - oracle.resolution_map()).to(r.relevance.device)
+        terms.append((r.relevance * gap).sum() / max(touched, 1.0))
+    return torch.stack(terms).mean() if terms else zero_loss(realizations)
 
 
 def distillation_loss(realizations, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -85,7 +112,7 @@ def distillation_loss(realizations, targets: list[torch.Tensor]) -> torch.Tensor
         q = r.relevance.flatten() / r.relevance.sum().clamp_min(1e-6)
         p = target.flatten().to(q) / target.sum().clamp_min(1e-12)
         terms.append(-(p * torch.log(q + 1e-8)).sum() - (-(p * torch.log(p + 1e-12)).sum()))  # KL(p || q)
-    return torch.stack(terms).mean() if terms else _zero(realizations)
+    return torch.stack(terms).mean() if terms else zero_loss(realizations)
 
 
 def per_sample_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,7 +142,7 @@ def budget_loss(realizations, survived: torch.Tensor, slope: torch.Tensor, confi
         logits.append(slope * (used.log() - r.expected_tokens.log()) + math.log(confidence / (1 - confidence)))
         targets.append(survived[r.sample_index].float().to(used.device))
     if not logits:
-        return _zero(realizations)
+        return zero_loss(realizations)
     return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
 
@@ -189,7 +216,8 @@ def _per_token(features) -> tuple[torch.Tensor, ...]:
     return (features.tokens, *features.extra)
 
 
-def _zero(realizations) -> torch.Tensor:
+def zero_loss(realizations) -> torch.Tensor:
+    """0 as a tensor in the realizations' graph, on their device."""
     for r in realizations:
         return r.relevance.sum() * 0.0
     return torch.zeros(())

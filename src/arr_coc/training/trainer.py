@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from ..io import COMPLETE, last_complete_checkpoint, mark_complete
 from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
-from ..relevance import budget_options
+from ..relevance import RealizationRequest, budget_options
 from .cache import CachedPool, check_cached_training
 from .objectives import (
     ObjectiveWeights,
@@ -20,9 +20,11 @@ from .objectives import (
     attribution_targets,
     budget_loss,
     consistency_loss,
+    cover_loss,
     distillation_loss,
     expected_budget_share,
     localisation_loss,
+    zero_loss,
 )
 
 
@@ -98,8 +100,8 @@ class ArrCocTrainer(Trainer):
         w = self.objectives
         core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
         loss, terms, outputs = torch.zeros((), device=inputs["input_ids"].device), {}, None
-        if return_outputs or w.answer or w.localise or w.distill or w.budget:  # (e) alone needs no language model
-            loss, terms, outputs = self._compressed_terms(model, core, inputs, boxes, sizes)
+        if return_outputs or w.answer or w.localise or w.cover or w.distill or w.budget:  # (e) alone needs no LM
+            loss, terms, outputs = self._compressed_terms(model, core, inputs, boxes, sizes, return_outputs)
         if w.consistency:
             term = consistency_loss(
                 core, inputs["pixel_values"], inputs["image_grid_thw"], self._teacher, self._step_generator()
@@ -108,7 +110,7 @@ class ArrCocTrainer(Trainer):
         if model.training and not loss.requires_grad:
             raise ValueError(
                 f"no objective in {w} reaches a trainable parameter: unfreeze a part the loss reaches, add "
-                "localise=, distill= or budget= for the relevance heads, or consistency= for the vision encoder"
+                "localise=, cover=, distill= or budget= for the relevance heads, or consistency= for the vision encoder"
             )
         if outputs is not None and not w.budget:  # DDP expects every tensor the model returned to reach the loss
             loss = loss + 0.0 * sum(r.expected_tokens for r in outputs.realizations)
@@ -117,17 +119,35 @@ class ArrCocTrainer(Trainer):
                 self._terms.setdefault(k, []).append(float(v))
         return (loss, outputs) if return_outputs else loss
 
-    def _compressed_terms(self, model, core, inputs: dict, boxes, sizes):
-        """Objectives (a)-(d) on one forward pass with the compressed tokens -> (loss, logged terms, outputs)."""
+    def _compressed_terms(self, model, core, inputs: dict, boxes, sizes, return_outputs: bool):
+        """Objectives (a)-(d) and (f) on one forward pass with the compressed tokens -> (loss, logged terms, outputs).
+
+        When only ``localise`` / ``cover`` are on they read nothing but the realizations, so the language model is
+        skipped (outputs None) – in one process; under DDP the wrapped model's forward runs, as gradient
+        synchronisation needs."""
         w = self.objectives
         targets = attribution_targets(core, inputs) if w.distill else None
-        outputs = model(**inputs, **self._budget_kwargs(inputs["input_ids"].shape[0]))
-        realizations = outputs.realizations
-        loss = outputs.loss * w.answer if w.answer else outputs.logits.sum() * 0.0
-        terms = {"answer": outputs.loss.detach()}
+        budget = self._budget_kwargs(inputs["input_ids"].shape[0])
+        outputs = None
+        if return_outputs or w.answer or w.distill or w.budget or self.args.world_size > 1:
+            outputs = model(**inputs, **budget)
+            realizations = outputs.realizations
+            loss = outputs.loss * w.answer if w.answer else outputs.logits.sum() * 0.0
+            terms = {"answer": outputs.loss.detach()}
+        else:
+            images = core.image_inputs(
+                inputs.get("pixel_values"), inputs["image_grid_thw"], inputs.get("image_features")
+            )
+            realizations = core.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), images,
+                                                inputs.get("question_mask"), request=RealizationRequest(**budget)
+                                                ).realizations  # fmt: skip
+            loss, terms = zero_loss(realizations), {}
         if w.localise and boxes is not None:
             term = localisation_loss(realizations, boxes, sizes)
             loss, terms["localise"] = loss + w.localise * term, term.detach()
+        if w.cover and boxes is not None:
+            term = cover_loss(realizations, boxes, sizes, core.allocator)
+            loss, terms["cover"] = loss + w.cover * term, term.detach()
         if w.distill:
             term = distillation_loss(realizations, targets)
             loss, terms["distill"] = loss + w.distill * term, term.detach()
@@ -137,7 +157,8 @@ class ArrCocTrainer(Trainer):
             term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
             terms["survived"], terms["slope"] = survived.float().mean(), head.slope.detach()
-        terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
+        used, native = sum(r.tokens_used for r in realizations), sum(r.native_count for r in realizations)
+        terms["tokens_share"] = torch.tensor(used / native)
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
         return loss, terms, outputs
 
