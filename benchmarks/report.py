@@ -19,16 +19,24 @@ import math
 import os
 import sys
 
-from arr_coc.evaluation.harness import BUDGETS, METHODS
+from arr_coc.evaluation.harness import BUDGETS, KEPT_ABOVE_ONE, METHODS, kept_step
 from arr_coc.evaluation.methods import REGISTRY
 
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
 SACCADE_HEADS = "arr-coc-saccade (saccade-trained heads)"
-BASELINES = ("downsample", "uniform-pool", "random", "query-agnostic", "text-attention")
+# every budgeted method of the registry that is not arr-coc's own
+BASELINES = tuple(m for m, method in REGISTRY.items() if method.budgeted and not m.startswith("arr-coc"))
+NOTES = "method-notes"  # the hand-written block of docs/benchmarks.md the report keeps as it is
 
 
 def _fmt(v, digits=2):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _seconds(row: dict, prefix: str = "") -> str:
+    """A row's median seconds to the first token ("" where the run timed none)."""
+    t = row.get("ttft_s", math.nan)
+    return "" if t is None or math.isnan(t) else f"{prefix}{t:.2f} s"
 
 
 WHERE = {"pixels": "before the encoder", "features": "after the encoder", "language_model": "inside the language model"}
@@ -46,7 +54,7 @@ def methods_section() -> list[str]:
 
 
 def accuracy_section(table: list[dict]) -> list[str]:
-    lines = ["## Accuracy kept per visual-token budget", ""]
+    lines = ["## Accuracy kept per visual-token budget", "", KEPT_ABOVE_ONE, ""]
     tasks = sorted({r["task"] for r in table})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
     # an unbudgeted method's own label (besides full's): a column of its own
@@ -57,16 +65,19 @@ def accuracy_section(table: list[dict]) -> list[str]:
         lines += [
             f"### {task}",
             "",
-            f"`full`: exact match **{full['exact_match']:.3f}** with {full['tokens_used']:.0f} visual tokens on average (n = {full['n']}).",
+            f"`full`: exact match **{full['exact_match']:.3f}** with {full['tokens_used']:.0f} visual tokens on average "
+            f"(n = {full['n']}; one sample moves accuracy kept by {kept_step(full):.3f}).",
             "",
         ]
-        lines += ["Accuracy kept (exact match / full's), and in brackets the mean visual tokens really used:", ""]
+        lines += ["Accuracy kept (exact match / full's), and in brackets the mean visual tokens really used and, where "
+                  "timed, the median seconds to the first token of one sample alone (nothing reused; `full`: "
+                  f"{_seconds(full)}):", ""]  # fmt: skip
         lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
         for m in methods:
             cells = []
             for b in budgets:
                 r = next((r for r in table if r["task"] == task and r["method"] == m and r["budget"] == b), None)
-                cells.append("" if r is None else f"{_fmt(r['kept'])} ({r['tokens_used']:.0f})")
+                cells.append("" if r is None else f"{_fmt(r['kept'])} ({r['tokens_used']:.0f}{_seconds(r, ', ')})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += ["", "Localisation (answer box entirely at full detail):", ""]
         lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
@@ -87,6 +98,25 @@ def accuracy_section(table: list[dict]) -> list[str]:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def cost_section(result: dict) -> list[str]:
+    """Where the evaluation's time went (results.json's ``seconds``): per method per sample, every budget; the
+    first-token timing; the whole run."""
+    seconds = result.get("seconds")
+    if not seconds:
+        return []
+    n = len({(r["task"], r["sample"]) for r in result["records"]})
+    methods = [m for m in seconds if m not in ("first tokens", "total")]
+    timed = len({(t["task"], t["sample"]) for t in result.get("first_tokens", [])})
+    lines = ["## Cost of the evaluation", "",
+             f"The run above took **{seconds['total'] / 60:.1f} min** on this machine for {n} samples ({len(methods)} "
+             f"methods at every budget); {seconds.get('first tokens', 0) / 60:.1f} min of it timed the first tokens of "
+             f"{timed} samples one at a time. Seconds per sample, all budgets of a method together (batched, one "
+             "encoding per image shared by every post-encoder method and budget):", "",
+             "| method | s / sample |", "|---|---|"]  # fmt: skip
+    lines += [f"| {m} | {seconds[m] / n:.3f} |" for m in sorted(methods, key=lambda m: -seconds[m])]
+    return lines + [""]
 
 
 def speed_section(speed: dict) -> list[str]:
@@ -110,6 +140,10 @@ def speed_section(speed: dict) -> list[str]:
                 f"{r['ttft_s']:.3f} ({r['ttft_speedup']:.2f}) | {r['decode_tokens_per_s']:.1f} ({r['decode_speedup']:.2f}) | "
                 f"{r['peak_mb']:.0f} ({r['memory_ratio']:.2f}) |"
             )
+    problems = speed.get("timing_problems") or []
+    if problems:  # evaluation.speed.timing_checks: timings a loaded machine broke
+        lines += ["", "Timing checks that failed in this run (re-run on a quieter machine):", ""]
+        lines += [f"- {p}" for p in problems]
     return lines + [""]
 
 
@@ -169,6 +203,7 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
             if r:
                 lines.append(f"- {task}: localisation of arr-coc trained at 1/8 is {_fmt(r['localisation'])} (target ≥ 0.90): "
                              + ("met." if r["localisation"] >= 0.9 else "NOT met."))  # fmt: skip
+            lines += _time_reading(table, task)
     if speed:
         single = [r for r in speed["rows"] if r["encoding"] == "single"]
         for model in sorted({r["model"] for r in single}):
@@ -194,6 +229,28 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
             f"- peak memory falls with the budget in {sum(falls)} of {len(falls)} (model, size, batch) series."
         )
     return lines + [""]
+
+
+def _time_reading(table: list[dict], task: str) -> list[str]:
+    """Per target budget, the methods at least as accurate as arr-coc trained that reach their first token sooner (by
+    more than 10%: a shared machine's timing noise), and each unbudgeted method's own operating point."""
+    lines = []
+    for budget in TARGET_BUDGETS:
+        rows = [r for r in table if r["task"] == task and r["budget"] == budget and r.get("ttft_s", math.nan) > 0]
+        ours = next((r for r in rows if r["method"] == "arr-coc"), None)
+        if ours:
+            better = [f"{r['method']} ({r['exact_match']:.2f}, {r['ttft_s']:.2f} s)" for r in rows
+                      if r["method"] != "arr-coc" and r["exact_match"] >= ours["exact_match"]
+                      and r["ttft_s"] < 0.9 * ours["ttft_s"]]  # fmt: skip
+            lines.append(f"- {task} at {budget}: arr-coc trained answers {ours['exact_match']:.2f} with a first token "
+                         f"after {ours['ttft_s']:.2f} s; as accurate and more than 10% sooner: "
+                         + ("; ".join(better) or "none") + ".")  # fmt: skip
+    for r in table:
+        if r["task"] == task and r["budget"] not in BUDGETS and r["method"] != "full":
+            lines.append(f"- {task}: {r['method']} at its own operating point keeps {r['tokens_used']:.0f} of "
+                         f"{r['native_tokens']:.0f} tokens and {_fmt(r['kept'])} of full's accuracy"
+                         f"{_seconds(r, ', first token after ')}.")  # fmt: skip
+    return lines
 
 
 def loading_section(loading: dict) -> list[str]:
@@ -229,6 +286,16 @@ def app_load_section(load: dict) -> list[str]:
     ]  # fmt: skip
 
 
+def kept_block(path: str, name: str) -> str:
+    """The text between ``<!-- name -->`` and ``<!-- /name -->`` in ``path`` (a hand-written section the report
+    writes back unchanged); `SystemExit` naming the block when it is missing."""
+    text = open(path).read() if os.path.exists(path) else ""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block to keep (the method notes): restore it from git")
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
 def replace_block(path: str, name: str, lines: list[str]) -> None:
     """Put ``lines`` between ``<!-- name -->`` and ``<!-- /name -->`` in the markdown file ``path``."""
     text = open(path).read()
@@ -258,7 +325,9 @@ def main(argv=None) -> int:
                         "arr-coc eval --model runs/tiny-saccade-heads --methods full,arr-coc-saccade --n 50 "
                         "--out docs/results/eval_saccade")  # fmt: skip
     args = parser.parse_args(argv)
-    table = json.load(open(args.eval))["table"] if os.path.exists(args.eval) else None
+    notes = kept_block(args.out, NOTES)
+    result = json.load(open(args.eval)) if os.path.exists(args.eval) else None
+    table = result["table"] if result else None
     if table and os.path.exists(args.saccade_eval):  # the saccade with heads trained for it, beside the shared heads
         table += [dict(r, method=SACCADE_HEADS) for r in json.load(open(args.saccade_eval))["table"]
                   if r["method"] == "arr-coc-saccade"]  # fmt: skip
@@ -270,6 +339,7 @@ def main(argv=None) -> int:
             **with_2b,
             "command": "\n".join(r["command"] for r in runs),
             "rows": [x for r in runs for x in r["rows"]],
+            "timing_problems": [p for r in runs for p in r.get("timing_problems", [])],
         }
     lines = [
         "# Benchmarks",
@@ -290,12 +360,14 @@ def main(argv=None) -> int:
             "",
         ]
     lines += methods_section()
+    lines += ["### Where each port had to choose", "", f"<!-- {NOTES} -->", notes, f"<!-- /{NOTES} -->", ""]
     if table:
         lines += accuracy_section(table)
         rel = os.path.relpath(
             os.path.join(os.path.dirname(args.eval), "accuracy_vs_tokens.png"), os.path.dirname(args.out)
         )
         lines += [f"![accuracy against visual tokens]({rel})", ""]
+        lines += cost_section(result)
     if speed:
         lines += speed_section(speed)
     lines += reading(table, speed)

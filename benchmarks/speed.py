@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import arr_coc
-    from arr_coc.evaluation.speed import machine, measure, ratios
+    from arr_coc.evaluation.speed import machine, measure, ratios, timing_checks
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encodings = tuple(e.strip() for e in args.encodings.split(","))
@@ -78,6 +78,9 @@ def main(argv=None) -> int:
         "settings": {"vision_depth_2b": args.vision_depth, "text_layers_2b": args.text_layers, "vocab_2b": args.vocab},
         "rows": ratios(rows),
     }  # fmt: skip
+    result["timing_problems"] = timing_checks(result["rows"])
+    for problem in result["timing_problems"]:
+        print(f"timing check: {problem}", file=sys.stderr)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

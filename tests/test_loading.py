@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -51,6 +52,48 @@ def test_quantized_backbones_generate_on_cpu_with_full_precision_heads(name, bac
     assert linears and not any(is_quantized(m) for m in linears)
     assert all(p.dtype == torch.float32 and type(p.data) is torch.Tensor for p in quantized.relevance.parameters())
     assert quantized.get_memory_footprint() < full.get_memory_footprint()
+
+
+def test_4bit_on_the_cpu_keeps_only_layers_the_cpu_kernel_cannot_pack_unquantized(backbone_dir, batch, caplog):
+    """bitsandbytes' CPU kernel repacks 4-bit weights (on CPUs with AVX512-BF16) and fails for in_features not a
+    multiple of 64 or out_features not a multiple of 32: those layers load unquantized on every host, the log says
+    which and why, and every layer left in 4-bit goes through that repacking (run here whatever this CPU has)."""
+    import bitsandbytes.functional as bnb_functional
+
+    config = quantization_config("bnb-4bit")
+    with caplog.at_level("WARNING", logger="arr_coc.loading"):
+        model = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(backbone_dir), quantization_config=config,
+                                                                     device_map="cpu")  # fmt: skip
+    assert config.llm_int8_skip_modules is None  # the caller's config is not changed
+    linears = {n: m for n, m in model.vlm.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = {n for n, m in linears.items() if type(m).__name__ == "Linear4bit"}
+    unfit = {n for n, m in linears.items() if m.in_features % 64 or m.out_features % 32}
+    assert unfit and all(n.startswith("model.visual.") for n in unfit)  # the tiny backbone's 32-wide vision tower
+    assert quantized == set(linears) - unfit - {"lm_head"}  # transformers' own default skip (lm_head) still holds
+    assert "keeping" in caplog.text and all(n in caplog.text for n in unfit) and "multiple of 64" in caplog.text
+    for name in quantized:
+        weight = linears[name].weight
+        bnb_functional._convert_weight_packed_for_cpu(weight.data.clone(), copy.deepcopy(weight.quant_state))
+    out = model.generate(**batch, compression=4, max_new_tokens=3, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 2
+
+
+def test_4bit_layout_is_left_alone_off_the_cpu_and_for_8bit(backbone_dir):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from arr_coc.loading import fit_4bit_to_cpu
+
+    config = AutoConfig.from_pretrained(backbone_dir)
+    build = lambda: AutoModelForImageTextToText.from_config(config)  # noqa: E731
+    for options in ({"quantization_config": quantization_config("bnb-4bit"), "device_map": "cuda:0"},
+                    {"quantization_config": quantization_config("bnb-4bit"), "device_map": {"model": "cuda:0",
+                                                                                             "lm_head": "cpu"}},
+                    {"quantization_config": quantization_config("bnb-8bit"), "device_map": "cpu"},
+                    {"device_map": "cpu"}):  # fmt: skip
+        assert fit_4bit_to_cpu(options, config, build) is options
+    fitted = fit_4bit_to_cpu({"quantization_config": quantization_config("bnb-4bit"), "device_map": {"": "cpu"}},
+                             config, build)  # fmt: skip
+    assert "model.visual.blocks.0.attn.qkv" in fitted["quantization_config"].llm_int8_skip_modules
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +200,10 @@ print(json.dumps({"class": type(model).__name__, "sequences": out.sequences.toli
 """
 
 
+# the environment of a process where arr-coc is not installed: no PYTHONPATH that reaches a source tree of it
+WITHOUT_ARR_COC = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 @pytest.fixture(scope="module")
 def venv_without_arr_coc(tmp_path_factory):
     """A virtual environment with torch and transformers (the project's installed copies) but not arr-coc."""
@@ -182,7 +229,7 @@ def test_remote_code_checkpoint_runs_where_arr_coc_is_not_installed(
     processor.save_pretrained(tmp_path / "shared", remote_code=True)
     samples[0]["image"].save(tmp_path / "q.png")
     proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(tmp_path / "shared"), str(tmp_path / "q.png"), samples[0]["question"]],
-                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=WITHOUT_ARR_COC)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     inputs = processor(images=[samples[0]["image"].convert("RGB")], text=[samples[0]["question"]])
@@ -208,7 +255,7 @@ def test_heads_only_checkpoint_loads_through_remote_code_too(
     arr_coc.ArrCocProcessor.from_pretrained(backbone_dir).save_pretrained(heads, remote_code=True)
     samples[1]["image"].save(tmp_path / "q.png")
     proc = subprocess.run([venv_without_arr_coc, "-c", NO_PACKAGE_SCRIPT, str(heads), str(tmp_path / "q.png"), samples[1]["question"]],
-                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))  # fmt: skip
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=WITHOUT_ARR_COC)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

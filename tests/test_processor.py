@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -157,3 +158,104 @@ def test_the_prompt_without_a_chat_template_is_the_templates_and_batches_are_lef
     assert torch.equal(left_pad(rows, -1), torch.tensor([[[-1, -1], [-1, -1], [1, 2]], [[3, 4], [5, 6], [7, 8]]]))
     with pytest.raises(ValueError, match="more than the padded length 2"):
         left_pad(rows, length=2)
+
+
+# ---------------------------------------------------------------- per-call options: honoured or refused (issue 16, 3)
+
+
+def _grid_tokens(out) -> list[int]:
+    return (out["image_grid_thw"].prod(-1) // 4).tolist()
+
+
+@pytest.mark.parametrize(
+    ("options", "size"),
+    [
+        ({"images_kwargs": {"max_pixels": 224 * 224}}, {"longest_edge": 224 * 224}),
+        ({"max_pixels": 224 * 224}, {"longest_edge": 224 * 224}),
+        ({"images_kwargs": {"min_pixels": 600 * 600}}, {"shortest_edge": 600 * 600}),
+        ({"size": {"shortest_edge": 56 * 56, "longest_edge": 336 * 336}}, {"longest_edge": 336 * 336}),
+        ({"images_kwargs": {"size": {"longest_edge": 10**6}, "max_pixels": 112 * 112}}, {"longest_edge": 112 * 112}),
+    ],
+)
+def test_resolution_options_are_honoured_per_call_like_the_image_processor(make_processor, options, size):
+    processor = make_processor("qwen2_vl")
+    image = Image.new("RGB", (448, 448), (200, 120, 40))
+    default = processor(images=[image], text=["What is there?"])
+    assert _grid_tokens(default) == [256]
+    out = processor(images=[image], text=["What is there?"], **options)
+    bounds = {"shortest_edge": processor.image_processor.size.shortest_edge,
+              "longest_edge": processor.image_processor.size.longest_edge, **size}  # fmt: skip
+    direct = processor.image_processor([image], return_tensors="pt", size=bounds)
+    assert torch.equal(out["image_grid_thw"], direct["image_grid_thw"]) and _grid_tokens(out) != [256]
+    assert torch.equal(out["pixel_values"], direct["pixel_values"])
+    assert int((out["input_ids"] == processor.image_token_id).sum()) == _grid_tokens(out)[0]
+    again = processor(images=[image], text=["What is there?"])  # per call: the next call is back to the default
+    assert torch.equal(again["image_grid_thw"], default["image_grid_thw"])
+
+
+def test_the_image_processors_value_options_are_honoured(make_processor):
+    processor = make_processor("qwen2_vl")
+    image = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8)
+    )  # resized to 84x112
+    for options in ({"do_normalize": False}, {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]},
+                    {"rescale_factor": 1 / 127.5}, {"resample": 0}):  # fmt: skip
+        out = processor(images=[image], text=["What?"], images_kwargs=options)
+        assert torch.equal(
+            out["pixel_values"], processor.image_processor([image], return_tensors="pt", **options)["pixel_values"]
+        )
+        assert not torch.equal(out["pixel_values"], processor(images=[image], text=["What?"])["pixel_values"]), options
+
+
+def test_text_options_are_honoured(make_processor, make_model, samples):
+    processor = make_processor("qwen2_vl")
+    images, questions = [s["image"] for s in samples[:2]], ["Which code?", "What is the total amount due here?"]
+    base = processor(images=images, text=questions)
+    n = base["input_ids"].shape[1]
+    padded = processor(images=images, text=questions, padding="max_length", max_length=n + 5)
+    assert padded["input_ids"].shape[1] == n + 5 and torch.equal(padded["input_ids"][:, 5:], base["input_ids"])
+    assert (padded["attention_mask"][:, :5] == 0).all()  # on the left
+    multiple = processor(images=images, text=questions, text_kwargs={"pad_to_multiple_of": 64})
+    assert multiple["input_ids"].shape[1] % 64 == 0 and torch.equal(multiple["input_ids"][:, -n:], base["input_ids"])
+    model = make_model("qwen2_vl", allocator="quadtree", min_tokens=4, max_tokens=16)
+    with torch.no_grad():
+        want = model.generate(**base, max_new_tokens=3, do_sample=False)[:, n:]
+        got = model.generate(**padded, max_new_tokens=3, do_sample=False)[:, n + 5 :]
+    assert torch.equal(want, got)
+    one = processor(images=images[:1], text=questions[:1], padding=False, truncation=False, padding_side="left")
+    assert torch.equal(one["input_ids"], processor(images=images[:1], text=questions[:1])["input_ids"])
+    with pytest.raises(ValueError, match="different lengths.*padding=True"):
+        processor(images=images, text=questions, padding=False)
+    with pytest.raises(ValueError, match="over max_length=10; arr-coc does not truncate"):
+        processor(images=images, text=questions, max_length=10)
+    lean = processor(images=images, text=questions, return_attention_mask=False, return_mm_token_type_ids=False)
+    assert set(base) - set(lean) == {"attention_mask", "mm_token_type_ids"}
+    arrays = processor(images=images, text=questions, common_kwargs={"return_tensors": "np"})
+    assert all(type(v).__module__ == "numpy" for v in arrays.values())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"padding_side": "right"}, ValueError, "pads on the left.*padding_side"),
+        ({"text_kwargs": {"padding_side": "right"}}, ValueError, "pads on the left"),
+        ({"truncation": True}, ValueError, "loses image tokens.*max_pixels"),
+        ({"text_kwargs": {"truncation": "longest_first"}}, ValueError, "shorten the question"),
+        ({"do_resize": False}, ValueError, "max_pixels, min_pixels or size"),
+        ({"images_kwargs": {"do_convert_rgb": False}}, ValueError, "one rule"),
+        ({"images_kwargs": {"patch_size": 16}}, ValueError, "saved with the model"),
+        ({"merge_size": 4}, ValueError, "vision encoder"),
+        ({"videos_kwargs": {"fps": 2}}, ValueError, "video and audio input are not supported"),
+        ({"padding": "everywhere"}, ValueError, "expected True"),
+        ({"padding": "max_length"}, ValueError, "needs max_length"),
+        ({"return_tensors": None}, ValueError, "'pt' .* or 'np'"),
+        ({"stride": 2}, TypeError, "does not take \\['stride'\\]; it takes"),
+        ({"images_kwargs": {"crop_size": 224}}, TypeError, "image options"),
+        ({"text_kwargs": {"return_offsets_mapping": True}}, TypeError, "text options"),
+        ({"fps": 2}, TypeError, "fps"),
+    ],
+)
+def test_unsupported_options_are_refused_with_what_to_do_instead(make_processor, samples, options, error, message):
+    processor = make_processor("qwen2_vl")
+    with pytest.raises(error, match=message):
+        processor(images=[samples[0]["image"]], text=["What is there?"], **options)

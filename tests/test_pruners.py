@@ -19,10 +19,10 @@ from arr_coc.evaluation.pruners import (
     greedy_dpp_map,
     instruction_relevance,
     merged_pixel_blocks,
-    patch_rows,
     pixelprune_select,
     split_images,
 )
+from arr_coc.relevance.saccade import PatchGeometry
 from conftest import FAMILIES
 
 
@@ -256,7 +256,8 @@ def test_pixelprune_on_processor_patches_drops_duplicate_blocks(family):
     alone = merged_pixel_blocks(processor(images=[image.transpose(Image.FLIP_LEFT_RIGHT)], return_tensors="pt")
                                 ["pixel_values"], grid_thw[1:], **kw)[0]  # fmt: skip
     assert torch.equal(alone, blocks[1])
-    rows = patch_rows(kept, processor.merge_size)
+    geometry = PatchGeometry(3, processor.temporal_patch_size, processor.patch_size, processor.merge_size)
+    rows = geometry.cell_patches(kept)  # the kept blocks' processor rows: what the encoder is given
     assert rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19]
     assert torch.equal(inputs["pixel_values"][rows[-4:]], inputs["pixel_values"][16:20])
 

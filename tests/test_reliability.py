@@ -72,7 +72,7 @@ def catalogue(tmp_path_factory):
         "NaN pixels": (np.full((40, 50, 3), np.nan, dtype=np.float32), "error:NaN"),
         "inf pixels": (torch.full((3, 40, 50), float("inf")), "error:NaN or infinite"),
         "wrong dtype": (np.zeros((40, 50, 3), dtype=np.int64), "error:dtype"),
-        "floats out of range": (np.full((40, 50, 3), 7.0), "error:expected \\[0, 1\\]"),
+        "floats out of range": (np.full((40, 50, 3), 300.0), "error:expected \\[0, 1\\]"),
         "a path that does not exist": (d / "missing.png", "missing:does not exist"),
         "bytes": (png, "ok"),
     }
@@ -327,7 +327,7 @@ def test_same_inputs_same_allocation_and_answer_run_to_run_and_alone_vs_batch(sm
 # --------------------------------------------------------------------------- the app under load
 
 
-def _load(small_model, tmp_path, concurrent, sequential, port):
+def _load(small_model, tmp_path, concurrent, sequential, port=0):
     from arr_coc.app.load import run_load
 
     model, processor = small_model
@@ -355,15 +355,63 @@ def _check_load(result, concurrent, sequential, max_rss_growth):
     assert 0 < result["p50_s"] <= result["p99_s"]
 
 
+def test_load_harness_says_when_the_server_exited(tmp_path):
+    """A server that exited (not yet reaped: a zombie, with no VmRSS) is reported with its exit code and the tail of
+    its log, not as a missing memory reading; a live one gives its resident memory."""
+    import subprocess
+    import sys
+    import time
+
+    from arr_coc.app.load import rss_mb
+
+    def exited_unreaped(process):
+        while "State:\tZ" not in open(f"/proc/{process.pid}/status").read():
+            time.sleep(0.05)
+        return process
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-c", "print('model loaded'); print('out of luck'); exit(3)"],
+                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"exited \(exit code 3\)[^\n]*\n(.|\n)*out of luck"):
+        rss_mb(exited_unreaped(server), str(log_path))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert rss_mb(live, str(log_path)) > 0
+        live.kill()
+        with pytest.raises(RuntimeError, match=r"exited \(signal 9\)"):
+            rss_mb(exited_unreaped(live), str(log_path))
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_load_harness_refuses_a_port_another_server_holds(tmp_path):
+    """A taken port is refused before the server starts: another process would answer the requests in its place
+    while the started server exits (the smoke test once failed that way when two runs shared a fixed port)."""
+    import socket
+
+    from arr_coc.app.load import free_port, start_server
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {taken} on 127.0.0.1 is in use"):
+            start_server("arr-coc-tiny", taken, 2, str(tmp_path / "server.log"))
+    assert not (tmp_path / "server.log").exists()  # nothing was started
+    assert free_port() > 0
+
+
 def test_app_under_load_smoke(small_model, tmp_path):
     """A short run in CI: concurrent and sequential requests with malformed uploads mixed in (memory is still
     settling after so few requests: only a gross leak fails it here; the full run holds the 10% target)."""
-    result = _load(small_model, tmp_path, concurrent=8, sequential=16, port=7893)
+    result = _load(small_model, tmp_path, concurrent=8, sequential=16)
     _check_load(result, 8, 16, max_rss_growth=0.25)
 
 
 @pytest.mark.slow
 def test_app_under_load(small_model, tmp_path):
     """The full run: 50 concurrent and 500 sequential requests (python -m pytest -m slow)."""
-    result = _load(small_model, tmp_path, concurrent=50, sequential=500, port=7894)
+    result = _load(small_model, tmp_path, concurrent=50, sequential=500)
     _check_load(result, 50, 500, max_rss_growth=0.10)

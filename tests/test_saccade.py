@@ -67,18 +67,62 @@ def test_crops_enter_the_encoder_at_their_true_positions(family, make_backbone):
         lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])),
         with_kwargs=True,
     )  # fmt: skip
-    box = (2, 3, 5, 8)
+    box, scattered = (2, 3, 5, 8), torch.tensor([0, 7, 9, 25, 40])  # a crop, and cells as a pruner keeps them
     try:
         with torch.no_grad():
             adapter.encode_images(pixels, thw)
             crops = adapter.encode_crops(pixels, thw[0], [box])
+            adapter.encode_cells(pixels, thw[0], [scattered])
     finally:
         hook.remove()
-    (full_hidden, (full_cos, full_sin)), (crop_hidden, (crop_cos, crop_sin)) = seen
-    index = adapter.patch_geometry.crop_patches(thw[0], box)
-    assert torch.allclose(crop_hidden, full_hidden[index], atol=1e-6)
-    assert torch.allclose(crop_cos, full_cos[index]) and torch.allclose(crop_sin, full_sin[index])
+    (full_hidden, (full_cos, full_sin)), *parts = seen
+    geometry = adapter.patch_geometry
+    indices = [geometry.crop_patches(thw[0], box), geometry.cell_patches(scattered)]
+    for (hidden, (cos, sin)), index in zip(parts, indices):
+        assert torch.allclose(hidden, full_hidden[index], atol=1e-6)
+        assert torch.allclose(cos, full_cos[index]) and torch.allclose(sin, full_sin[index])
     assert crops[0].tokens.shape[0] == 3 * 5 and crops[0].grid == (1, 3, 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoding_every_cell_as_one_group_is_the_whole_image_encoding(family, make_backbone):
+    from arr_coc.backbones import adapter_for
+
+    adapter = adapter_for(make_backbone(family))
+    out = image_processor_for(family)(images=[_image(family, 6, 8, seed=2)], return_tensors="pt")
+    pixels, thw = out["pixel_values"], out["image_grid_thw"]
+    with torch.no_grad():
+        whole = adapter.encode_images(pixels, thw)[0]
+        cells = adapter.encode_cells(pixels, thw[0], [torch.arange(48)])[0]
+    assert cells.grid == (1, 1, 48) and len(cells.extra) == len(whole.extra)
+    for ours, theirs in zip([cells.tokens, *cells.extra], [whole.tokens, *whole.extra]):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    with pytest.raises(ValueError, match="1 or more cells"):
+        adapter.encode_cells(pixels, thw[0], [torch.tensor([48])])
+
+
+def test_qwen2_5_vl_cells_keep_the_whole_images_attention_windows(tokenizer):
+    """With window attention only (no full-attention block), a scattered set of whole windows – not a box, not at the
+    image's origin – encodes exactly as those cells do in the whole image: the windows are the full image's."""
+    from transformers import AutoModelForImageTextToText
+
+    from arr_coc.backbones import adapter_for
+    from arr_coc.backbones.shapes import tiny_config
+
+    config = tiny_config("qwen2_5_vl", tokenizer)
+    config.vision_config.fullatt_block_indexes = []
+    torch.manual_seed(0)
+    adapter = adapter_for(AutoModelForImageTextToText.from_config(config).eval())
+    out = image_processor_for("qwen2_5_vl")(images=[_image("qwen2_5_vl", 6, 8, seed=3)], return_tensors="pt")
+    pixels, thw = out["pixel_values"], out["image_grid_thw"]
+    # windows are 2 x 2 merged cells here (56 px); take window (0, 1) and window (2, 3), and cell order shuffled
+    cells = torch.tensor([46, 2, 11, 3, 38, 10, 39, 47])
+    with torch.no_grad():
+        whole = adapter.encode_images(pixels, thw)[0].tokens
+        ours = adapter.encode_cells(pixels, thw[0], [cells])[0].tokens
+        cut = adapter.encode_cells(pixels, thw[0], [cells[:3]])[0].tokens  # a window cut to 1 or 2 of its cells
+    assert torch.allclose(ours, whole[cells], atol=1e-5)
+    assert not torch.allclose(cut, whole[cells[:3]], atol=1e-5)  # (so the check above can fail)
 
 
 @given(

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 import arr_coc
@@ -41,20 +42,38 @@ def test_demo_end_to_end_in_a_subprocess(tmp_path):
     assert text.returncode == 0 and "answer:" in text.stdout and "tokens:" in text.stdout and "picture:" in text.stdout
 
 
-def test_the_shipped_model_reads_held_out_samples_at_full_tokens():
-    """A regression guard on 40 held-out samples per task: at least the issue's 0.85 or – while the shipped
-    checkpoint is below that – what export measured on the same 40 samples, less 2 answers."""
-    from arr_coc.data.synthetic import TASKS, normalize_answer
-    from arr_coc.evaluation.harness import synthetic_samples
+# The reading conditions of the model card (`arr_coc.tiny.evaluate.reading_report`) and the issue's target for each:
+# every visual token ≥ 0.90; the page resized to 0.7x ≥ 0.85 of that; a crop around the answer ≥ 0.95; the
+# independently written generator within 0.05 of the project's own.
+CONDITIONS = {
+    "full": ({}, lambda full: 0.90),
+    "scale_0.7": ({"scale": 0.7}, lambda full: 0.85 * full),
+    "crop": ({"crop": True}, lambda full: 0.95),
+    "second_generator": ({"generator": "contract"}, lambda full: full - 0.05),
+}
+
+
+@pytest.mark.parametrize("condition", list(CONDITIONS))
+def test_the_shipped_model_reads_held_out_samples_at_full_tokens(condition):
+    """A regression guard on 40 held-out samples per task and reading condition, through the arr-coc pipeline at
+    every visual token: at least the issue's target or – while the shipped checkpoint is below it – what export
+    measured on the same 40 samples (``heldout_accuracy.json``), less 2 answers."""
+    from arr_coc.data import contract
+    from arr_coc.data.synthetic import EVAL_SEED_START, TASKS, normalize_answer
     from arr_coc.relevance import ALL_TOKENS
+    from arr_coc.tiny.evaluate import condition_samples
 
     folder = EMBEDDED_MODELS["arr-coc-tiny"]
     with open(os.path.join(folder, "heldout_accuracy.json")) as f:
-        card = json.load(f)
+        measured = json.load(f)["conditions"]
+    options, target = CONDITIONS[condition]
+    if options.get("generator") == "contract":
+        options = {"generator": contract.generate, "seeds_from": contract.SEED_START}
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained("arr-coc-tiny").eval()
     processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny")
     for task in TASKS:
-        samples = synthetic_samples([task], 40)
+        samples = condition_samples(task, 40, **{"seeds_from": EVAL_SEED_START, **options})
         answers = arr_coc.pipeline.answer_batches(model, processor, samples, batch_size=8, budget=ALL_TOKENS)
         correct = sum(normalize_answer(a) == normalize_answer(s["answer"]) for a, s in zip(answers, samples))
-        assert correct / len(samples) >= min(0.85, card["first_40"][task] - 0.05), (task, correct)
+        floor = min(target(measured["full"]["first_40"][task]), measured[condition]["first_40"][task] - 0.05)
+        assert correct / len(samples) >= floor, (task, condition, correct)

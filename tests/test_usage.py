@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -200,11 +202,11 @@ def test_app_answers_like_the_model_over_http(loaded, samples, tmp_path):
 
     model, processor = loaded
     app = build_app(model, processor, max_new_tokens=6)
-    app.launch(server_name="127.0.0.1", server_port=0 if False else 7871, prevent_thread_lock=True, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     try:
         path = tmp_path / "q.png"
         samples[0]["image"].save(path)
-        client = Client("http://127.0.0.1:7871/", verbose=False)
+        client = Client(app.local_url, verbose=False)  # gradio chose a free port
         answer, tokens, full, picture, knowing = client.predict(
             handle_file(str(path)), samples[0]["question"], "fixed", 24, 8, api_name="/ask"
         )
@@ -231,14 +233,40 @@ def test_app_answers_like_the_model_over_http(loaded, samples, tmp_path):
         app.close()
 
 
-CHROMIUM = "/usr/bin/chromium"
+def test_app_opens_with_held_out_examples_and_only_the_budget_field_in_use(loaded, tmp_path):
+    from arr_coc.app.app import budget_fields, build_app, example_files
+    from arr_coc.data.synthetic import EVAL_SEED_START, TASKS, generate
+
+    app = build_app(*loaded)
+    components = {c["id"]: c for c in app.config["components"]}
+    by_elem = {c["props"].get("elem_id"): c for c in components.values()}
+    assert not by_elem["budget"]["props"]["visible"] and not by_elem["ratio"]["props"]["visible"]
+    change = next(d for d in app.config["dependencies"] if d["targets"] == [(by_elem["mode"]["id"], "change")])
+    assert change["outputs"] == [by_elem["budget"]["id"], by_elem["ratio"]["id"]]
+    shown = {mode: tuple(update["visible"] for update in budget_fields(mode)) for mode in ("auto", "fixed", "ratio")}
+    assert shown == {"auto": (False, False), "fixed": (True, False), "ratio": (False, True)}
+    examples = by_elem["examples"]["props"]["samples"]
+    rows = example_files(folder=str(tmp_path))
+    assert [question for _, question in examples] == [question for _, question in rows] and len(rows) == 2 * len(TASKS)
+    for i, (shown_image, question) in enumerate(examples):
+        sample = generate(TASKS[i // 2], EVAL_SEED_START + i % 2)  # held out: never a training seed
+        assert sample["question"] == question
+        assert np.array_equal(np.asarray(Image.open(shown_image["path"]).convert("RGB")), np.asarray(sample["image"]))
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (CI installs it)")
+CHROMIUM = os.environ.get("ARR_COC_CHROMIUM") or shutil.which("chromium")
+CHROMIUM_MISSING = (
+    "chromium is not installed: `make test` installs it where it runs as root with apt; otherwise run "
+    "`sudo apt-get install chromium` (Debian/Ubuntu) or point ARR_COC_CHROMIUM at a chromium binary"
+)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=CHROMIUM_MISSING)
 def test_browser_uploads_a_sample_and_sees_the_answer_and_heatmap(loaded, samples, tmp_path):
+    """Also: only the budget field of the chosen mode shows, and a held-out example is one click from an answer."""
     from playwright.sync_api import sync_playwright
 
-    from arr_coc.app.app import build_app
+    from arr_coc.app.app import build_app, example_files
 
     model, processor = loaded
     app = build_app(model, processor, max_new_tokens=6)
@@ -257,6 +285,14 @@ def test_browser_uploads_a_sample_and_sees_the_answer_and_heatmap(loaded, sample
                 "--disable-sync", "--no-first-run", "--disable-quic"])  # fmt: skip
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
             page.goto("http://127.0.0.1:7872/", timeout=60_000)
+            fields = {}
+            for mode in ("auto", "fixed", "ratio", "auto"):
+                page.locator("#mode label", has_text=mode).click()
+                page.wait_for_function(
+                    f"!!document.querySelector('#budget') === {str(mode == 'fixed').lower()} && "
+                    f"!!document.querySelector('#ratio') === {str(mode == 'ratio').lower()}", timeout=10_000,
+                )  # fmt: skip
+                fields[mode] = (page.locator("#budget").is_visible(), page.locator("#ratio").is_visible())
             page.locator("#image input[type=file]").set_input_files(str(path))
             page.locator("#question textarea").fill(samples[0]["question"])
             page.locator("#ask").click()
@@ -269,9 +305,24 @@ def test_browser_uploads_a_sample_and_sees_the_answer_and_heatmap(loaded, sample
             heatmap.wait_for(timeout=30_000)
             width = page.evaluate("document.querySelector('#heatmap img').naturalWidth")
             page.screenshot(path=os.path.join(artifacts, "app.png"), full_page=True)
+            page.locator("#examples [data-testid=dataset-cell-2-1]").click()  # the first doc-fields example
+            example_path, example_question = example_files(folder=str(tmp_path))[2]
+            page.wait_for_function(
+                f"document.querySelector('#question textarea').value === {example_question!r}", timeout=10_000
+            )
+            example_expected, out = _direct(model, processor, [Image.open(example_path).convert("RGB")],
+                                            [example_question], max_new_tokens=6)  # fmt: skip
+            page.locator("#ask").click()
+            tokens = f"{int(out.tokens_used[0])} of {int(out.native_tokens[0])} native"
+            page.wait_for_function(
+                f"document.querySelector('#tokens textarea').value.startsWith({tokens!r})", timeout=120_000
+            )
+            example_shown = page.locator("#answer textarea").input_value()
             browser.close()
         assert shown == expected[0]
         assert width > 100
+        assert fields == {"auto": (False, False), "fixed": (True, False), "ratio": (False, True)}
+        assert example_shown == example_expected[0]
     finally:
         app.close()
 

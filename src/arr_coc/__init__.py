@@ -1,11 +1,13 @@
 """arr-coc: query-aware visual token budgets for Qwen2-VL-family models on Hugging Face transformers.
 
-``import arr_coc`` registers the model with AutoConfig, AutoModelForImageTextToText and AutoProcessor.
+``import arr_coc`` registers the model with AutoConfig, AutoModelForImageTextToText and AutoProcessor, the
+``relevance-vqa`` pipeline (its default model: the embedded arr-coc-tiny), and makes a Hub lookup of the
+embedded model's name fail at once (`arr_coc.assets.guard_hub_lookups`).
 """
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .assets import resolve_model_path
+from .assets import guard_hub_lookups, resolve_model_path
 from .configuration_arr_coc import ArrCocConfig
 from .modeling_arr_coc import ArrCocForConditionalGeneration, RelevanceRealization
 from .pipeline import register as register_pipeline
@@ -18,6 +20,7 @@ AutoConfig.register(ArrCocConfig.model_type, ArrCocConfig, exist_ok=True)
 AutoModelForImageTextToText.register(ArrCocConfig, ArrCocForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(ArrCocConfig, ArrCocProcessor, exist_ok=True)
 register_pipeline()
+guard_hub_lookups()
 
 __all__ = [
     "Allocation", "ArrCocConfig", "ArrCocForConditionalGeneration", "ArrCocProcessor", "Region",

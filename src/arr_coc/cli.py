@@ -1,4 +1,7 @@
-"""``arr-coc``: the command line. ``arr-coc <command> --help`` explains each command's options."""
+"""The commands of ``arr-coc``: ``cmd_<command>(args)`` for each; their options and the entry point are in
+`arr_coc_cli` (outside this package, so that ``--help`` need not import it). ``python -m arr_coc.cli`` and
+`main` run the same command line.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +11,7 @@ import os
 import sys
 import time
 
-DEFAULT_MODEL = "arr-coc-tiny"
-
-
-def _model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
-    )
-    parser.add_argument(
-        "--encoding", choices=("single", "saccade"), default=None,
-        help="'single': encode the whole image, then compress; 'saccade': encode a gist, then only the regions "
-        "that matter at full resolution (saves encoder time). Default: the model's config",
-    )  # fmt: skip
-
-
-def _budget_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--budget", type=int, help="visual tokens per image (default: the model picks, in [min_tokens, max_tokens])"
-    )
-    group.add_argument(
-        "--compression", type=float, help="a ratio of the native token count: budget = ceil(native / ratio)"
-    )
+from arr_coc_cli import main
 
 
 def _load(model_name: str, encoding: str | None = None):
@@ -49,24 +31,25 @@ def _open_image(path: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Answer one question about one image and draw where the tokens went."""
+    """``arr-coc demo``: answer one question about one image and draw where the tokens went."""
     from .data.synthetic import eval_seeds, generate
     from .figures import realization_figure
     from .pipeline import answer
 
     started = time.time()
-    model, processor = _load(args.model, args.encoding)
     if args.image:
         if not args.question:
-            raise SystemExit("arr-coc demo: --image needs --question")
+            raise ValueError("--image needs --question")
         image, question, expected = _open_image(args.image), args.question, None
     else:
         sample = generate(args.task, eval_seeds(1, args.index)[0])
         image, question, expected = sample["image"], args.question or sample["question"], sample["answer"]
+    model, processor = _load(args.model, args.encoding)  # after the image is known to be readable
     result = answer(model, processor, [image], [question], budget=args.budget, compression=args.compression)[0]
     realization = result["realization"]
     caption = f"Q: {question}   A: {result['answer']}"
-    realization_figure(image, realization, caption, knowing_maps=True).save(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    realization_figure(image, realization, caption, knowing_maps=True, expected=expected).save(args.out)
     report = {
         "question": question,
         "answer": result["answer"],
@@ -137,8 +120,8 @@ def _distributed() -> tuple[int, int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Answer one question about one image, or every row of a JSONL file / folder (sharded across
-    processes under torchrun or accelerate launch, merged in input order)."""
+    """``arr-coc run``: one image and question, or every row of a JSONL file / folder (sharded across processes
+    under torchrun or accelerate launch, merged in input order)."""
     from tqdm.auto import tqdm
 
     from .figures import realization_figure
@@ -151,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows = [{"id": 0, "image": args.image, "question": args.question}] if args.image else read_inputs(args.input)
     rank, world = _distributed()
     mine = rows[rank::world]
+    for row in mine:  # every image this process reads is there and readable before the model loads
+        _open_image(row["image"])
     model, processor = _load(args.model, args.encoding)
     results = []
     for start in tqdm(
@@ -167,9 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if "answer" in row:
                 record["expected"] = row["answer"]
             if args.heatmap and args.image:
-                realization_figure(image, out["realization"], f"Q: {row['question']}   A: {out['answer']}").save(
-                    args.heatmap
-                )
+                caption = f"Q: {row['question']}   A: {out['answer']}"
+                realization_figure(image, out["realization"], caption, expected=row.get("answer")).save(args.heatmap)
                 record["heatmap"] = os.path.abspath(args.heatmap)
             results.append(record)
     if world > 1:
@@ -198,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Methods x budgets x tasks on the same held-out samples: JSON, a markdown table and plots."""
+    """``arr-coc eval``: methods x budgets x tasks on the same held-out samples; JSON, markdown and plots."""
     from .data import parse_data_spec
     from .evaluation.harness import BUDGETS, METHODS, evaluate, example_allocations, synthetic_samples, write_outputs
 
@@ -218,7 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = load_vqa(schema, source, split=args.split, limit=args.n)
         samples = [dict(r, task=schema, answer_box=None, id=i) for i, r in enumerate(rows)]
     result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, fastv_layer=args.fastv_layer)  # fmt: skip
+                      timing_samples=args.timing_n, threads=args.threads, max_new_tokens=args.max_new_tokens,
+                      prune_layer=args.prune_layer)  # fmt: skip
     paths = write_outputs(result, args.out, title=f"{args.model} on {args.data} (n={args.n} per task)")
     paths["examples"] = example_allocations(model, processor, samples, args.out)
     print(open(paths["markdown"]).read() if not args.json else json.dumps(paths))
@@ -226,7 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    """Serve the web app: upload an image, ask, and see the relevance heatmap and the allocation."""
+    """``arr-coc app``: serve the web app."""
     from .app.app import build_app
 
     model, processor = _load(args.model, args.encoding)
@@ -237,8 +222,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export the learned relevance heads (torch.export .pt2 and ONNX with dynamic sizes), and/or write
-    the model as a remote-code checkpoint that loads without arr-coc installed."""
+    """``arr-coc export``: the learned heads (.pt2 and ONNX) and/or a remote-code checkpoint."""
     model, processor = _load(args.model, args.encoding)
     report = {}
     if args.heads:
@@ -255,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Write synthetic samples (PNG + JSONL) for people to look at."""
+    """``arr-coc data``: synthetic samples (PNG + JSONL) for people to look at."""
     from .data.synthetic import EVAL_SEED_START, TASKS, write_samples
 
     tasks = TASKS if args.task == "all" else (args.task,)
@@ -265,115 +249,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="arr-coc", description="Query-aware visual token budgets for Qwen2-VL-family models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+def cmd_train(args: argparse.Namespace) -> int:
+    """``arr-coc train``: see `arr_coc.training.run`."""
+    from .training.run import main_from_args
 
-    p = sub.add_parser("run", help="answer a question about an image, or a JSONL file / folder of them",
-                       description=cmd_run.__doc__)  # fmt: skip
-    _model_arg(p)
-    p.add_argument("--image", help="an image file")
-    p.add_argument("--question", help="the question about --image")
-    p.add_argument("--input", help="a JSONL file (image, question[, id, answer] per line) or a folder")
-    p.add_argument("--output", help="write one JSON result per line here")
-    _budget_args(p)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--heatmap", help="with --image: write the relevance heatmap and allocation here (PNG)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("demo", help="answer a held-out sample (or your image) with arr-coc-tiny and draw the allocation",
-                       description=cmd_demo.__doc__)  # fmt: skip
-    _model_arg(p)
-    p.add_argument("--image", help="an image file (default: render a held-out synthetic sample)")
-    p.add_argument("--question", help="the question (default: the sample's own)")
-    p.add_argument(
-        "--task", default="doc-fields", choices=["box-codes", "doc-fields"], help="which synthetic task to render"
-    )
-    p.add_argument("--index", type=int, default=0, help="which held-out sample to render")
-    _budget_args(p)
-    p.add_argument("--out", default="arr-coc-demo.png", help="where to write the picture (PNG)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.set_defaults(func=cmd_demo)
-
-    from .training.run import __doc__ as train_doc
-    from .training.run import add_arguments, main_from_args
-
-    p = sub.add_parser("train", help="train the relevance heads (transformers.Trainer; torchrun/accelerate ready)",
-                       description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(p)
-    p.set_defaults(func=main_from_args)
-
-    p = sub.add_parser("eval", help="accuracy kept per token budget, arr-coc against every baseline, in one run",
-                       description=cmd_eval.__doc__)  # fmt: skip
-    _model_arg(p)
-    p.add_argument(
-        "--data",
-        default="synthetic",
-        help="'synthetic', 'synthetic:box-codes', or SCHEMA:SOURCE (vqav2/textvqa/docvqa/chartqa)",
-    )
-    p.add_argument("--split", default="validation", help="the split of a VQA data set")
-    p.add_argument("--n", type=int, default=50, help="samples per task (held-out seeds for the synthetic tasks)")
-    p.add_argument(
-        "--methods",
-        default="all",
-        help="comma-separated: full, downsample, uniform-pool, random, query-agnostic, text-attention, arr-coc-free, arr-coc",
-    )
-    p.add_argument(
-        "--budgets", default="all", help="comma-separated: fractions like 1/8 of native and/or token counts like 64"
-    )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument(
-        "--fastv-layer",
-        type=int,
-        default=None,
-        help="the language-model layer where text-attention prunes (default 2; 1 for 2-3 layer models)",
-    )
-    p.add_argument("--out", default="eval-results", help="output folder (results.json, results.md, plots)")
-    p.add_argument("--json", action="store_true", help="print the output paths as JSON instead of the table")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("app", help="serve the web app (Gradio) on 127.0.0.1", description=cmd_app.__doc__)
-    _model_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--concurrency", type=int, default=2, help="requests answered at once; the rest wait in the queue")
-    p.add_argument("--queue-size", type=int, default=64, help="requests that may wait before new ones are refused")
-    p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (width x height)")
-    p.set_defaults(func=cmd_app)
-
-    p = sub.add_parser("export", help="export the relevance heads (torch.export, ONNX) and/or a remote-code checkpoint",
-                       description=cmd_export.__doc__)  # fmt: skip
-    _model_arg(p)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--heads", action=argparse.BooleanOptionalAction, default=True, help="export the learned heads (default on)"
-    )
-    p.add_argument("--remote-code", action="store_true", help="also write a checkpoint with flat code and auto_map")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("data", help="write synthetic task samples (PNG + JSONL)", description=cmd_data.__doc__)
-    p.add_argument("--task", default="all", choices=["all", "box-codes", "doc-fields"])
-    p.add_argument("--n", type=int, default=10, help="samples per task")
-    p.add_argument("--seed-start", type=int, default=0, help="first seed")
-    p.add_argument("--held-out", action="store_true", help="use the held-out evaluation seeds")
-    p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=cmd_data)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"arr-coc {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return main_from_args(args)
 
 
 if __name__ == "__main__":

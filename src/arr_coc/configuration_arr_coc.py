@@ -7,6 +7,7 @@ import math
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .assets import resolve_model_path
 from .backbones import SUPPORTED_FAMILIES
 from .relevance.realizing import ENCODINGS, MODES, POOLINGS
 
@@ -120,6 +121,11 @@ class ArrCocConfig(PreTrainedConfig):
                 weights,
                 "3 finite weights >= 0 (information, salience, coupling) with a positive sum",
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ArrCocConfig:
+        """Like `PreTrainedConfig.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)."""
+        return super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), **kwargs)
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.vlm_config.get_text_config(decoder=decoder, encoder=encoder)

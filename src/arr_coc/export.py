@@ -23,7 +23,7 @@ from torch import nn
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # source files, in dependency order, that make up each flat remote-code module
 _MODELING = [
-    "io.py", "loading.py", "padding.py",
+    "io.py", "loading.py", "padding.py", "decoding.py",
     "relevance/knowing.py", "relevance/balancing.py", "relevance/attending.py", "relevance/realizing.py",
     "relevance/saccade.py", "relevance/__init__.py",
     "backbones/base.py", "backbones/qwen2_vl.py", "backbones/qwen2_5_vl.py", "backbones/qwen3_vl.py",

@@ -4,17 +4,43 @@ heatmaps, the app, the evaluation's examples and plots)."""
 from __future__ import annotations
 
 import io
+import textwrap
 
 import numpy as np
 from PIL import Image
 
+KNOWING_KEY = (
+    "relevance: the question-weighted mix of the three knowing maps · information: what is there · salience: what "
+    "stands out · coupling: what the question needs"
+)
+RELEVANCE_KEY = (
+    "relevance: where the question needs detail (the question-weighted mix of what is there, what stands out and "
+    "what the question needs)"
+)
+ALLOCATION_KEY = {
+    "single": "boxes: green = full detail (each native token passed on as itself), blue = pooled into fewer tokens "
+    "(thin lines: the pooled cells; stronger shade: more tokens per area)",
+    "saccade": "boxes: green = read again from the image at full resolution, blue = pooled from the gist "
+    "(thin lines: the pooled cells; stronger shade: more tokens per area)",
+}
+SCORE_LABEL = "score: 0 = low, 1 = high"
+
 
 def new_figure(width: float, height: float, rows: int = 1, cols: int = 1):
-    """A figure without pyplot's global registry: safe in server threads, freed with its last reference."""
+    """A figure without pyplot's global registry: safe in server threads, freed with its last reference. Its layout
+    is constrained: titles, legends, colour scales and keys get their room."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout="constrained")
     return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def to_image(fig, dpi: int = 110) -> Image.Image:
+    """The figure as an RGB PIL image (PNG-rendered)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
 
 
 def _grid_to_pixels(image: Image.Image, grid_hw: tuple[int, int]) -> tuple[float, float]:
@@ -23,11 +49,11 @@ def _grid_to_pixels(image: Image.Image, grid_hw: tuple[int, int]) -> tuple[float
     return image.height / h, image.width / w
 
 
-def draw_relevance(ax, image: Image.Image, relevance, title: str = "relevance") -> None:
-    """The image with a [h, w] map over it (values in [0, 1])."""
+def draw_relevance(ax, image: Image.Image, relevance, title: str = "relevance"):
+    """The image with a [h, w] map over it (values in [0, 1]); returns the map's artist (for a colour scale)."""
     r = np.asarray(relevance, dtype=np.float32)
     ax.imshow(image)
-    ax.imshow(
+    heat = ax.imshow(
         r,
         cmap="inferno",
         alpha=0.55,
@@ -38,13 +64,15 @@ def draw_relevance(ax, image: Image.Image, relevance, title: str = "relevance") 
     )
     ax.set_title(title, fontsize=9)
     ax.axis("off")
+    return heat
 
 
 def draw_allocation(
     ax, image: Image.Image, allocation, title: str | None = None, gist_scale: int | None = None
 ) -> None:
     """The image with every region outlined and shaded by its detail (pooled tokens per native token);
-    green: full detail, or with ``gist_scale`` (a saccade) read at full resolution; blue: the rest."""
+    green: full detail, or with ``gist_scale`` (a saccade) read at full resolution; blue: the rest
+    (`ALLOCATION_KEY`)."""
     from matplotlib.patches import Rectangle
 
     from .relevance import reads_full_resolution
@@ -69,28 +97,42 @@ def draw_allocation(
             for j in range(1, region.k_w):
                 xx = (region.x0 + (j * (region.x1 - region.x0)) // region.k_w) * sx
                 ax.plot([xx, xx], [y, y + h], color=(*colour, 0.5), linewidth=0.5)
-    ax.set_title(title or f"{allocation.tokens_used} tokens (green: full detail)", fontsize=9)
+    ax.set_title(title or f"{allocation.tokens_used} tokens", fontsize=9)
     ax.axis("off")
 
 
-def realization_figure(image: Image.Image, realization, caption: str = "", knowing_maps: bool = False) -> Image.Image:
-    """Relevance heatmap beside the allocation (and optionally the three knowing maps), as a PNG image."""
+def realization_plot(image: Image.Image, realization, caption: str = "", knowing_maps: bool = False,
+                     expected: str | None = None):  # fmt: skip
+    """The relevance heatmap beside the allocation (and optionally the three knowing maps) as a matplotlib figure,
+    readable without the code: the maps' colour scale, a key line for the maps and one for the boxes' colours,
+    and ``caption`` with the ``expected`` answer when it is known."""
     panels = 5 if knowing_maps else 2
-    fig, axes = new_figure(3.6 * panels, 3.8 * image.height / max(image.width, 1) + 0.6, 1, panels)
+    fig, axes = new_figure(3.6 * panels + 1.0, 3.6 * image.height / max(image.width, 1) + 1.0, 1, panels)
     axes = axes[0]
-    draw_relevance(axes[0], image, realization.relevance.detach().cpu().numpy())
-    used, native = realization.tokens_used, realization.native_count
+    heat = draw_relevance(axes[0], image, realization.relevance.detach().cpu().numpy())
     saccade = getattr(realization, "encoding", "single") == "saccade"
-    legend = "green: full resolution, blue: gist" if saccade else "green: full detail"
-    draw_allocation(axes[1], image, realization.allocation, f"{used} / {native} tokens ({legend})",
+    draw_allocation(axes[1], image, realization.allocation,
+                    f"allocation: {realization.tokens_used} of {realization.native_count} tokens",
                     realization.gist_scale if saccade else None)  # fmt: skip
+    maps = [axes[0]]
     if knowing_maps:
         for ax, name in zip(axes[2:], ("information", "salience", "coupling")):
             draw_relevance(ax, image, getattr(realization, name).detach().cpu().numpy(), name)
+            maps.append(ax)
+    scale = fig.colorbar(heat, ax=maps if knowing_maps else maps[0], shrink=0.8, pad=0.02)
+    scale.set_label(SCORE_LABEL, fontsize=8)
+    scale.ax.tick_params(labelsize=7)
+    if expected is not None:
+        caption = f"{caption}   (expected: {expected})" if caption else f"expected: {expected}"
     if caption:
         fig.suptitle(caption, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    keys = [KNOWING_KEY if knowing_maps else RELEVANCE_KEY, ALLOCATION_KEY["saccade" if saccade else "single"]]
+    width = int(fig.get_figwidth() * 72 / (7.5 * 0.52))  # characters of 7.5 pt text across the figure
+    fig.supxlabel("\n".join(textwrap.fill(key, width) for key in keys), fontsize=7.5)
+    return fig
+
+
+def realization_figure(image: Image.Image, realization, caption: str = "", knowing_maps: bool = False,
+                       expected: str | None = None) -> Image.Image:  # fmt: skip
+    """`realization_plot` as a PNG-rendered RGB image."""
+    return to_image(realization_plot(image, realization, caption, knowing_maps, expected))

@@ -8,7 +8,9 @@ heads, under ``relevance.``), ``arr_coc_heads.json`` (the backbone's name and th
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 
 import torch
@@ -19,6 +21,10 @@ from .io import prepare_local
 
 HEADS_CONFIG = "arr_coc_heads.json"
 HEADS_WEIGHTS = "arr_coc_heads.safetensors"
+# bitsandbytes' 4-bit blocks (Params4bit's default; transformers passes none) and the rows its CPU kernel packs together
+BNB_4BIT_BLOCKSIZE, BNB_CPU_BLOCK_N = 64, 32
+
+logger = logging.getLogger(__name__)
 
 
 def heads_only_settings(path) -> tuple[str, dict] | None:
@@ -64,10 +70,67 @@ def load_backbone(model_or_path, options: dict):
         return model_or_path
     path = resolve_model_path(model_or_path)
     prepare_local(path)
+    config = AutoConfig.from_pretrained(path)
     if isinstance(options.get("device_map"), dict):
-        check_tied_placement(AutoConfig.from_pretrained(path), options["device_map"])
+        check_tied_placement(config, options["device_map"])
+    options = fit_4bit_to_cpu(options, config, lambda: AutoModelForImageTextToText.from_config(config))
     vlm = AutoModelForImageTextToText.from_pretrained(path, **{"use_safetensors": True, **options})
     return vlm.vlm if vlm.config.model_type == "arr_coc" else vlm  # an arr-coc checkpoint: its backbone
+
+
+def fit_4bit_to_cpu(options: dict, config, build) -> dict:
+    """``options`` (`from_pretrained` loading options) whose bitsandbytes 4-bit config, when it quantizes onto the
+    CPU, also skips the Linear layers bitsandbytes' CPU kernel cannot take; other options are returned as they are.
+
+    bitsandbytes >= 0.49 repacks a 4-bit weight for its CPU kernel on the first forward pass on CPUs with
+    AVX512-BF16, which needs in_features a multiple of the blocksize (64) and out_features a multiple of 32; any
+    other Linear fails there (``RuntimeError: shape '[96, 0]' is invalid``, or an assertion) and works elsewhere.
+    Those layers are kept unquantized on every host alike, so a model loads and answers the same everywhere; they
+    are logged with the reason. Real backbones have none (their widths are multiples of 64); tiny ones do.
+    ``config`` is the checkpoint's config (a checkpoint quantized already keeps its own layout); ``build()``
+    constructs the model to load from it (run on the meta device, to read the layers' shapes).
+    """
+    from transformers import BitsAndBytesConfig
+
+    quantization = options.get("quantization_config")
+    if not (isinstance(quantization, BitsAndBytesConfig) and quantization.load_in_4bit):
+        return options
+    if getattr(config, "quantization_config", None) is not None or not _loads_on_cpu(options.get("device_map")):
+        return options
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        model = build()
+    unfit = [
+        (name, module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (module.in_features % BNB_4BIT_BLOCKSIZE or module.out_features % BNB_CPU_BLOCK_N)
+    ]
+    if not unfit:
+        return options
+    logger.warning(
+        "bitsandbytes 4-bit on the CPU: keeping %d Linear layers unquantized because bitsandbytes' CPU kernel needs "
+        "in_features a multiple of %d and out_features a multiple of %d: %s",
+        len(unfit), BNB_4BIT_BLOCKSIZE, BNB_CPU_BLOCK_N, ", ".join(f"{n} ({i}->{o})" for n, i, o in unfit),
+    )  # fmt: skip
+    skips = quantization.llm_int8_skip_modules
+    if skips is None:  # transformers' own default skips (the output embeddings, tied weights) still apply
+        skips = get_keys_to_not_convert(model)
+    quantization = copy.deepcopy(quantization)
+    quantization.llm_int8_skip_modules = [*skips, *(name for name, _, _ in unfit)]
+    return {**options, "quantization_config": quantization}
+
+
+def _loads_on_cpu(device_map) -> bool:
+    """Whether bitsandbytes quantizes onto the CPU under ``device_map``: none, or a strategy like "auto", where no
+    accelerator is; a dict whose every value is the CPU (it leaves modules a mixed dict sends to the CPU unquantized);
+    the CPU itself."""
+    if device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return not torch.accelerator.is_available()
+    if isinstance(device_map, dict):
+        return all(_loads_on_cpu(d) for d in device_map.values()) if device_map else False
+    return device_map != "disk" and torch.device(device_map).type == "cpu"
 
 
 def check_tied_placement(config, device_map: dict) -> None:

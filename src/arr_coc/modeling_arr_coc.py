@@ -33,8 +33,24 @@ from .assets import resolve_model_path
 from .backbones import adapter_for
 from .backbones.base import ImageInput, VisionFeatures
 from .configuration_arr_coc import ARR_COC_FIELDS, ArrCocConfig
+from .decoding import (
+    cache_length,
+    caller_lengths,
+    keep_rope_deltas,
+    prompt_embeddings,
+    prompt_window,
+    text_positions,
+    with_counts,
+)
 from .io import MODEL_FILES, atomic_directory, prepare_local
-from .loading import heads_only_settings, load_backbone, load_relevance_heads, memory_footprint, nested_device_map
+from .loading import (
+    fit_4bit_to_cpu,
+    heads_only_settings,
+    load_backbone,
+    load_relevance_heads,
+    memory_footprint,
+    nested_device_map,
+)
 from .padding import left_pad
 from .relevance import (
     Allocation,
@@ -89,16 +105,19 @@ class CompressedInputs:
     labels: torch.Tensor | None  # [B, L']
     visual_mask: torch.Tensor  # [B, L'] bool
     visual_extra: list[torch.Tensor]  # per extra feature: [n_visual, d] in sequence order
+    input_ids: torch.Tensor  # [B, L'] the caller's text ids, the image placeholder id on visual tokens, pad on padding
     realizations: list[Realization] = field(default_factory=list)
     tokens_used: torch.Tensor | None = None  # [B]
     native_tokens: torch.Tensor | None = None  # [B]
 
     def generate_inputs(self, copies: int = 1) -> dict:
-        """Keyword arguments for ``generate`` on this sequence (no ``pixel_values``): the prefill's embeddings, mask
-        and positions, and the per-token extra features repeated ``copies`` times per sample, as ``generate``
-        repeats every sample per beam or returned sequence. ``generate`` then returns the new tokens only."""
-        inputs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
-                  "position_ids": self.position_ids}  # fmt: skip
+        """Keyword arguments for ``generate`` on this sequence (no ``pixel_values``): its ``input_ids`` – what
+        generation options that read the prompt see (repetition penalties, n-gram bans, prompt lookup) – with the
+        prefill's embeddings standing in for them (``prefill_embeds``), its mask and positions, and the per-token
+        extra features repeated ``copies`` times per sample, as ``generate`` repeats every sample per beam or returned
+        sequence. ``generate`` then returns ``input_ids`` followed by the new tokens."""
+        inputs = {"input_ids": self.input_ids, "prefill_embeds": self.inputs_embeds,
+                  "attention_mask": self.attention_mask, "position_ids": self.position_ids}  # fmt: skip
         if self.visual_extra:
             per_sample = self.visual_mask.sum(dim=1).tolist()
             inputs["visual_pos_masks"] = self.visual_mask
@@ -113,6 +132,7 @@ class _Row:
     """One sample's spliced sequence before padding (n tokens)."""
 
     embeds: torch.Tensor  # [n, d]
+    ids: torch.Tensor  # [n] text ids; the image placeholder id on visual tokens
     positions: torch.Tensor  # [n, 3]
     labels: torch.Tensor | None  # [n]
     visual: torch.Tensor  # [n] bool
@@ -158,7 +178,6 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         self.relevance = RelevanceHeads(
             visual_size, visual_size, config.relevance_hidden_size, config.coupling_size, config.balance_weights
         )
-        self.rope_deltas = None  # [B, 1] for manual decoding loops without position_ids, as in the stock model
         self.post_init()
 
     @property
@@ -188,6 +207,10 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         kwargs.setdefault("use_safetensors", True)
         if isinstance(kwargs.get("device_map"), dict):  # the backbone's module names are placed under vlm.
             kwargs["device_map"] = nested_device_map(path, kwargs["device_map"])
+        config = kwargs.get("config")
+        if not isinstance(config, ArrCocConfig):
+            config = ArrCocConfig.from_pretrained(path)
+        kwargs = fit_4bit_to_cpu(kwargs, config, lambda: cls(config))
         return super().from_pretrained(path, *args, **kwargs)
 
     @classmethod
@@ -286,7 +309,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError("saccade encoding reads the image's pixels; this image came as encoder outputs only")
         adapter, scale = self.adapter, self.config.gist_scale
         _, h, w = image.grid
-        gist = adapter.encode_images(*adapter.patch_geometry.gist(image.patches, image.thw, scale))[0]
+        gist = image.gist(scale)
         maps = expand_maps(self._relevance_maps(gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
         expected, allocation, decision = self._attend(maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)
@@ -345,7 +368,15 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                                       images, asks, realize)  # fmt: skip
             rows.append(row)
             realizations += found
-        return self._pad(rows, realizations, attention_mask.dtype)
+        return self._pad(rows, realizations, attention_mask.dtype, self._pad_id(input_ids, attention_mask))
+
+    def _pad_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """The id that pads the caller's rows (its tokenizer's), else the generation config's pad token, else 0."""
+        padding = input_ids[attention_mask == 0]
+        if padding.numel():
+            return int(padding[0])
+        pad = self.generation_config.pad_token_id
+        return int(pad[0] if isinstance(pad, (list, tuple)) else pad) if pad is not None else 0
 
     def _image_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      images: list[ImageInput]) -> list[tuple[torch.Tensor, list[tuple[int, int, int]]]]:  # fmt: skip
@@ -382,11 +413,12 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         between, at the image's first position plus their own; text after an image resumes past it (the
         backbone's rule). ``embeds`` [n, d], ``ids`` / ``question_mask`` / ``labels`` [n]: the sample's tokens."""
         question = embeds[self._question_positions(ids, question_mask, spans)]
-        pieces, positions, kept_labels, visual, extras, found = [], [], [], [], [], []
+        pieces, kept_ids, positions, kept_labels, visual, extras, found = [], [], [], [], [], [], []
         pos, cursor, device = 0.0, 0, embeds.device
         for image_index, (start, stop, k) in enumerate([*spans, (len(ids), len(ids), None)]):
             n = start - cursor  # the text before this image (the last span: the text after every image)
             pieces.append(embeds[cursor:start])
+            kept_ids.append(ids[cursor:start])
             positions.append(pos + torch.arange(n, dtype=torch.float32, device=device)[:, None].expand(n, 3))
             visual.append(torch.zeros(n, dtype=torch.bool, device=device))
             kept_labels.append(labels[cursor:start] if labels is not None else None)
@@ -398,17 +430,21 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             found.append(realization)
             t = tokens[0].shape[0]
             pieces.append(tokens[0].to(embeds.dtype))
+            kept_ids.append(ids.new_full((t,), self.adapter.image_token_id))
             positions.append(pos + realization.positions.to(device))
             visual.append(torch.ones(t, dtype=torch.bool, device=device))
             kept_labels.append(labels.new_full((t,), IGNORE_INDEX) if labels is not None else None)
             extras.append(tokens[1:])
             pos += self.adapter.image_position_span(images[k].grid)
         row_labels = torch.cat(kept_labels) if labels is not None else None
-        return _Row(torch.cat(pieces), torch.cat(positions), row_labels, torch.cat(visual), extras), found
+        row = _Row(torch.cat(pieces), torch.cat(kept_ids), torch.cat(positions), row_labels, torch.cat(visual), extras)
+        return row, found
 
     @staticmethod
-    def _pad(rows: list[_Row], realizations: list[Realization], mask_dtype: torch.dtype) -> CompressedInputs:
-        """Left-pad the rows to the longest (`padding.left_pad`) and count each sample's visual tokens."""
+    def _pad(rows: list[_Row], realizations: list[Realization], mask_dtype: torch.dtype,
+             pad_id: int) -> CompressedInputs:  # fmt: skip
+        """Left-pad the rows to the longest (`padding.left_pad`; ids with ``pad_id``) and count each sample's visual
+        tokens."""
         embeds = left_pad([r.embeds for r in rows])
         mask = left_pad([torch.ones(len(r.embeds), dtype=mask_dtype, device=embeds.device) for r in rows])
         positions = left_pad([r.positions for r in rows]).permute(2, 0, 1).contiguous()
@@ -419,7 +455,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         tokens_used = torch.tensor([sum(r.tokens_used for r in rs) for rs in per_sample])
         native = torch.tensor([sum(r.native_count for r in rs) for rs in per_sample])
         return CompressedInputs(embeds, mask, positions, labels, left_pad([r.visual for r in rows], False),
-                                visual_extra, realizations, tokens_used, native)  # fmt: skip
+                                visual_extra, left_pad([r.ids for r in rows], pad_id), realizations, tokens_used,
+                                native)  # fmt: skip
 
     def _question_positions(self, ids: torch.Tensor, question_mask: torch.Tensor | None, spans) -> torch.Tensor:
         """Where the question's tokens are: the processor's question_mask, else the text after the last image."""
@@ -453,19 +490,27 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                 image_features: list[VisionFeatures] | None = None,
                 budget=None, compression=None, allocation=None, pooling: str | None = None,
-                encoding: str | None = None, mode: str | None = None, visual_pos_masks: torch.Tensor | None = None,
-                deepstack_visual_embeds: list[torch.Tensor] | None = None,
+                encoding: str | None = None, mode: str | None = None, prefill_embeds: torch.Tensor | None = None,
+                visual_pos_masks: torch.Tensor | None = None, deepstack_visual_embeds: list[torch.Tensor] | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.LongTensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ArrCocCausalLMOutputWithPast:  # fmt: skip
         r"""
         With ``pixel_values``: the prefill over the processor's ``input_ids`` [B, L] (images compressed, labels
         remapped); ``image_features`` (one `VisionFeatures` per image, from `encode_images`) stand in for the vision
         encoder, with or without the pixels (training on cached encoder outputs, `training.cache`). Without: the language model over ``inputs_embeds`` / ``input_ids`` as given (decoding steps,
-        text-only prompts) – pass the previous output's attention_mask / position_ids extended.
+        text-only prompts) – pass the previous output's attention_mask / position_ids extended, or no position_ids.
+
+        A call on an empty cache (or none) is a prefill and starts fresh; its rope deltas (how far its positions run
+        ahead of its token count, [B, 1]) travel with the returned cache, so later calls on that cache without
+        position_ids continue from their own prefill whatever ran in between (`decoding.text_positions`).
+        ``prefill_embeds`` [B, P, d] (with ``visual_pos_masks`` [B, P] and ``deepstack_visual_embeds``): a compressed
+        prompt's embeddings, standing in for the ``input_ids`` at the prompt positions a call covers – the prefill,
+        a chunk of it, every call without a cache (`CompressedInputs.generate_inputs`; `generate` passes them).
 
         Returns `ArrCocCausalLMOutputWithPast` over the compressed sequence of length L': logits [B, L', vocab] (or
         the last ``logits_to_keep``), loss with ``labels``, the KV cache, attention_mask [B, L'], position_ids
-        [3, B, L'], labels [B, L'], tokens_used / native_tokens [B] and the realizations (prefill only).
+        [3, B, L'], labels [B, L'], tokens_used / native_tokens [B] (0 on calls without images) and the
+        realizations ([] without images).
 
         Raises `ValueError` for video inputs, pixel_values without input_ids or image_grid_thw, bad pixel_values
         (not floating point, NaN/inf, not matching the grid), neither input_ids nor inputs_embeds, and everything
@@ -473,27 +518,33 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
-        c = None
+        past = cache_length(cache)
         if pixel_values is not None or image_features is not None:
             request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
             images = self.image_inputs(pixel_values, image_grid_thw, image_features)
             c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
             labels, visual_pos_masks, deepstack_visual_embeds = c.labels, c.visual_mask, c.visual_extra
-            self.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - attention_mask.sum(-1)).view(-1, 1)
-        elif inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids, inputs_embeds, or input_ids with pixel_values")
-            inputs_embeds = self.adapter.embed_tokens(input_ids)
-        if visual_pos_masks is not None and visual_pos_masks.shape[1] != inputs_embeds.shape[1]:
-            visual_pos_masks, deepstack_visual_embeds = None, None  # prefill-only features on a decoding step
+            counted = (c.tokens_used, c.native_tokens, c.realizations)
+        else:
+            if inputs_embeds is None:
+                if input_ids is None:
+                    raise ValueError("pass input_ids, inputs_embeds, or input_ids with pixel_values")
+                inputs_embeds = prompt_embeddings(self.adapter.embed_tokens(input_ids), prefill_embeds, past)
+            visual_pos_masks, deepstack_visual_embeds = prompt_window(
+                visual_pos_masks, deepstack_visual_embeds, past, inputs_embeds.shape[1]
+            )
+            nothing = torch.zeros(inputs_embeds.shape[0], dtype=torch.long)
+            counted = (nothing, nothing.clone(), [])
         if position_ids is None:
-            position_ids = self._text_positions(inputs_embeds, attention_mask, cache)
+            position_ids = text_positions(inputs_embeds, attention_mask, cache)
 
         outputs = self.adapter.language_model(
             inputs_embeds, attention_mask, position_ids, cache, use_cache, visual_mask=visual_pos_masks,
             visual_extra=deepstack_visual_embeds, **kwargs,
         )  # fmt: skip
+        if past == 0 and outputs.cache is not None:  # a prefill: what its decoding steps need goes with its cache
+            keep_rope_deltas(outputs.cache, position_ids, attention_mask)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -506,21 +557,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return ArrCocCausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-            tokens_used=c.tokens_used if c else None, native_tokens=c.native_tokens if c else None,
-            realizations=c.realizations if c else None,
+            tokens_used=counted[0], native_tokens=counted[1], realizations=counted[2],
         )  # fmt: skip
-
-    def _text_positions(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
-        """[3, B, n] positions when none were given: after an image prefill, continue from it (stock rule)."""
-        batch, n = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None:
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
-        else:
-            pos = torch.arange(past, past + n, device=inputs_embeds.device).expand(batch, n)
-        if past > 0 and self.rope_deltas is not None and self.rope_deltas.shape[0] == batch:
-            pos = pos + self.rope_deltas.to(pos.device)
-        return pos.to(torch.float32).unsqueeze(0).expand(3, batch, n)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -531,14 +569,22 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """Like the stock `generate` (returns ``input_ids`` [B, L] followed by the new tokens: [B * copies,
         L + new], KV cache, left-padded batches), with each image compressed to its budget first.
 
-        With ``return_dict_in_generate=True`` the output also carries ``tokens_used``, ``native_tokens`` ([B])
-        and ``realizations``. Raises `ValueError` like `forward` (video, bad pixel_values, everything
-        `compress_inputs` refuses) before any token is generated.
+        Generation runs on the compressed prompt's ids (`CompressedInputs.input_ids`: the text, one placeholder per
+        visual token passed on) with its embeddings standing in for them, so every `GenerationConfig` option sees
+        the prompt as on the stock model – exactly the caller's ``input_ids`` at a budget >= native – and
+        ``max_length`` / ``min_length`` count against the caller's ``input_ids`` (`decoding.caller_lengths`).
+        With ``return_dict_in_generate=True`` the output also carries ``tokens_used``, ``native_tokens`` ([B]; 0
+        without images) and ``realizations`` ([] without images). Raises `ValueError` like `forward` (video, bad
+        pixel_values, everything `compress_inputs` refuses) before any token is generated, and for a ``max_length``
+        not above the caller's prompt length.
         """
         if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         if pixel_values is None:
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            nothing = torch.zeros(prompt.shape[0] if prompt is not None else 1, dtype=torch.long)
+            return with_counts(out, nothing, nothing.clone(), [])
         request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode)
         images = self.image_inputs(pixel_values, image_grid_thw)
         c = self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request)
@@ -546,15 +592,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         config = kwargs.get("generation_config") or self.generation_config
         beams = kwargs.get("num_beams") or config.num_beams or 1
         copies = beams if beams > 1 else (kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        kwargs = caller_lengths(kwargs, self.generation_config, input_ids.shape[1], c.input_ids.shape[1])
         out = super().generate(**c.generate_inputs(copies), **kwargs)
         sequences = out if torch.is_tensor(out) else out.sequences
         repeat = sequences.shape[0] // input_ids.shape[0]
-        sequences = torch.cat([input_ids.repeat_interleave(repeat, dim=0).to(sequences.device), sequences], dim=-1)
+        caller = input_ids.repeat_interleave(repeat, dim=0).to(sequences.device)
+        sequences = torch.cat([caller, sequences[:, c.input_ids.shape[1] :]], dim=-1)
         if torch.is_tensor(out):
             return sequences
         out["sequences"] = sequences
-        out["tokens_used"], out["native_tokens"], out["realizations"] = c.tokens_used, c.native_tokens, c.realizations
-        return out
+        return with_counts(out, c.tokens_used, c.native_tokens, c.realizations)
 
 
 __all__ = ["ArrCocForConditionalGeneration", "ArrCocPreTrainedModel", "RelevanceRealization"]

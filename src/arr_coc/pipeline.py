@@ -26,8 +26,8 @@ def answer(model, processor, images: list, questions: list[str], budget=None, co
            max_new_tokens: int = MAX_NEW_TOKENS, streamer=None, encoding: str | None = None) -> list[dict]:  # fmt: skip
     """Greedy answers for a batch of (image, question) pairs, with where each image's tokens went.
 
-    Returns per pair: ``answer``, ``tokens_used``, ``native_tokens``, ``realization`` (the
-    `RelevanceRealization` of its first image).
+    Returns per pair: ``answer``, ``tokens_used``, ``native_tokens`` (0 for a question without an image),
+    ``realization`` (the `RelevanceRealization` of its first image; None without one).
     """
     texts, out = generate_answers(model, processor, processor(images=images, text=questions), max_new_tokens,
                                   budget=budget, compression=compression, streamer=streamer,
@@ -37,7 +37,7 @@ def answer(model, processor, images: list, questions: list[str], budget=None, co
             "answer": text,
             "tokens_used": int(out.tokens_used[i]),
             "native_tokens": int(out.native_tokens[i]),
-            "realization": next(r for r in out.realizations if r.sample_index == i),
+            "realization": next((r for r in out.realizations if r.sample_index == i), None),
         }
         for i, text in enumerate(texts)
     ]
@@ -156,8 +156,12 @@ class RelevanceVQAPipeline(Pipeline):
 
 
 def register() -> None:
+    """The ``relevance-vqa`` task; with no model it uses the embedded arr-coc-tiny (no network)."""
     from transformers import AutoModelForImageTextToText
     from transformers.pipelines import PIPELINE_REGISTRY
 
+    from .assets import EMBEDDED_MODELS
+
     PIPELINE_REGISTRY.register_pipeline("relevance-vqa", pipeline_class=RelevanceVQAPipeline,
-                                        pt_model=AutoModelForImageTextToText, type="multimodal")  # fmt: skip
+                                        pt_model=AutoModelForImageTextToText, type="multimodal",
+                                        default={"model": (EMBEDDED_MODELS["arr-coc-tiny"], None)})  # fmt: skip

@@ -24,9 +24,25 @@ from .images import DEFAULT_MAX_PIXELS, load_image
 from .io import PROCESSOR_FILES, atomic_directory, prepare_local
 from .padding import left_pad
 
-# options of the stock processors that this one accepts and handles its own way (left padding, no truncation)
-ACCEPTED_KWARGS = {"padding", "padding_side", "truncation", "return_attention_mask", "return_mm_token_type_ids",
-                   "add_special_tokens", "images_kwargs", "text_kwargs", "videos_kwargs", "audio_kwargs", "common_kwargs"}  # fmt: skip
+# Every option `__call__` takes is honoured or refused with why and what to do instead. Options come flat or
+# grouped as on the stock processors (images_kwargs, text_kwargs, common_kwargs).
+IMAGE_OPTIONS = ("size", "max_pixels", "min_pixels", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                 "image_mean", "image_std")  # fmt: skip  # per call, to the image processor
+TEXT_OPTIONS = ("padding", "max_length", "pad_to_multiple_of", "add_special_tokens", "return_attention_mask",
+                "return_mm_token_type_ids")  # fmt: skip
+OPTION_GROUPS = ("images_kwargs", "text_kwargs", "common_kwargs")
+FIXED_OPTIONS = {  # option -> (the values arr-coc supports, why, what to do instead)
+    "padding_side": (("left", None), "arr-coc pads on the left (generation continues after each row's last token)",
+                     "leave padding_side out or pass 'left'"),
+    "truncation": ((False, None, "do_not_truncate"), "a truncated prompt loses image tokens or the question",
+                   "shorten the question, or pass max_pixels for fewer image tokens"),
+    "do_resize": ((True, None), "the vision encoder needs sides in multiples of patch_size x merge_size",
+                  "set the resolution with max_pixels, min_pixels or size"),
+    "do_convert_rgb": ((True, None), "every image becomes RGB by one rule (docs/reliability.md)",
+                       "convert the image yourself before passing it"),
+    **{name: ((None,), "it is fixed by the backbone's vision encoder (the model's config)",
+              "load the processor saved with the model") for name in ("patch_size", "temporal_patch_size", "merge_size")},
+}  # fmt: skip
 VISION_SPAN = re.compile(r"<\|vision_start\|>.*?<\|vision_end\|>", re.S)
 USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S)
 VISION_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -97,16 +113,26 @@ class ArrCocProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, videos=None, audio=None, answers=None, return_tensors: str | None = "pt",
                  **kwargs) -> BatchFeature:  # fmt: skip
         """``answers`` (training): one target string per sample, appended after the prompt with the end-of-turn
-        token; ``labels`` then mark those tokens (-100 elsewhere)."""
+        token; ``labels`` then mark those tokens (-100 elsewhere).
+
+        Options (flat, or in ``images_kwargs`` / ``text_kwargs`` / ``common_kwargs`` as on the stock processor):
+        ``max_pixels``, ``min_pixels``, ``size`` and the image processor's ``resample``, ``do_rescale``,
+        ``rescale_factor``, ``do_normalize``, ``image_mean``, ``image_std`` apply to this call's images;
+        ``padding`` (True / "longest", "max_length" with ``max_length``, or False for rows of one length),
+        ``max_length`` (a prompt over it is an error: arr-coc never truncates), ``pad_to_multiple_of``,
+        ``add_special_tokens``, ``return_attention_mask`` and ``return_mm_token_type_ids`` (False leaves the key
+        out). ``padding_side="right"``, ``truncation``, ``do_resize=False``, ``do_convert_rgb=False``, the patch
+        sizes and video/audio options raise `ValueError` with why and what to do instead; unknown names raise
+        `TypeError`. ``return_tensors``: "pt" (default) or "np".
+        """
         if videos is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         if audio is not None:
             raise ValueError("audio input is not supported by arr-coc")
-        unknown = set(kwargs) - ACCEPTED_KWARGS
-        if unknown:
-            raise TypeError(
-                f"ArrCocProcessor got unknown arguments {sorted(unknown)}; it pads on the left and returns PyTorch tensors"
-            )
+        options = _call_options(kwargs)
+        return_tensors = options.pop("return_tensors", return_tensors)
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: ArrCocProcessor returns 'pt' (the default) or 'np'")
         if text is None:
             raise ValueError("text is required: the question (or a templated prompt) for each sample")
         texts = [text] if isinstance(text, str) else list(text)
@@ -128,12 +154,13 @@ class ArrCocProcessor(ProcessorMixin):
         ]
         vision = {}
         if flat:
-            vision = dict(self.image_processor(flat, return_tensors="pt"))
+            vision = dict(self.image_processor(flat, return_tensors="pt", **self._image_options(options)))
             counts = iter((vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist())
             prompts = [
                 re.sub(re.escape(self.image_token), lambda _: self.image_token * next(counts), p) for p in prompts
             ]
-        encoded = self.tokenizer(prompts, return_offsets_mapping=True, add_special_tokens=False, padding=False)
+        encoded = self.tokenizer(prompts, return_offsets_mapping=True, padding=False,
+                                 add_special_tokens=bool(options.get("add_special_tokens", False)))  # fmt: skip
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"got {len(answers)} answers for {len(prompts)} texts")
         end_of_turn = self.tokenizer.eos_token or "<|im_end|>"
@@ -153,13 +180,14 @@ class ArrCocProcessor(ProcessorMixin):
                 raise ValueError(
                     f"sample {i}: the prompt has {len(ids):,} tokens, over the tokenizer's limit of {limit:,}; shorten the question"
                 )
+        length = _padded_length([len(ids) for ids, _, _ in rows], options)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
         def padded(column: int, value: int) -> torch.Tensor:
-            return left_pad([torch.tensor(row[column], dtype=torch.long) for row in rows], value)
+            return left_pad([torch.tensor(row[column], dtype=torch.long) for row in rows], value, length)
 
         input_ids, question_mask, labels = padded(0, pad_id), padded(1, 0), padded(2, -100)
-        attention_mask = left_pad([torch.ones(len(ids), dtype=torch.long) for ids, _, _ in rows])
+        attention_mask = left_pad([torch.ones(len(ids), dtype=torch.long) for ids, _, _ in rows], 0, length)
         data = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -169,8 +197,22 @@ class ArrCocProcessor(ProcessorMixin):
         }
         if answers is not None:
             data["labels"] = labels
+        for key in ("attention_mask", "mm_token_type_ids"):
+            if options.get(f"return_{key}") is False:
+                del data[key]
         features = BatchFeature(data=data)
         return features if return_tensors == "pt" else features.convert_to_tensors(return_tensors)
+
+    def _image_options(self, options: dict) -> dict:
+        """The per-call image options for the image processor; ``max_pixels`` / ``min_pixels`` become the bounds of
+        ``size`` (what the image processor reads without its deprecation warning)."""
+        chosen = {k: options[k] for k in IMAGE_OPTIONS if options.get(k) is not None}
+        bounds = {"longest_edge": chosen.pop("max_pixels", None), "shortest_edge": chosen.pop("min_pixels", None)}
+        if "size" in chosen or any(v is not None for v in bounds.values()):
+            default = self.image_processor.size
+            size = {"longest_edge": default.longest_edge, "shortest_edge": default.shortest_edge}
+            chosen["size"] = {**size, **chosen.get("size", {}), **{k: v for k, v in bounds.items() if v is not None}}
+        return chosen
 
     def _wrap(self, question: str, n_images: int) -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
@@ -191,6 +233,54 @@ class ArrCocProcessor(ProcessorMixin):
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "mm_token_type_ids", "question_mask", "pixel_values", "image_grid_thw"]
+
+
+def _call_options(kwargs: dict) -> dict:
+    """The options of one `ArrCocProcessor.__call__`, flat and from the stock groups, checked: an unknown name is a
+    `TypeError` listing what it takes, an unsupported value a `ValueError` with why and what to do instead."""
+    options = {}
+    for group in ("videos_kwargs", "audio_kwargs"):
+        if kwargs.get(group):
+            raise ValueError(f"{group}={kwargs[group]!r}: video and audio input are not supported by arr-coc")
+    for group in OPTION_GROUPS:
+        options.update(kwargs.get(group) or {})
+    options.update({k: v for k, v in kwargs.items() if k not in (*OPTION_GROUPS, "videos_kwargs", "audio_kwargs")})
+    unknown = sorted(set(options) - {*IMAGE_OPTIONS, *TEXT_OPTIONS, *FIXED_OPTIONS, "return_tensors"})
+    if unknown:
+        raise TypeError(
+            f"ArrCocProcessor does not take {unknown}; it takes images, text, answers, return_tensors, the image "
+            f"options {list(IMAGE_OPTIONS)} and the text options {list(TEXT_OPTIONS)} (flat, or in images_kwargs / "
+            "text_kwargs)"
+        )
+    for name, (supported, why, instead) in FIXED_OPTIONS.items():
+        if name in options and options[name] not in supported:
+            raise ValueError(f"{name}={options[name]!r} is not supported: {why}; {instead}")
+    padding = options.get("padding", True)
+    if padding not in (True, False, None, "longest", "max_length", "do_not_pad"):
+        raise ValueError(f"padding={padding!r}: expected True / 'longest' (the default), 'max_length' or False")
+    if padding == "max_length" and options.get("max_length") is None:
+        raise ValueError("padding='max_length' needs max_length")
+    return options
+
+
+def _padded_length(lengths: list[int], options: dict) -> int:
+    """The common length of the rows: the longest, or ``max_length`` (``padding="max_length"``), rounded up to
+    ``pad_to_multiple_of``. Raises `ValueError` for a row over ``max_length`` and for rows of different lengths
+    with ``padding=False``."""
+    longest, limit = max(lengths), options.get("max_length")
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"a prompt has {longest} tokens, over max_length={limit}; arr-coc does not truncate (image tokens or the "
+            "question would be lost): raise max_length, shorten the question or pass max_pixels for fewer image tokens"
+        )
+    if options.get("padding") in (False, "do_not_pad") and len(set(lengths)) > 1:
+        raise ValueError(
+            f"padding=False, but the prompts have {len(set(lengths))} different lengths ({min(lengths)}-{longest} "
+            "tokens) and one tensor holds them all; pass padding=True (left padding, the default)"
+        )
+    length = limit if options.get("padding") == "max_length" else longest
+    multiple = options.get("pad_to_multiple_of") or 1
+    return -(-length // multiple) * multiple
 
 
 def _chat_template(path: str, tokenizer) -> str | None:

@@ -1,13 +1,15 @@
 """``arr-coc app``: a Gradio page – drop an image, ask a question, see where the tokens went.
 
-Binds 127.0.0.1 by default. Uploads are checked for type, byte size and pixel count before they are
-decoded in full; requests wait in a queue with a concurrency limit; a bad request gets an error
-message and leaves the server running.
+Binds 127.0.0.1 by default. It opens with held-out synthetic samples and their questions one click away,
+and shows only the budget field that the chosen budget mode uses. Uploads are checked for type, byte size
+and pixel count before they are decoded in full; requests wait in a queue with a concurrency limit; a bad
+request gets an error message and leaves the server running.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 
 import torch
@@ -50,6 +52,29 @@ def check_upload(path: str | None, max_bytes: int, max_pixels: int) -> Image.Ima
             return image.convert("RGB")
     except Exception as error:
         raise UploadError(f"the image could not be decoded ({type(error).__name__}: {error})") from error
+
+
+def example_files(per_task: int = 2, folder: str | None = None) -> list[list[str]]:
+    """Held-out synthetic samples (never trained on) written as PNG files: ``[[image path, question], ...]``,
+    ``per_task`` of each task, in a new temporary folder unless ``folder`` is given."""
+    from ..data.synthetic import TASKS, eval_seeds, generate
+
+    folder = folder or tempfile.mkdtemp(prefix="arr-coc-app-examples-")
+    rows = []
+    for task in TASKS:
+        for i, seed in enumerate(eval_seeds(per_task)):
+            sample = generate(task, seed)
+            path = os.path.join(folder, f"{task}-{i}.png")
+            sample["image"].save(path)
+            rows.append([path, sample["question"]])
+    return rows
+
+
+def budget_fields(mode: str) -> tuple[dict, dict]:
+    """Visibility updates for the (fixed budget, compression ratio) fields: only the one ``mode`` uses."""
+    import gradio as gr
+
+    return gr.update(visible=mode == "fixed"), gr.update(visible=mode == "ratio")
 
 
 def _budget_kwargs(mode: str, budget, ratio) -> dict:
@@ -163,13 +188,18 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
                 image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="image")
                 question = gr.Textbox(label="question", elem_id="question")
                 mode = gr.Radio(["auto", "fixed", "ratio"], value="auto", label="budget", elem_id="mode")
-                budget = gr.Number(value=64, label="fixed budget (tokens)", precision=0, elem_id="budget")
-                ratio = gr.Number(value=8, label="compression ratio (native / budget)", elem_id="ratio")
+                budget = gr.Number(
+                    value=64, label="fixed budget (tokens)", precision=0, elem_id="budget", visible=False
+                )
+                ratio = gr.Number(value=8, label="compression ratio (native / budget)", elem_id="ratio", visible=False)
+                mode.change(budget_fields, mode, [budget, ratio], queue=False)
                 encoding = gr.Radio(
                     ["single", "saccade"], value=model.config.encoding, elem_id="encoding",
                     label="encoding (saccade: a gist first, then only what matters at full resolution)",
                 )  # fmt: skip
                 ask_button = gr.Button("Ask", variant="primary", elem_id="ask")
+                gr.Examples(example_files(), [image, question], label="held-out samples: click one, then Ask",
+                            elem_id="examples")  # fmt: skip
             with gr.Column(scale=2):
                 answer = gr.Textbox(label="answer (compressed)", elem_id="answer")
                 tokens = gr.Textbox(label="tokens used", elem_id="tokens")

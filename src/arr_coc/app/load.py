@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -19,19 +20,51 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+def rss_mb(server: subprocess.Popen, log_path: str) -> float:
+    """The running app server's resident memory in MB. Raises `RuntimeError` saying that the server exited, with its
+    exit code and the tail of its log, when it has (an exited process that is not yet reaped has no VmRSS)."""
+    try:
+        with open(f"/proc/{server.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    raise server_exited(server, log_path)
+
+
+def server_exited(server: subprocess.Popen, log_path: str) -> RuntimeError:
+    """The error for an app server that exited: its exit code (a negative code: the signal that ended it) and the
+    tail of its log."""
+    code = server.wait(timeout=30)
+    with open(log_path, errors="replace") as f:
+        tail = f.read()[-3000:]
+    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+    return RuntimeError(f"the app server (pid {server.pid}) exited ({how}); the end of its log {log_path}:\n{tail}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the system's choice)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_server(model: str, port: int, concurrency: int, log_path: str) -> subprocess.Popen:
+    """``arr-coc app`` in a subprocess on ``port`` (its output in ``log_path``), once it answers. Raises
+    `RuntimeError` when the port is taken already (another server would answer in its place while this one exits),
+    when the server exits (`server_exited`) or does not answer within 300 s."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: only a listener blocks
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise RuntimeError(f"port {port} on 127.0.0.1 is in use ({error.strerror}): pass another port, or 0 for "
+                               "a free one") from error  # fmt: skip
     exe = os.path.join(os.path.dirname(sys.executable), "arr-coc")
     cmd = [exe, "app", "--model", model, "--port", str(port), "--concurrency", str(concurrency), "--queue-size", "256"]
-    # a few malloc arenas: threads of a long-running server otherwise each grow their own
-    env = dict(os.environ, MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"))
+    # a few malloc arenas: threads of a long-running server otherwise each grow their own; its log unbuffered
+    env = dict(os.environ, MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"), PYTHONUNBUFFERED="1")
     # the server's log goes to a file: an undrained pipe fills up and blocks the server's event loop
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
@@ -40,14 +73,14 @@ def start_server(model: str, port: int, concurrency: int, log_path: str) -> subp
 
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with {proc.returncode}: {open(log_path).read()[-2000:]}")
+            raise server_exited(proc, log_path)
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
             return proc
         except OSError:
             time.sleep(1)
     proc.kill()
-    raise RuntimeError("the app did not start within 300 s")
+    raise RuntimeError(f"the app did not start within 300 s; its log: {log_path}")
 
 
 def run_load(model: str, concurrent: int, sequential: int, malformed_every: int = 10, port: int = 7899,
@@ -67,7 +100,8 @@ def run_load(model: str, concurrent: int, sequential: int, malformed_every: int 
     with open(bad, "w") as f:
         f.write("this is text, not an image")
 
-    server = start_server(model, port, concurrency, os.path.join(workdir, "server.log"))
+    log_path, port = os.path.join(workdir, "server.log"), port or free_port()
+    server = start_server(model, port, concurrency, log_path)
     try:
         client_url = f"http://127.0.0.1:{port}/"
 
@@ -89,19 +123,23 @@ def run_load(model: str, concurrent: int, sequential: int, malformed_every: int 
             list(pool.map(request, range(concurrent)))
         for i in range(warmup):
             request(i)
-        warm_rss = rss_mb(server.pid)
+        warm_rss = rss_mb(server, log_path)
         started = time.time()
         with ThreadPoolExecutor(max_workers=concurrent) as pool:
             burst = list(pool.map(request, range(concurrent)))
-        burst_rss = rss_mb(server.pid)
+        burst_rss = rss_mb(server, log_path)
         sequence, trace = [], []
         for i in range(sequential):
             sequence.append(request(i))
             if i % max(1, sequential // 10) == 0:
-                trace.append(round(rss_mb(server.pid), 1))
+                trace.append(round(rss_mb(server, log_path), 1))
         wall = time.time() - started
-        end_rss = rss_mb(server.pid)
+        end_rss = rss_mb(server, log_path)
         stats = Client(client_url, verbose=False).predict(api_name="/stats")
+    except Exception as error:  # a client that lost its server: say that the server exited, and how
+        if server.poll() is not None:
+            raise server_exited(server, log_path) from error
+        raise
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -129,7 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--malformed-every", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=50, help="sequential warm-up requests after a warm-up burst")
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--port", type=int, default=7899)
+    parser.add_argument("--port", type=int, default=7899, help="the server's port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     result = run_load(

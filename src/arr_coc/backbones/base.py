@@ -3,11 +3,11 @@ place positions, run the language model – plus the per-family hooks the evalua
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..relevance.saccade import Box, PatchGeometry
+from ..relevance.saccade import Box, PatchGeometry, box_index
 
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class (filled by each subclass)
 
@@ -58,7 +58,7 @@ class ImageInput:
     outputs); thw: [3] the patch grid; grid: (t, h, w) of the
     merged grid; index: the image's place among the batch's images. ``features`` is the vision encoder's output
     (`VisionFeatures`), encoded on first use and kept – every post-encoder method and budget then reuses one
-    encoding; the saccade reads ``patches`` and never asks for it.
+    encoding; the saccade never asks for it, and reuses its gist the same way (`gist`).
     """
 
     def __init__(self, adapter: BackboneAdapter, patches: torch.Tensor | None, thw: torch.Tensor, index: int,
@@ -66,6 +66,7 @@ class ImageInput:
         self.adapter, self.patches, self.thw, self.index = adapter, patches, thw, index
         self.grid = adapter.merged_grid(thw.tolist())
         self._features = features
+        self._gists: dict[int, VisionFeatures] = {}
 
     @classmethod
     def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
@@ -104,6 +105,14 @@ class ImageInput:
         if self._features is None:
             self._features = self.adapter.encode_images(self.patches, self.thw[None])[0]
         return self._features
+
+    def gist(self, scale: int) -> VisionFeatures:
+        """The encoder's output on the image at 1/``scale`` per side (`PatchGeometry.gist`: the saccade's first
+        pass), encoded on first use and kept per scale."""
+        if scale not in self._gists:
+            self._gists[scale] = self.adapter.encode_images(*self.adapter.patch_geometry.gist(self.patches, self.thw,
+                                                                                              scale))[0]  # fmt: skip
+        return self._gists[scale]
 
 
 class BackboneAdapter:
@@ -155,31 +164,49 @@ class BackboneAdapter:
         """How the processor lays this family's images out as patches (the saccade's gist and crops)."""
         return PatchGeometry.of(self.vlm.config.vision_config)
 
-    def _crop_vision_kwargs(self, thw: torch.Tensor, index: torch.Tensor) -> dict:
-        """The encoder's precomputed position inputs for the full image, kept at ``index``: crops keep their
-        true positions (rotary here; Qwen3-VL adds its learned position table)."""
+    def _cell_vision_kwargs(self, thw: torch.Tensor, patches: torch.Tensor, groups: list[torch.Tensor]) -> dict:
+        """The encoder's precomputed position inputs for the full image, kept at ``patches`` (the rows passed in):
+        every patch keeps its true position (rotary here; Qwen3-VL adds its learned position table, Qwen2.5-VL its
+        attention windows). ``groups``: the merged cells of each encoder segment, as given to `encode_cells`."""
         from transformers.vision_utils import get_vision_position_ids
 
-        return {"position_ids": get_vision_position_ids(thw[None], self.merge_size)[index.to(thw.device)]}
+        return {"position_ids": get_vision_position_ids(thw[None], self.merge_size)[patches.to(thw.device)]}
+
+    def encode_cells(self, pixels: torch.Tensor, thw: torch.Tensor, groups: list[torch.Tensor]) -> list[VisionFeatures]:
+        """Encode groups of one image's merged cells at full resolution in one encoder call, each group attending
+        only within itself, every patch at its true position in the full image (the rotary angles, Qwen3-VL's learned
+        position table and deepstack features, Qwen2.5-VL's attention windows laid from the image's origin).
+
+        pixels [h*w patches, C*T*P*P] and thw [3]: the image as the processor emits it; groups: per group the
+        merged-grid cell indices [k >= 1] (raster over the image's merged grid) in the order its tokens come out.
+        Used by the saccade's crops (`encode_crops`) and by the evaluation's pre-encoder pruning (PixelPrune).
+        Returns one `VisionFeatures` per group: tokens [k, d] in the group's order, grid (1, 1, k).
+        Raises `ValueError` for an empty group or a cell outside the image."""
+        _, h, w = self.merged_grid(thw.tolist())
+        for cells in groups:
+            if cells.numel() == 0 or int(cells.min()) < 0 or int(cells.max()) >= h * w:
+                raise ValueError(f"each group needs 1 or more cells of the {h} x {w} merged grid (indices 0..{h * w - 1}), "
+                                 f"got {cells.tolist()}")  # fmt: skip
+        m = self.merge_size
+        patches = torch.cat([self.patch_geometry.cell_patches(cells) for cells in groups])
+        # a 1 x k strip of merged cells per group: the encoder reads only the patch count from it, every position
+        # input comes from the full image
+        grids = torch.tensor([[1, m, m * len(cells)] for cells in groups], device=thw.device)
+        encoded = self.vlm.model.get_image_features(pixels[patches.to(pixels.device)], grids, return_dict=True,
+                                                    **self._cell_vision_kwargs(thw, patches, groups))  # fmt: skip
+        return [
+            VisionFeatures(encoded.pooler_output[i], (1, 1, len(cells)), self._extra(encoded, i))
+            for i, cells in enumerate(groups)
+        ]
 
     def encode_crops(self, pixels: torch.Tensor, thw: torch.Tensor, boxes: list[Box]) -> list[VisionFeatures]:
-        """Encode crops (merged-grid boxes) of one image at full resolution in one encoder call, each crop
-        attending only within itself, every patch at its true position in the full image."""
+        """Encode crops (merged-grid boxes) of one image at full resolution in one encoder call (`encode_cells`:
+        each crop attends only within itself, every patch at its true position in the full image)."""
         if not boxes:
             return []
-        geometry = self.patch_geometry
-        flat = torch.cat([geometry.crop_patches(thw, box) for box in boxes]).to(pixels.device)
-        grids = torch.tensor(
-            [[1, (y1 - y0) * self.merge_size, (x1 - x0) * self.merge_size] for y0, x0, y1, x1 in boxes],
-            device=thw.device,
-        )
-        encoded = self.vlm.model.get_image_features(
-            pixels[flat], grids, return_dict=True, **self._crop_vision_kwargs(thw, flat)
-        )
-        return [
-            VisionFeatures(encoded.pooler_output[i], (1, y1 - y0, x1 - x0), self._extra(encoded, i))
-            for i, (y0, x0, y1, x1) in enumerate(boxes)
-        ]
+        width = self.merged_grid(thw.tolist())[2]
+        features = self.encode_cells(pixels, thw, [box_index(box, width) for box in boxes])
+        return [replace(f, grid=(1, y1 - y0, x1 - x0)) for f, (y0, x0, y1, x1) in zip(features, boxes)]
 
     def _extra(self, encoder_output, index: int) -> list[torch.Tensor]:
         return []

@@ -19,7 +19,7 @@ class Qwen3VLAdapter(BackboneAdapter):
             deepstack_visual_embeds=visual_extra or None, **kwargs,
         )  # fmt: skip
 
-    def _crop_vision_kwargs(self, thw, index):
+    def _cell_vision_kwargs(self, thw, patches, groups):
         from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
         visual = self.vlm.model.visual
@@ -27,8 +27,8 @@ class Qwen3VLAdapter(BackboneAdapter):
             thw[None], num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=self.merge_size,
         )  # fmt: skip
-        index = index.to(thw.device)
-        return {**super()._crop_vision_kwargs(thw, index), "interp_indices": indices[index],
+        index = patches.to(thw.device)
+        return {**super()._cell_vision_kwargs(thw, patches, groups), "interp_indices": indices[index],
                 "interp_weights": weights[index]}  # fmt: skip
 
     def vision_rotary(self):

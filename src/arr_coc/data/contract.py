@@ -31,8 +31,8 @@ Readings of the contract (where it leaves room):
 
 Seeds: any integer is a sample, deterministic across processes and platforms (the random stream is seeded
 from ``"{task}|{seed}"`` through SHA-512, see `random.seed`). Evaluation with this generator uses seeds from
-`SEED_START` (10**12) upward, far from the training seeds the project draws (``run seed * 10**6 + i``);
-the streams are also this module's own, so no seed renders a training generator's image.
+`SEED_START` (10**12) upward, far from every seed the project trains on; the streams are also this module's
+own, so no seed renders a training generator's image.
 
     >>> s = generate("box-codes", SEED_START)
     >>> sorted(s)
@@ -50,24 +50,8 @@ from numbers import Integral
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("box-codes", "doc-fields")
-CHARSET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-PALETTE = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "orange": (240, 140, 20),
-    "purple": (140, 60, 180),
-    "black": (20, 20, 20),
-    "brown": (140, 90, 40),
-    "pink": (240, 100, 180),
-    "gray": (128, 128, 128),
-    "cyan": (20, 170, 190),
-}
-LABELS = (
-    "Invoice", "Order", "Account", "Date", "Total", "Tax", "Customer", "Reference",
-    "Serial", "Batch", "Route", "Gate", "Seat", "Room", "Code", "Plate",
-)  # fmt: skip
+from .spec import CHARSET, LABELS, PALETTE, TASKS
+
 SEED_START = 10**12
 
 # The contract's ranges (inclusive).

@@ -20,24 +20,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("box-codes", "doc-fields")
-CHARSET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-PALETTE = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "orange": (240, 140, 20),
-    "purple": (140, 60, 180),
-    "black": (20, 20, 20),
-    "brown": (140, 90, 40),
-    "pink": (240, 100, 180),
-    "gray": (128, 128, 128),
-    "cyan": (20, 170, 190),
-}
-LABELS = (
-    "Invoice", "Order", "Account", "Date", "Total", "Tax", "Customer", "Reference",
-    "Serial", "Batch", "Route", "Gate", "Seat", "Room", "Code", "Plate",
-)  # fmt: skip
+from .spec import CHARSET, LABELS, PALETTE, TASKS
 
 # Held-out evaluation seeds: [EVAL_SEED_START, EVAL_SEED_START + EVAL_SEED_COUNT).
 EVAL_SEED_START = 1_000_000_000

@@ -9,25 +9,27 @@ Each keeps at most the budget T of visual tokens and reports what it really used
 - ``query-agnostic``: VisionZip – "dominant" tokens by attention received in a late vision block (Qwen-VL
   has no CLS token: mean over queries and heads, summed over each token's 2 x 2 patches) plus
   "contextual" tokens that merge the rest by key similarity (54 + 10 of 64, the published split).
-- ``text-attention``: FastV – all tokens up to language-model layer K, then only the T image tokens the
-  last prompt token attends to most (mean over heads); decoded without a KV cache (prefill pruning
-  recomputed per step), the K layers before see every token.
+- ``cdpruner`` / ``divprune``: the first T picks of a greedy order over the encoder's tokens (`greedy_realizer`
+  with `pruners.cdpruner_order` / `divprune_order`).
+- ``pixelprune``: pixel-duplicate blocks dropped before the encoder (`pixelprune_realizer`); unbudgeted.
 
-``random`` and ``query-agnostic`` act after the encoder: they are realize steps (`relevance.realizing`'s
-protocol) that the harness hands to the model's `compress_inputs`, like arr-coc's own.
+The methods inside the language model (FastV, DART) live in `evaluation.lm_pruning`. ``random``,
+``query-agnostic``, ``cdpruner`` and ``divprune`` act after the encoder and ``pixelprune`` before it: they are
+realize steps (`relevance.realizing`'s protocol) that the harness hands to the model's `compress_inputs`, like
+arr-coc's own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from ..padding import left_pad
 from ..relevance import Allocation, Realize
-from .readouts import text_attention_from_last
+from .pruners import merged_pixel_blocks, pixelprune_select
 
 
 @dataclass
@@ -46,19 +48,25 @@ class TokenSelection:
         return self.kept.view(*self.grid)
 
 
-def _positions(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def grid_positions(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[k] rows, [k] columns on the merged grid -> [k, 3] (t, y, x) positions relative to the image's first."""
     rows, cols = rows.float(), cols.float()
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
+
+
+def _selection(keep: torch.Tensor, h: int, w: int) -> TokenSelection:
+    """Native tokens ``keep`` [k] (raster indices, ascending) of an ``h x w`` grid passed on at their own positions."""
+    kept = torch.zeros(h * w, dtype=torch.bool)
+    kept[keep] = True
+    return TokenSelection(kept, grid_positions(keep // w, keep % w), (h, w), len(keep), h * w)
 
 
 def _select(features, keep: torch.Tensor) -> tuple[list[torch.Tensor], TokenSelection]:
     """Kept tokens in raster order, at their own positions."""
     _, h, w = features.grid
     keep = torch.sort(keep.cpu()).values
-    kept = torch.zeros(h * w, dtype=torch.bool)
-    kept[keep] = True
     pieces = [x[keep.to(x.device)] for x in [features.tokens, *features.extra]]
-    return pieces, TokenSelection(kept, _positions(keep // w, keep % w), (h, w), len(keep), h * w)
+    return pieces, _selection(keep, h, w)
 
 
 def random_realizer(seed: int = 0) -> Realize:
@@ -109,9 +117,46 @@ def visionzip_realizer(readouts: list, contextual_share: float = 10 / 64) -> Rea
             centre_r = torch.zeros(contextual).index_add_(0, assign, rows) / count
             centre_c = torch.zeros(contextual).index_add_(0, assign, cols) / count
             pieces = [torch.cat([p, m]) for p, m in zip(pieces, merged)]
-            selection.positions = torch.cat([selection.positions, _positions(centre_r, centre_c)])
+            selection.positions = torch.cat([selection.positions, grid_positions(centre_r, centre_c)])
             selection.tokens_used += contextual
         return pieces, selection
+
+    return realize
+
+
+def greedy_realizer(order: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], orders: dict,
+                    largest: list[int]) -> Realize:  # fmt: skip
+    """A realize step keeping the first T tokens of a greedy selection order whose first j picks are the answer for
+    budget j (CDPruner, DivPrune): ``order(tokens [n, d], question [m, d], k)`` -> the k first picks. The order is
+    computed once per image, at the largest budget the run asks of it (``largest[image.index]``), kept in ``orders``
+    and sliced for every smaller budget."""
+
+    def realize(image, question, ask):
+        features = image.features
+        n = features.tokens.shape[0]
+        t = min(int(ask.budget), n)
+        if len(orders.get(image.index, ())) < t:
+            orders[image.index] = order(features.tokens, question, min(max(t, largest[image.index]), n))
+        return _select(features, orders[image.index][:t])
+
+    return realize
+
+
+def pixelprune_realizer(tolerance: float, image_mean, image_std) -> Realize:
+    """A realize step for PixelPrune: the image's merged pixel blocks (pixels un-normalised by the processor's
+    ``image_mean`` / ``image_std``) that do not match their 2-D prediction within ``tolerance``
+    (`pruners.pixelprune_select`), encoded alone at their true positions (`BackboneAdapter.encode_cells`); never
+    reads the whole image's encoding. Unbudgeted: the request's budget is not read."""
+
+    def realize(image, question, ask):
+        adapter = image.adapter
+        geometry = adapter.patch_geometry
+        blocks = merged_pixel_blocks(image.patches, image.thw[None], image_mean, image_std, geometry.merge,
+                                     geometry.temporal)[0]  # fmt: skip
+        keep = pixelprune_select(blocks, tolerance)
+        encoded = adapter.encode_cells(image.patches, image.thw, [keep.to(image.thw.device)])[0]
+        _, h, w = image.grid
+        return [encoded.tokens, *encoded.extra], _selection(keep, h, w)
 
     return realize
 
@@ -155,88 +200,3 @@ def downsample_image(image: Image.Image, image_processor, budget: int) -> Image.
             hi = mid
     w, h = max(1, round(width * lo)), max(1, round(height * lo))
     return image.resize((w, h), Image.BICUBIC)
-
-
-@torch.no_grad()
-def fastv_generate(model, full, keep: list[int], layer: int = 2, max_new_tokens: int = 8,
-                   eos_token_id: int | None = None) -> tuple[torch.Tensor, list[TokenSelection]]:  # fmt: skip
-    """Greedy decoding with FastV pruning at decoder layer ``layer``: sample b keeps ``keep[b]`` image tokens after
-    that layer (chosen once, from the prompt's last token). ``full``: the batch's all-token `CompressedInputs`.
-    Returns (new tokens [B, n], selections). Raises `ValueError` for a backbone whose decoder adds per-layer visual
-    features (deepstack), which these hand-run layers do not add."""
-    from transformers.masking_utils import create_causal_mask
-
-    adapter = model.adapter
-    if adapter.deepstack:
-        raise ValueError("the text-attention (FastV) baseline runs the decoder layers by hand and does not add the "
-                         "deepstack features this backbone's decoder needs (Qwen3-VL); it runs on Qwen2-VL and "
-                         "Qwen2.5-VL")  # fmt: skip
-    lm = adapter.decoder
-    embeds, mask, positions, visual = full.inputs_embeds, full.attention_mask, full.position_ids, full.visual_mask
-    batch = embeds.shape[0]
-    selections: list[TokenSelection] = []
-    drop = None
-    new_tokens = []
-    for _ in range(max_new_tokens):
-        hidden = embeds
-        cos_sin = lm.rotary_emb(hidden, positions)
-        causal = create_causal_mask(
-            config=lm.config, inputs_embeds=hidden, attention_mask=mask, cache=None, position_ids=None
-        )
-        for i, decoder_layer in enumerate(lm.layers):
-            if i == layer:
-                if drop is None:
-                    scores = text_attention_from_last(adapter, i, hidden, positions, mask)
-                    drop, selections = _fastv_drop(scores, visual, keep, full.realizations)
-                hidden, mask_k, pos_k = _compact(hidden, mask, positions, ~drop)
-                cos_sin = lm.rotary_emb(hidden, pos_k)
-                causal = create_causal_mask(
-                    config=lm.config, inputs_embeds=hidden, attention_mask=mask_k, cache=None, position_ids=None
-                )
-            hidden = decoder_layer(hidden, attention_mask=causal, position_embeddings=cos_sin, position_ids=None)
-        logits = adapter.lm_head(lm.norm(hidden[:, -1:]))
-        token = logits[:, -1].argmax(-1)
-        if eos_token_id is not None and new_tokens:  # a finished sample keeps emitting its end token
-            finished = (torch.stack(new_tokens, 1) == eos_token_id).any(1)
-            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-        new_tokens.append(token)
-        if eos_token_id is not None and bool((torch.stack(new_tokens, 1) == eos_token_id).any(1).all()):
-            break
-        embeds = torch.cat([embeds, adapter.embed_tokens(token[:, None])], dim=1)
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
-        visual = torch.cat([visual, visual.new_zeros(batch, 1)], dim=1)
-        drop = torch.cat([drop, drop.new_zeros(batch, 1)], dim=1)
-    return torch.stack(new_tokens, 1), selections
-
-
-def _fastv_drop(scores, visual, keep, realizations):
-    """Per sample: drop every image token but the ``keep[b]`` most attended (ties by index)."""
-    drop = torch.zeros_like(visual)
-    selections = []
-    for b in range(visual.shape[0]):
-        idx = visual[b].nonzero().flatten()
-        t = min(int(keep[b]), len(idx))
-        order = torch.sort(scores[b, idx].cpu(), descending=True, stable=True).indices
-        kept_local = torch.zeros(len(idx), dtype=torch.bool)
-        kept_local[order[:t]] = True
-        drop[b, idx[~kept_local.to(idx.device)]] = True
-        start = 0
-        for r in (r for r in realizations if r.sample_index == b):  # full-token realizations: raster order
-            part = kept_local[start : start + r.native_count]
-            h, w = r.relevance.shape
-            kept_idx = part.nonzero().flatten()
-            selections.append(TokenSelection(part.clone(), _positions(kept_idx // w, kept_idx % w), (h, w),
-                                             int(part.sum()), r.native_count, b, r.image_index))  # fmt: skip
-            start += r.native_count
-    return drop, selections
-
-
-def _compact(hidden, mask, positions, keep_mask):
-    """Keep the unmasked positions of each row, left-padded to the longest (`padding.left_pad`)."""
-    kept = [keep_mask[b].nonzero().flatten() for b in range(hidden.shape[0])]
-    return (
-        left_pad([hidden[b, idx] for b, idx in enumerate(kept)]),
-        left_pad([mask[b, idx] for b, idx in enumerate(kept)]),
-        left_pad([positions[:, b, idx].T for b, idx in enumerate(kept)]).permute(2, 0, 1),
-    )

@@ -19,14 +19,24 @@ Adding a method = one `register` call (here or in a module imported here); the h
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..relevance import ALL_TOKENS, RealizationRequest
-from .baselines import downsample_image, fastv_generate, random_realizer, uniform_allocation, visionzip_realizer
-from .readouts import vision_attention_received
+from .baselines import (
+    downsample_image,
+    greedy_realizer,
+    pixelprune_realizer,
+    random_realizer,
+    uniform_allocation,
+    visionzip_realizer,
+)
+from .lm_pruning import Rule, dart_rule, fastv_rule, pruned_generate, run_prefix
+from .pruners import cdpruner_order, divprune_order
+from .readouts import VisionAttentionTap
 
 if TYPE_CHECKING:
     from .harness import Batch, Harness
@@ -50,7 +60,9 @@ class Method:
     ``request(batch, budgets)`` -> the `RealizationRequest` the model realizes on the batch's images, or
     ``run(batch, budgets)`` -> its `Answers` (exactly one of them); ``budgets``: T per sample (each image's
     native count for an unbudgeted method). ``about``: what it keeps and where the port had to choose (the
-    method table of docs/benchmarks.md); ``note``: a line under the results, from the harness's settings.
+    method table of docs/benchmarks.md); ``note``: a line under the results, from the harness's settings;
+    ``readout``: adapter -> a tap (a context manager) the harness arms while it encodes the batch, for what the method
+    reads from the encoder besides its output (VisionZip's attention), so one encoder pass serves both.
     """
 
     name: str
@@ -61,6 +73,7 @@ class Method:
     budgeted: bool = True
     label: str = "all"  # the budget column of an unbudgeted method
     note: Callable[[Harness], str] | None = None
+    readout: Callable[[object], AbstractContextManager] | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -85,28 +98,61 @@ def register(method: Method) -> Method:
 
 
 def _downsample(batch: Batch, budgets: list[int]) -> Answers:
+    """Each image resized to fit its budget and encoded whole; an encoder input met before in this batch (the same
+    sample at the same size, the original size included) reuses its encoding."""
     harness = batch.harness
     small = [downsample_image(s["image"], harness.processor.image_processor, t) for s, t in zip(batch.samples, budgets)]
     inputs = harness.processor(images=small, text=[s["question"] for s in batch.samples])
-    answers = harness.answer(inputs, RealizationRequest(budget=ALL_TOKENS, encoding="single"))
+    inputs = {k: v.to(harness.model.device) for k, v in inputs.items()}
+    encoded = batch.shared("downsampled", lambda: {(i, s["image"].size): im for i, (s, im) in
+                                                   enumerate(zip(batch.samples, batch.images))})  # fmt: skip
+    images = harness.model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
+    images = [encoded.setdefault((i, image.size), fresh) for i, (image, fresh) in enumerate(zip(small, images))]
+    answers = harness.generate(harness.compress(inputs, RealizationRequest(budget=ALL_TOKENS, encoding="single"),
+                                                images))  # fmt: skip
     # a smaller image has fewer tokens than the original's grid: no token is at full detail unless none was dropped
     detail = [torch.full(g, used == n) for g, used, n in zip(batch.grids, answers.tokens_used, batch.natives)]
     return Answers(answers.texts, answers.tokens_used, detail)
 
 
-def _text_attention(batch: Batch, budgets: list[int]) -> Answers:
-    h = batch.harness
-    tokens, selections = fastv_generate(h.model, batch.full, budgets, h.fastv_layer, h.max_new_tokens, h.eos)
-    texts = h.processor.batch_decode(tokens, skip_special_tokens=True)
-    return Answers(texts, [s.tokens_used for s in selections], [s.detail_map() for s in selections])
+def _inside_language_model(rule: Rule) -> Callable[[Batch, list[int]], Answers]:
+    """A method that prunes inside the language model with ``rule`` (`evaluation.lm_pruning`): layers 0..K-1 run
+    once per batch on the all-token sequence, shared by every such method and budget."""
+
+    def run(batch: Batch, budgets: list[int]) -> Answers:
+        h = batch.harness
+        prefix = batch.shared("prefix", lambda: run_prefix(h.model, batch.full, h.prune_layer))
+        out = pruned_generate(h.model, prefix, budgets, rule, h.max_new_tokens, h.eos)
+        texts = h.processor.batch_decode(out.tokens, skip_special_tokens=True)
+        return Answers(texts, [s.tokens_used for s in out.selections], [s.detail_map() for s in out.selections])
+
+    return run
+
+
+def _greedy_order(name: str, order) -> Callable[[Batch, list[int]], RealizationRequest]:
+    """A post-encoder method keeping the first T picks of a greedy ``order`` (tokens, question, k), computed once per
+    image at the largest budget of the run (`baselines.greedy_realizer`)."""
+
+    def request(batch: Batch, budgets: list[int]) -> RealizationRequest:
+        realize = greedy_realizer(order, batch.shared(name, dict), batch.largest_budgets)
+        return RealizationRequest(budget=budgets, encoding="single", realize=realize)
+
+    return request
+
+
+def _pixelprune(tolerance: float) -> Callable[[Batch, list[int]], RealizationRequest]:
+    def request(batch: Batch, budgets: list[int]) -> RealizationRequest:
+        image_processor = batch.harness.processor.image_processor
+        realize = pixelprune_realizer(tolerance, image_processor.image_mean, image_processor.image_std)
+        return RealizationRequest(encoding="single", realize=realize)
+
+    return request
 
 
 def _visionzip(batch: Batch, budgets: list[int]) -> RealizationRequest:
-    readouts = batch.shared(
-        "readouts",
-        lambda: vision_attention_received(batch.harness.model.adapter, batch.inputs["pixel_values"],
-                                          batch.inputs["image_grid_thw"]),
-    )  # fmt: skip
+    tap = batch.tap("query-agnostic")  # armed while the batch's images were encoded, one encoder call each
+    readouts = batch.shared("visionzip", lambda: [tap.received(image.thw[None], k)[0]
+                                                  for k, image in enumerate(batch.images)])  # fmt: skip
     return RealizationRequest(budget=budgets, encoding="single", realize=visionzip_realizer(readouts))
 
 
@@ -142,16 +188,53 @@ register(Method(
     "rest by key similarity (54 + 10 of 64). Port: Qwen-VL has no CLS token, so attention received is the mean "
     "over queries and heads, summed over each token's 2 x 2 patches; Qwen2.5-VL reads a full-attention block and "
     "maps window order back to raster; computed from that block's q/k, no eager attention",
-    request=_visionzip,
+    request=_visionzip, readout=VisionAttentionTap,
 ))  # fmt: skip
 register(Method(
     "text-attention", "language_model",
     "FastV: every token through language-model layers 0..K-1, then only the T image tokens the last prompt token "
     "attends to most (mean over heads); query-aware. Port: the one attention row is computed from layer K's q/k (no eager "
-    "switch), kept tokens keep their M-RoPE positions, decoded without a KV cache; Qwen2-VL and Qwen2.5-VL only",
-    run=_text_attention,
-    note=lambda h: f"text-attention (FastV) keeps every visual token through language-model layers 0..{h.fastv_layer - 1}; "
-    "its budget counts the tokens after that layer",
+    "switch), kept tokens keep their M-RoPE positions, decoded on a KV cache whose layers from K on hold only the kept "
+    "tokens; Qwen3-VL's deepstack features follow the kept tokens",
+    run=_inside_language_model(fastv_rule),
+    note=lambda h: f"text-attention (FastV) and dart keep every visual token through language-model layers "
+    f"0..{h.prune_layer - 1}; their budget counts the tokens after that layer",
+))  # fmt: skip
+register(Method(
+    "cdpruner", "features",
+    "CDPruner: the greedy MAP of a determinantal point process over the encoder's tokens whose kernel weighs their "
+    "similarity by each token's relevance to the instruction; query-aware. Port: the mean of the question's input "
+    "embeddings (the language model's own table) stands in for CLIP's text embedding, its cosine to each merged "
+    "token is the relevance (not negated); one greedy order per image serves every budget",
+    request=_greedy_order("cdpruner", lambda tokens, question, k: cdpruner_order(tokens, question.mean(0, keepdim=True), k)),
+))  # fmt: skip
+register(Method(
+    "divprune", "features",
+    "DivPrune: the max-min diversity subset of the encoder's tokens (cosine distance, greedy from the token farthest "
+    "from its nearest neighbour); not query-aware. Port: a chosen token is never picked again; one greedy order per "
+    "image serves every budget",
+    request=_greedy_order("divprune", lambda tokens, question, k: divprune_order(tokens, k)),
+))  # fmt: skip
+register(Method(
+    "dart", "language_model",
+    "DART: every token through language-model layers 0..K-1, then per pivot (the 4 image and 4 text tokens of largest "
+    "key L1 norm at layer K-1) its share of the image tokens least similar to it (layer K-1's output, final norm); "
+    "query-aware through the text pivots. Port: shares sized to keep exactly T (upstream keeps up to 4 more), pivots "
+    "in sequence order, keys from layer K-1's projection (no eager switch), positions and decoding as text-attention's",
+    run=_inside_language_model(dart_rule),
+))  # fmt: skip
+register(Method(
+    "pixelprune", "pixels",
+    "PixelPrune: the merged pixel blocks (28 px) equal to their 2-D prediction from the left / upper neighbours are "
+    "dropped before the encoder, which encodes the rest alone at their true positions; exact duplicates (the published "
+    "tolerance 0); not query-aware, no budget: its own operating point, at the tokens it kept",
+    request=_pixelprune(0.0), budgeted=False, label="own point",
+))  # fmt: skip
+register(Method(
+    "pixelprune-tol", "pixels",
+    "PixelPrune as above with a tolerance of 4/255 per pixel (our choice: absorbs ±4 grey levels of resampling or JPEG "
+    "noise; upstream publishes no tolerance above 0), anchored so every pixel stays within it of the image",
+    request=_pixelprune(4 / 255), budgeted=False, label="own point",
 ))  # fmt: skip
 register(Method(
     "arr-coc-free", "features", "arr-coc with its training-free rules (mode training_free), single encoding; query-aware",

@@ -15,18 +15,19 @@ Features are compared in float64 whatever dtype they come in.
   pivot the tokens least similar to it.
 - `pixelprune_select`: PixelPrune (Wang et al., 2026, arXiv:2604.00886; github OPPO-Mente-Lab/PixelPrune,
   ``pixelprune/methods/pred_2d.py``) – 2-D predictive coding over the merged pixel blocks before the vision
-  encoder; unbudgeted. `merged_pixel_blocks` turns processor patches into its blocks and `patch_rows` maps
-  kept blocks back to processor rows.
+  encoder; unbudgeted. `merged_pixel_blocks` turns processor patches into its blocks; the kept blocks are merged
+  cells, which `BackboneAdapter.encode_cells` encodes at their true positions.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .speed import intra_op_threads
 
 _RANK_EPS = 1e-10  # Chen et al.'s stopping threshold on the conditional gain d_j^2
 
@@ -66,18 +67,6 @@ def _raster(order: torch.Tensor) -> torch.Tensor:
     return torch.sort(order).values
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """For loops of k dependent steps on [n]-sized tensors: intra-op threads only add synchronisation there
-    (measured: the DPP greedy ran 100x slower on 2 threads than on 1 on the shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------- CDPruner
 
 
@@ -87,7 +76,7 @@ def instruction_relevance(tokens: torch.Tensor, text: torch.Tensor) -> torch.Ten
     tokens [n, d], text [m, d] (same space) -> [n] in (0, 1 + 1e-6 / (max - min)]: the mean over the m text
     rows of the cosine similarity, then ``(r - min + 1e-6) / (max - min)`` as in the official code; all ones
     when every token is equally relevant. The official LLaVA code negates the cosine first because CLIP's patch embeddings
-    score inversely against its text embedding; no negation here (see docs/baselines_notes.md).
+    score inversely against its text embedding; no negation here (docs/benchmarks.md's method notes).
     Raises ValueError on empty or mismatched inputs."""
     v, t = _tokens(tokens), _tokens(text, "text")
     if v.shape[1] != t.shape[1]:
@@ -136,7 +125,9 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     rows = L.new_zeros(k, n)  # the incremental Cholesky rows c_i of Chen et al.
     chosen = torch.zeros(n, dtype=torch.bool)
     order: list[int] = []
-    with _one_thread():
+    # a loop of k dependent steps on [n]-sized tensors: intra-op threads only add synchronisation there (measured:
+    # the greedy ran 100x slower on 2 threads than on 1 on the shared 2-core machine)
+    with intra_op_threads(1):
         for i in range(k):
             gain = d2.masked_fill(chosen, -torch.inf)
             j = int(torch.argmax(gain))
@@ -154,14 +145,19 @@ def greedy_dpp_map(kernel: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
-def cdpruner_select(tokens: torch.Tensor, text: torch.Tensor, budget: int, theta: float | None = None) -> torch.Tensor:
-    """CDPruner on one image: tokens [n, d] (the encoder's output after the merger), text [m, d] (the
-    instruction in the same space; see docs/baselines_notes.md for the Qwen2-VL stand-in), budget T ->
-    kept indices [min(T, n)] in raster order: the greedy DPP MAP under `conditional_kernel`.
-    Raises ValueError on bad shapes or T <= 0."""
-    k = _keep_count(budget, _tokens(tokens).shape[0])
+def cdpruner_order(tokens: torch.Tensor, text: torch.Tensor, k: int, theta: float | None = None) -> torch.Tensor:
+    """CDPruner's greedy order on one image: tokens [n, d] (the encoder's output after the merger), text [m, d] (the
+    instruction in the same space; docs/benchmarks.md's method notes give the Qwen2-VL stand-in) -> the first
+    min(k, n) picks of the greedy DPP MAP under `conditional_kernel`, in the order chosen (the first j are the
+    answer for budget j). Raises ValueError on bad shapes or k <= 0."""
     kernel = conditional_kernel(tokens, instruction_relevance(tokens, text), theta)
-    return _raster(greedy_dpp_map(kernel, k))
+    return greedy_dpp_map(kernel, _keep_count(k, kernel.shape[0]))
+
+
+def cdpruner_select(tokens: torch.Tensor, text: torch.Tensor, budget: int, theta: float | None = None) -> torch.Tensor:
+    """CDPruner on one image (`cdpruner_order`), budget T -> kept indices [min(T, n)] in raster order.
+    Raises ValueError on bad shapes or T <= 0."""
+    return _raster(cdpruner_order(tokens, text, budget, theta))
 
 
 # ----------------------------------------------------------------------------------------------- DivPrune
@@ -327,10 +323,3 @@ def pixelprune_select(blocks: torch.Tensor, tolerance: float = 0.0) -> torch.Ten
             else:
                 keep[r, c] = True
     return keep.flatten().nonzero().flatten()
-
-
-def patch_rows(kept_blocks: torch.Tensor, merge_size: int = 2) -> torch.Tensor:
-    """Kept merged-block indices [k] -> the processor's pixel_values rows [k * merge^2] that make them (each
-    block's merge^2 patches are consecutive rows): what the vision encoder is given under PixelPrune."""
-    per_block = merge_size**2
-    return (kept_blocks[:, None] * per_block + torch.arange(per_block)).flatten()

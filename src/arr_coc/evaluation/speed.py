@@ -14,6 +14,8 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +39,22 @@ class SpeedRow:
     ttft_s: float
     decode_tokens_per_s: float
     peak_mb: float
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block and restored after (None or 0: left as they are).
+
+    One thread is the fast choice for small tensors on a shared machine: an op split over threads waits for the
+    slowest, and a thread the scheduler parks (another job on the cores) stalls every op (measured here: the
+    evaluation ran 16x faster on one thread than on two while a training job shared the 2 cores)."""
+    threads = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _median_time(fn, repeats: int) -> tuple[float, object]:
@@ -183,6 +201,21 @@ def ratios(rows: list[SpeedRow]) -> list[dict]:
             "relevance_share_of_vision": r.relevance_s / r.vision_s,
         })  # fmt: skip
     return out
+
+
+def timing_checks(rows: list[dict], max_decode_per_first_token: float = 200.0) -> list[str]:
+    """What the timings must say if the clock was honest (a benchmark's check, not a unit test's: timings move with
+    the machine's load): decoding a token on the KV cache costs a share of the first token's path, never nothing,
+    so ``decode_tokens_per_s * ttft_s`` stays below ``max_decode_per_first_token``. One line per row that breaks it.
+    """
+    return [
+        f"{r['model']} {r['size']}px batch {r['batch']} {r['budget']} {r['encoding']}: "
+        f"{r['decode_tokens_per_s']:.0f} decoded tokens/s against a first token in {r['ttft_s']:.3g} s "
+        f"({r['decode_tokens_per_s'] * r['ttft_s']:.0f} tokens per first-token time, more than "
+        f"{max_decode_per_first_token:g})"
+        for r in rows
+        if r["decode_tokens_per_s"] * r["ttft_s"] >= max_decode_per_first_token
+    ]
 
 
 def machine() -> dict:

@@ -1,7 +1,7 @@
 """The saccade: a gist of the image first, then full-resolution crops of what matters (``encoding="saccade"``).
 
 Everything the saccade needs besides the model's two-pass loop (`ArrCocForConditionalGeneration._realize_saccade`)
-and the encoder calls (`BackboneAdapter.encode_crops`) lives here:
+and the encoder calls (`BackboneAdapter.encode_crops`, `encode_cells`) lives here:
 
 - the gist's grid on the merged grid (`gist_grid`) and its values spread back onto the native grid (`expand_gist`,
   `expand_maps`);
@@ -191,12 +191,16 @@ class PatchGeometry:
         gist = torch.nn.functional.avg_pool2d(image.view(c * tp, *image.shape[-2:]), scale)
         return self.patchify(gist.view(c, tp, *gist.shape[-2:]))
 
+    def cell_patches(self, cells: torch.Tensor) -> torch.Tensor:
+        """Merged-grid cell indices [k] -> the indices of their patches [k * merge^2] among the image's patches (each
+        cell's ``merge x merge`` patches are consecutive rows), in the cells' order."""
+        unit = self.merge**2
+        return (cells[:, None] * unit + torch.arange(unit, device=cells.device)).flatten()
+
     def crop_patches(self, thw, box: Box) -> torch.Tensor:
         """Indices of the patches of a merged-grid box, in the crop's own patch order: ``patches[index]`` is what
         the processor would emit for that crop of the image."""
-        unit = self.merge**2
-        cells = box_index(box, int(thw[2]) // self.merge)
-        return (cells[:, None] * unit + torch.arange(unit)).flatten()
+        return self.cell_patches(box_index(box, int(thw[2]) // self.merge))
 
 
 # ----------------------------------------------------------------------------- gist and crops -> the native grid

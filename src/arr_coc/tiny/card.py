@@ -158,7 +158,7 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200, commands: str = "",
-                 notes: str = "", second_generator=None) -> str:  # fmt: skip
+                 notes: str = "") -> str:  # fmt: skip
     """Write the run's backbone (with the trained relevance heads of ``heads``, an arr-coc model or heads-only
     folder) as an arr-coc model folder: model, processor, model card, and ``heldout_accuracy.json`` with
     `reading_report` (the test suite's guards recompute its ``first_40`` entries)."""
@@ -174,7 +174,7 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
     model.save_pretrained(out)
     processor = ArrCocProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
-    report = reading_report(backbone, tokenizer, image_processor, n=eval_n, second_generator=second_generator)
+    report = reading_report(backbone, tokenizer, image_processor, n=eval_n)
     vc, tc = backbone.config.vision_config, backbone.config.text_config
     stages = "\n".join(
         f"| {r['stage']} | {r['steps']} | {STAGES[r['stage']].notes} | "

@@ -67,17 +67,27 @@ def evaluate_model(model, tokenizer, image_processor, n: int = 100, seeds_from: 
     return {**result, f"first_{first}": head} if first else result
 
 
-def reading_report(model, tokenizer, image_processor, n: int = 200, first: int = 40, device: str = "cpu",
-                   second_generator: Callable[[str, int], dict] | None = None) -> dict:  # fmt: skip
-    """Held-out exact match at full scale, at each of `SCALES`, on crops around the answer, and (if given) on the
-    second generator's samples: ``{condition: {task: accuracy, "first_40": {...}}}``. ``"first_40"`` is what the
-    test suite's guards recompute."""
-    conditions = {"full": {}, **{f"scale_{s}": {"scale": s} for s in SCALES}, "crop": {"crop": True}}
-    if second_generator is not None:
-        conditions["second_generator"] = {"generator": second_generator}
+def reading_report(model, tokenizer, image_processor, n: int = 200, first: int = 40, device: str = "cpu") -> dict:
+    """Held-out exact match at full scale, at each of `SCALES`, on crops around the answer, and on the independently
+    written generator's samples (`arr_coc.data.contract`): ``{condition: {task: accuracy, "first_40": {...}}}``.
+    ``"first_40"`` is what the test suite's guards recompute."""
+    from ..data import contract
+
+    conditions = {
+        "full": {},
+        **{f"scale_{s}": {"scale": s} for s in SCALES},
+        "crop": {"crop": True},
+        "second_generator": {"generator": contract.generate, "seeds_from": contract.SEED_START},
+    }
     return {
         name: evaluate_model(
-            model, tokenizer, image_processor, n=n, seeds_from=EVAL_SEED_START, device=device, first=first, **options
+            model,
+            tokenizer,
+            image_processor,
+            n=n,
+            device=device,
+            first=first,
+            **{"seeds_from": EVAL_SEED_START, **options},
         )  # fmt: skip
         for name, options in conditions.items()
     }

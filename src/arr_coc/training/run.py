@@ -1,5 +1,6 @@
 """``arr-coc train``: one command over `transformers.Trainer` for the relevance heads (and whatever else you
-unfreeze). Options come from the command line and/or a YAML file (same names, dashes or underscores).
+unfreeze). Options (`arr_coc_cli`) come from the command line and/or a YAML file (same names, dashes or
+underscores).
 
 Runs as it is on one process, or under ``torchrun --nproc_per_node N`` / ``accelerate launch`` (DDP):
 each rank reads its own shard of every batch, as `Trainer` arranges.
@@ -12,87 +13,21 @@ import json
 import os
 import signal
 
+from arr_coc_cli import output_dir
+
 TEST_KILL_ENV = "ARR_COC_TEST_KILL_AFTER_CHECKPOINT"  # test hook: SIGKILL this process right after checkpoint k
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a YAML file with any of these options (the command line wins)")
-    p.add_argument("--model", default=None, help="an arr-coc model (folder, Hub id or 'arr-coc-tiny') to train")
-    p.add_argument("--backbone", default=None, help="or a stock Qwen2-VL-family backbone to wrap with fresh heads")
-    p.add_argument(
-        "--encoding", choices=("single", "saccade"), default=None,
-        help="train the heads for this encoding (saccade: relevance on the gist; needs localise/distill/budget terms)",
-    )  # fmt: skip
-    p.add_argument("--output-dir", default=None, help="checkpoints, logs and the final model")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="'synthetic' (both tasks), 'synthetic:box-codes', or SCHEMA:SOURCE with SCHEMA in vqav2/textvqa/docvqa/chartqa",
-    )
-    p.add_argument(
-        "--train-samples", type=int, default=None, help="training examples (synthetic: per task; VQA: a limit)"
-    )
-    p.add_argument("--eval-samples", type=int, default=None, help="evaluation examples (0: no evaluation)")
-    p.add_argument("--objectives", default=None, help="weights, e.g. 'answer=1,localise=1,distill=0.5,budget=0.1'")
-    p.add_argument(
-        "--budget",
-        default=None,
-        help="training budgets: 'random' (ratios in --compression-range), 'auto', an int, or '1/8'",
-    )
-    p.add_argument(
-        "--compression-range", default=None, help="'2,16': log-uniform compression ratios for --budget random"
-    )
-    p.add_argument(
-        "--train-parts",
-        default=None,
-        help="comma-separated parts to train (default: relevance); see training/surgery.py",
-    )
-    p.add_argument("--part-lr", default=None, help="per-part learning rates, e.g. 'relevance=1e-3,language_model=1e-5'")
-    p.add_argument(
-        "--layer-decay", type=float, default=None, help="layer-wise learning-rate decay for the language model"
-    )
-    p.add_argument(
-        "--lora-r", type=int, default=None, help="add LoRA of this rank to the language model's q/v projections"
-    )
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--per-device-train-batch-size", type=int, default=None)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=None)
-    p.add_argument("--save-steps", type=int, default=None)
-    p.add_argument("--eval-steps", type=int, default=None)
-    p.add_argument("--logging-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--resume", default=None, help="'auto' (the latest checkpoint in --output-dir) or a checkpoint folder"
-    )
-    p.add_argument(
-        "--save-heads-only",
-        action="store_true",
-        default=None,
-        help="also write only the heads (small, names the backbone)",
-    )
-    p.add_argument("--report-to", default=None, help="'none', 'tensorboard', 'wandb' (when installed)")
-    p.add_argument("--push-to-hub", action="store_true", default=None)
-    p.add_argument("--hub-model-id", default=None)
-    p.add_argument("--use-cpu", action="store_true", default=None, help="train on the CPU even where a GPU is present")
-    p.add_argument(
-        "--cache-encoder", default=None, metavar="DIR",
-        help="encode the training (and evaluation) pool once with the frozen vision encoder into DIR (resumable, "
-        "tied to the encoder's weights) and train on those outputs: the encoder never runs in a training step",
-    )  # fmt: skip
 
 
 DEFAULTS = {
     "data": "synthetic", "train_samples": 512, "eval_samples": 32, "objectives": "answer=1,localise=1",
     "budget": "random", "compression_range": "2,16", "train_parts": "relevance", "learning_rate": 1e-3,
     "max_steps": 200, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "save_steps": 50,
-    "eval_steps": 100, "logging_steps": 10, "seed": 0, "report_to": "none", "output_dir": "arr-coc-train",
+    "eval_steps": 100, "logging_steps": 10, "seed": 0, "report_to": "none",
 }  # fmt: skip
 
 
 def resolve_options(args: argparse.Namespace) -> dict:
-    options = dict(DEFAULTS)
+    options = dict(DEFAULTS, output_dir=os.path.join(output_dir(), "train"))
     if args.config:
         import yaml
 

@@ -1,0 +1,90 @@
+"""The command line in-process (issue 16, item 12): images are checked before the model loads, and what a
+command writes unasked goes to the documented place ($ARR_COC_OUTPUT, else the user's cache), not the working
+directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+from PIL import Image
+
+import arr_coc
+from arr_coc import cli
+from arr_coc.training.run import resolve_options
+from arr_coc_cli import build_parser, output_dir
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading any model fails the test (an AssertionError is not one of the CLI's reported errors)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(arr_coc.ArrCocForConditionalGeneration, "from_pretrained", refuse)
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    good = io.BytesIO()
+    Image.new("RGB", (64, 48), "white").save(good, format="PNG")
+    (folder / "text.png").write_text("not an image")
+    (folder / "truncated.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "good.png").write_bytes(good.getvalue())
+    (folder / "a folder.png").mkdir()
+    return {
+        "missing": (folder / "missing.png", "does not exist"),
+        "a folder": (folder / "a folder.png", "is a folder"),
+        "not an image": (folder / "text.png", "not an image"),
+        "truncated": (folder / "truncated.png", "corrupt or truncated|not an image"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "a folder", "not an image", "truncated"])
+def test_run_and_demo_check_the_image_before_loading_the_model(case, bad_images, no_model_loads, tmp_path, capsys):
+    path, message = bad_images[case]
+    for argv in (["run", "--image", str(path), "--question", "Which code?"],
+                 ["demo", "--image", str(path), "--question", "Which code?", "--out", str(tmp_path / "d.png")]):  # fmt: skip
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and any(m in err for m in message.split("|")), err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"image": str(path.parent / "good.png"), "question": "Which?"}) + "\n"
+                    + json.dumps({"image": str(path), "question": "Which?"}) + "\n")  # fmt: skip
+    assert cli.main(["run", "--input", str(rows), "--output", str(tmp_path / "answers.jsonl")]) == 2
+    assert str(path) in capsys.readouterr().err and not (tmp_path / "answers.jsonl").exists()
+
+
+def test_demo_without_question_for_its_image_is_refused_before_loading(bad_images, no_model_loads, capsys):
+    assert cli.main(["demo", "--image", str(bad_images["missing"][0].parent / "good.png")]) == 2
+    assert "--image needs --question" in capsys.readouterr().err
+
+
+def test_unasked_files_go_to_the_documented_place_not_the_working_directory(tmp_path, monkeypatch, capsys):
+    place, checkout = tmp_path / "output", tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("ARR_COC_OUTPUT", str(place))
+    assert output_dir() == str(place)
+    assert cli.main(["demo", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["picture"] == str(place / "demo.png")
+    assert Image.open(place / "demo.png").size[0] > 200
+    parser = build_parser()
+    assert parser.parse_args(["eval"]).out == str(place / "eval-results")
+    assert resolve_options(parser.parse_args(["train"]))["output_dir"] == str(place / "train")
+    assert resolve_options(parser.parse_args(["train", "--output-dir", "mine"]))["output_dir"] == "mine"
+    assert os.listdir(checkout) == []
+    monkeypatch.delenv("ARR_COC_OUTPUT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert build_parser().parse_args(["demo"]).out == str(tmp_path / "cache" / "arr-coc" / "demo.png")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert output_dir() == str(tmp_path / "home" / ".cache" / "arr-coc")
+    for command in ("demo", "eval"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "ARR_COC_OUTPUT" in capsys.readouterr().out
