@@ -26,7 +26,12 @@ class ArrCocConfig(PreTrainedConfig):
 
     Args:
         vlm_config (`dict` or `PreTrainedConfig`): the backbone's config (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
-        min_tokens / max_tokens (`int`): range of the automatic budget per image (defaults 64 and 400).
+        min_tokens / max_tokens (`int`): range of the automatic budget per image (defaults 64 and 400; arr-coc-tiny
+            ships 16 and 256 – the README's budget rules list each model's).
+        budget_confidence (`float`): in (0, 1); with trained heads the automatic budget is the smallest budget at
+            which the budget head predicts the answer survives with this probability (its survival model,
+            `relevance.BudgetCalculator`). Higher: more tokens, fewer lost answers. Unused by the training-free rule
+            and by explicit budgets.
         allocator (`str`): `"ladder"` (fixed square regions at `lod_ladder` levels) or `"quadtree"`
             (regions split where relevance is high, down to single tokens).
         region_size (`int`): side of a ladder region, in visual tokens (20 = 560 px on Qwen2-VL).
@@ -59,6 +64,7 @@ class ArrCocConfig(PreTrainedConfig):
     vlm_config: dict | PreTrainedConfig | None = None
     min_tokens: int = 64
     max_tokens: int = 400
+    budget_confidence: float = 0.9
     allocator: str = "ladder"
     region_size: int = 20
     lod_ladder: list[int] | tuple[int, ...] | None = None
@@ -91,6 +97,9 @@ class ArrCocConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an integer >= 1")
+        c = self.budget_confidence
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
+            _fail("budget_confidence", c, "a probability strictly between 0 and 1")
         if self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
         if self.allocator not in ALLOCATORS:

@@ -147,12 +147,12 @@ class ExportableRelevance(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.heads = model.relevance
-        self.min_tokens, self.max_tokens = model.config.min_tokens, model.config.max_tokens
+        self.confidence = model.config.budget_confidence
 
     def forward(self, grid_tokens: torch.Tensor, question: torch.Tensor):
         h, w, d = grid_tokens.shape
         info, salience, coupling, relevance, _, expected = self.heads(
-            grid_tokens.flatten(0, 1), (h, w), question, True, self.min_tokens, self.max_tokens
+            grid_tokens.flatten(0, 1), (h, w), question, True, self.confidence
         )
         return info, salience, coupling, relevance, expected
 

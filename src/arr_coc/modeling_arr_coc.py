@@ -68,6 +68,7 @@ from .relevance import (
     realize_allocation,
     saccade_crops,
 )
+from .relevance.attending import BudgetCalculator
 from .relevance.knowing import CouplingScorer
 from .scoped_lora import (
     checkpoint_in_scope,
@@ -168,6 +169,8 @@ class ArrCocPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CouplingScorer):
             torch.nn.init.zeros_(module.bias)
+        if isinstance(module, BudgetCalculator):
+            torch.nn.init.zeros_(module.log_slope)
 
 
 class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
@@ -302,7 +305,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         rules and the allocation -> (expected tokens [], allocation, decision)."""
         config, trained = self.config, ask.mode == "trained"
         question = question.to(next(self.relevance.parameters()).dtype)
-        expected = self.relevance.budget(maps.relevance, question, config.min_tokens, config.max_tokens, trained)
+        expected = self.relevance.budget(maps.relevance, question, trained, config.budget_confidence)
         allocation, decision = self.allocator.decide(maps.relevance, h, w, float(expected.detach()),
                                                      config.min_tokens, config.max_tokens, ask.budget,
                                                      ask.compression, ask.allocation)  # fmt: skip
@@ -329,6 +332,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
                 "pass budget= or compression=, or use encoding='single'"
             )
+        if image.patches is None:
+            raise ValueError("saccade encoding reads the image's pixels; this image came as encoder outputs only")
         adapter, scale = self.adapter, self.config.gist_scale
         _, h, w = image.grid
         with lora_scope(self, "vision"):  # the vision tower's scoped LoRA: on for the saccade's encodings
@@ -344,13 +349,14 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ a batch: image spans, splice, pad
 
-    def image_inputs(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+    def image_inputs(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
                      features: list[VisionFeatures] | None = None) -> list[ImageInput]:  # fmt: skip
         """The batch's images as realize steps receive them (`ImageInput`: patches [h*w, C*T*P*P], grid), each
-        encoded on first use unless ``features`` (from `encode_images`) are given.
+        encoded on first use unless ``features`` (from `encode_images`) are given – then pixel_values may be None.
 
         Raises `ValueError` for pixel_values without image_grid_thw, not floating point, with NaN or infinite
-        values, not matching image_grid_thw, or an image of more than one temporal patch (video).
+        values, not matching image_grid_thw, or an image of more than one temporal patch (video); for neither
+        pixels nor features, and for features that do not match image_grid_thw.
         """
         return ImageInput.split(self.adapter, pixel_values, image_grid_thw, features)
 
@@ -513,6 +519,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                image_features: list[VisionFeatures] | None = None,
                 budget=None, compression=None, allocation=None, pooling: str | None = None,
                 encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
                 prefill_embeds: torch.Tensor | None = None, visual_pos_masks: torch.Tensor | None = None,
@@ -521,7 +528,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ArrCocCausalLMOutputWithPast:  # fmt: skip
         r"""
         With ``pixel_values``: the prefill over the processor's ``input_ids`` [B, L] (images compressed, labels
-        remapped). Without: the language model over ``inputs_embeds`` / ``input_ids`` as given (decoding steps,
+        remapped); ``image_features`` (one `VisionFeatures` per image, from `encode_images`) stand in for the vision
+        encoder, with or without the pixels (training on cached encoder outputs, `training.cache`). Without: the language model over ``inputs_embeds`` / ``input_ids`` as given (decoding steps,
         text-only prompts) – pass the previous output's attention_mask / position_ids extended, or no position_ids.
 
         A call on an empty cache (or none) is a prefill and starts fresh; its rope deltas (how far its positions run
@@ -545,9 +553,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         past = cache_length(cache)
-        if pixel_values is not None:
+        if pixel_values is not None or image_features is not None:
             request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
-            images = self.image_inputs(pixel_values, image_grid_thw)
+            images = self.image_inputs(pixel_values, image_grid_thw, image_features)
             c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
             labels, visual_pos_masks, deepstack_visual_embeds = c.labels, c.visual_mask, c.visual_extra

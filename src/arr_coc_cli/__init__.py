@@ -122,6 +122,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", action="store_true", default=None)
     p.add_argument("--hub-model-id", default=None)
     p.add_argument("--use-cpu", action="store_true", default=None, help="train on the CPU even where a GPU is present")
+    p.add_argument(
+        "--cache-encoder", default=None, metavar="DIR",
+        help="encode the training (and evaluation) pool once with the frozen vision encoder into DIR (resumable, "
+        "tied to the encoder's weights) and train on those outputs: the encoder never runs in a training step",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

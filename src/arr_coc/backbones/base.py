@@ -24,6 +24,10 @@ class VisionFeatures:
     grid: tuple[int, int, int]
     extra: list[torch.Tensor] = field(default_factory=list)
 
+    def to(self, device) -> VisionFeatures:
+        """The same features on ``device``."""
+        return VisionFeatures(self.tokens.to(device), self.grid, [x.to(device) for x in self.extra])
+
 
 def check_pixels(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> None:
     """Raise `ValueError` for pixel_values without image_grid_thw, not floating point, with NaN or infinite values,
@@ -50,13 +54,14 @@ def check_pixels(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None
 class ImageInput:
     """One image of a batch as a realize step receives it.
 
-    patches: [h*w patches, C*T*P*P] as the processor emits them; thw: [3] the patch grid; grid: (t, h, w) of the
+    patches: [h*w patches, C*T*P*P] as the processor emits them (None for an image given only by its cached encoder
+    outputs); thw: [3] the patch grid; grid: (t, h, w) of the
     merged grid; index: the image's place among the batch's images. ``features`` is the vision encoder's output
     (`VisionFeatures`), encoded on first use and kept – every post-encoder method and budget then reuses one
     encoding; the saccade never asks for it, and reuses its gist the same way (`gist`).
     """
 
-    def __init__(self, adapter: BackboneAdapter, patches: torch.Tensor, thw: torch.Tensor, index: int,
+    def __init__(self, adapter: BackboneAdapter, patches: torch.Tensor | None, thw: torch.Tensor, index: int,
                  features: VisionFeatures | None = None):  # fmt: skip
         self.adapter, self.patches, self.thw, self.index = adapter, patches, thw, index
         self.grid = adapter.merged_grid(thw.tolist())
@@ -64,16 +69,34 @@ class ImageInput:
         self._gists: dict[int, VisionFeatures] = {}
 
     @classmethod
-    def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None,
+    def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
               features: list[VisionFeatures] | None = None) -> list[ImageInput]:  # fmt: skip
         """The images of a batch's pixel_values [patches, C*T*P*P] (checked: `check_pixels`), in order, with their
-        encodings if ``features`` are given."""
-        check_pixels(pixel_values, image_grid_thw)
+        encodings if ``features`` are given. With ``features`` the pixels may be None (encoder outputs cached ahead:
+        such an image has no ``patches``, so only the single encoding can realize it).
+
+        Raises `ValueError` for bad pixel_values (`check_pixels`), neither pixels nor features, or features whose
+        count or merged grids do not match image_grid_thw."""
+        if pixel_values is None:
+            if features is None:
+                raise ValueError("pass pixel_values, or the images' encoder outputs (image_features)")
+            if image_grid_thw is None:
+                raise ValueError("image_features need image_grid_thw (the processor emits it)")
+        else:
+            check_pixels(pixel_values, image_grid_thw)
+        if features is not None and len(features) != len(image_grid_thw):
+            raise ValueError(f"{len(features)} image_features for {len(image_grid_thw)} images in image_grid_thw")
         images, start = [], 0
         for k, thw in enumerate(image_grid_thw):
             n = int(thw.prod())
+            patches = pixel_values[start : start + n] if pixel_values is not None else None
             encoded = features[k] if features is not None else None
-            images.append(cls(adapter, pixel_values[start : start + n], thw, k, encoded))
+            images.append(cls(adapter, patches, thw, k, encoded))
+            if encoded is not None and tuple(encoded.grid) != images[-1].grid:
+                raise ValueError(
+                    f"image {k}: its encoder outputs have the merged grid {tuple(encoded.grid)}, image_grid_thw says "
+                    f"{images[-1].grid}; they come from another image or processor"
+                )
             start += n
         return images
 

@@ -1,9 +1,12 @@
 """Answer boxes on the merged grid: how much of each visual token's cell a sample's ``answer_box`` covers (the
-localisation objective's target and the evaluation's localisation measure)."""
+localisation objective's target and the evaluation's localisation measure), and the allocation a perfect relevance
+map would get (`oracle_allocation`, the evaluation's upper bound)."""
 
 from __future__ import annotations
 
 import torch
+
+from ..relevance.attending import Allocation, TokenAllocator
 
 
 def box_overlap_map(box, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -18,3 +21,14 @@ def box_overlap_map(box, image_size: tuple[int, int], grid: tuple[int, int]) -> 
         height / h
     )
     return (oy[:, None] * ox[None, :]).clamp(0.0, 1.0)
+
+
+def oracle_allocation(allocator: TokenAllocator, box, image_size: tuple[int, int], grid: tuple[int, int],
+                      budget: int) -> Allocation:  # fmt: skip
+    """The allocation a perfect relevance map gets (docs/design.md, "oracle"): relevance 1 on every merged-grid token
+    ``box`` (x0, y0, x1, y1 in image pixels) touches and 0 elsewhere, through ``allocator`` (the model's
+    `TokenAllocator`) at ``budget`` tokens under the budget rules (clipped to native; below the allocator's floor
+    `ValueError`). Pass it as ``allocation=`` to realize it; an upper bound in evaluation, never a method to pick."""
+    h, w = grid
+    relevance = (box_overlap_map(box, image_size, grid) > 0).float().flatten()
+    return allocator.decide(relevance, h, w, expected_tokens=budget, min_tokens=1, max_tokens=budget, budget=budget)[0]

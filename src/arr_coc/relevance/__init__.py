@@ -68,12 +68,12 @@ class RelevanceHeads(nn.Module):
         relevance, weights = self.balancer(torch.stack([info, salience, coupling]), question, trained)
         return RelevanceMaps(info, salience, coupling, relevance, weights)
 
-    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, min_tokens: int, max_tokens: int):
+    def forward(self, tokens, grid: tuple[int, int], question, trained: bool, confidence: float):
         """tokens [h*w, d], question [m, d_text] -> (information, salience, coupling, relevance [h*w],
-        balance weights [3], expected tokens []): knowing, then balancing, then the budget head – the heads as one
-        module (what `export.export_heads` exports)."""
+        balance weights [3], expected tokens [] at survival probability ``confidence``): knowing, then balancing,
+        then the budget head – the heads as one module (what `export.export_heads` exports)."""
         m = self.maps(tokens, grid, question, trained)
-        expected = self.budget(m.relevance, question, min_tokens, max_tokens, trained)
+        expected = self.budget(m.relevance, question, trained, confidence)
         return m.information, m.salience, m.coupling, m.relevance, m.balance_weights, expected
 
 

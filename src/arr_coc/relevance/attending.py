@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Relevance is rounded to this many steps before allocating: near-ties become exact ties,
@@ -62,6 +63,14 @@ class Allocation:
         for r in self.regions:
             if r.full_detail:
                 out[r.y0 : r.y1, r.x0 : r.x1] = True
+        return out
+
+    def resolution_map(self) -> torch.Tensor:
+        """[h, w] float: each token's resolution – 1 at full detail, tokens / area for a region pooled to fewer
+        tokens than it covers (the allocators' utility is the sum of relevance x resolution)."""
+        out = torch.zeros(self.height, self.width)
+        for r in self.regions:
+            out[r.y0 : r.y1, r.x0 : r.x1] = r.tokens / ((r.y1 - r.y0) * (r.x1 - r.x0))
         return out
 
     def coverage(self) -> torch.Tensor:
@@ -198,13 +207,26 @@ def resolve_budget(native: int, floor: int, allocator: str, auto_tokens: int | N
     return BudgetDecision(tokens, requested, requested > native, source)
 
 
-class BudgetCalculator(nn.Module):
-    """How many tokens this image needs for this question, as a fraction f of [min_tokens, max_tokens].
+def mass_tokens(relevance: torch.Tensor, share: float) -> torch.Tensor:
+    """The fewest tokens whose relevance holds ``share`` of the map's mass: relevance [n] -> count [] (long)."""
+    ordered = relevance.sort(descending=True).values
+    return (ordered.cumsum(0) < share * relevance.sum()).sum() + 1
 
-    Training-free: every token with relevance >= 0.5 at full detail plus a gist of sqrt(N) tokens.
-    Learned: f = sigmoid(MLP(question, relevance statistics)) – differentiable, so an expected-token
-    term can train it (training/objectives.py).
+
+class BudgetCalculator(nn.Module):
+    """How many tokens this image needs for this question (before the budget rules of `resolve_budget`).
+
+    Learned – a survival model: the answer survives a budget of T tokens with probability
+    ``P(T) = sigmoid(s * (log T - log T*))``, where T* (the budget the answer survives half the time) comes from an
+    MLP of the question and statistics of the relevance map, and the slope s > 0 is one learned number. The
+    automatic budget is the smallest T with P(T) >= ``confidence``: ``T* * exp(logit(confidence) / s)``. The
+    `budget` training objective fits it to whether each training answer survived the budget it was given
+    (training/objectives.py). Training-free: the tokens that hold ``MASS_SHARE`` of the relevance mass, plus a gist
+    of sqrt(N) tokens for the rest (docs/design.md, budget rules).
     """
+
+    MASS_SHARE = 0.5  # the training-free rule's share of the relevance mass at full detail
+    MIN_SLOPE = 0.25  # s > MIN_SLOPE: a flatter survival curve would put every budget at a bound
 
     def __init__(self, text_size: int, hidden_size: int):
         super().__init__()
@@ -212,25 +234,36 @@ class BudgetCalculator(nn.Module):
             nn.Linear(text_size + 5, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1)
         )  # fmt: skip
         self.norm = nn.LayerNorm(text_size)
+        self.log_slope = nn.Parameter(torch.zeros(()))  # s = MIN_SLOPE + softplus(log_slope); set in _init_weights
 
-    def forward(self, relevance: torch.Tensor, question: torch.Tensor, min_tokens: int, max_tokens: int,
-                trained: bool) -> torch.Tensor:  # fmt: skip
-        """relevance [n], question [m, d_text] -> expected tokens (scalar tensor, in [min_tokens, max_tokens])."""
-        n = relevance.shape[0]
+    @property
+    def slope(self) -> torch.Tensor:
+        """The survival curve's slope s [] (per unit of log T)."""
+        return self.MIN_SLOPE + F.softplus(self.log_slope)
+
+    def needed(self, relevance: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """log T* []: the log budget at which the answer survives half the time (learned). The relevance map
+        [n] is read, not trained: no gradient flows back into it."""
+        relevance = relevance.detach()
+        q = self.norm(question).mean(dim=0) if question.shape[0] else relevance.new_zeros(self.norm.normalized_shape)
+        log_n = torch.log(torch.ones_like(relevance).sum())  # log N as a tensor (exportable with a dynamic N)
+        stats = torch.stack([
+            log_n, torch.log1p(relevance.sum()), torch.log1p((relevance >= 0.5).sum().to(relevance.dtype)),
+            torch.log(mass_tokens(relevance, self.MASS_SHARE).to(relevance.dtype)), relevance.max(),
+        ])  # fmt: skip
+        return log_n + self.head(torch.cat([q, stats])).squeeze(-1)
+
+    def forward(self, relevance: torch.Tensor, question: torch.Tensor, trained: bool,
+                confidence: float) -> torch.Tensor:  # fmt: skip
+        """relevance [n], question [m, d_text] -> expected tokens [] (differentiable when ``trained``; the budget
+        rules keep it in [min_tokens, max_tokens]). ``confidence`` in (0, 1): the survival probability the
+        automatic budget is read at."""
         if trained:
-            q = (
-                self.norm(question).mean(dim=0)
-                if question.shape[0]
-                else relevance.new_zeros(self.norm.normalized_shape)
-            )
-            stats = torch.stack([
-                relevance.mean(), relevance.std(unbiased=False), relevance.max(),
-                (relevance >= 0.5).float().mean(), torch.log(torch.ones_like(relevance).sum()),
-            ])  # fmt: skip
-            fraction = torch.sigmoid(self.head(torch.cat([q, stats])).squeeze(-1))
-            return min_tokens + fraction * (max_tokens - min_tokens)
-        needed = (relevance >= 0.5).sum() + math.ceil(math.sqrt(n))
-        return needed.to(relevance.dtype).clamp(min_tokens, max_tokens)
+            exponent = self.needed(relevance, question) + math.log(confidence / (1 - confidence)) / self.slope
+            return torch.exp(exponent.clamp(max=math.log(ALL_TOKENS)))
+        n = relevance.shape[0]
+        needed = mass_tokens(relevance.detach(), self.MASS_SHARE) + math.ceil(math.sqrt(n))
+        return needed.to(relevance.dtype)
 
 
 # ----------------------------------------------------------------------------- allocators

@@ -4,7 +4,6 @@ language model. The pool is tied to the encoder that made it: training refuses a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..padding import left_pad
+from ..training.cache import vision_fingerprint
 from .data import batch_samples, collate
 from .model import IGNORE
 
@@ -22,15 +22,6 @@ SHARD = 64  # samples per cache file
 
 def cache_dir(run: str, stage: str) -> str:
     return os.path.join(run, f"cache-{stage}")
-
-
-def vision_fingerprint(model) -> str:
-    """A hash of the vision encoder's weights (Qwen2-VL's ``model.visual``)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.visual.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -4,15 +4,18 @@
               carries it back to the heads);
 (b) distill   relevance distillation: the full-token backbone's own gradient attribution
               (|grad x input| of the answer loss per visual token) as the target distribution;
-(c) budget    a differentiable expected-token term: the budget head's expected tokens, pushed down
-              where the answer survives at the budget it chose and up where it does not;
+(c) budget    the budget head's survival model: the predicted probability that the answer survives the
+              tokens it was given, against whether it did (greedy exact match under teacher forcing);
 (d) localise  when a sample has an ``answer_box``: the relevance map should cover the box
               (binary cross-entropy against each token's overlap with the box, plus the mass inside);
 (e) consistency  for saccade encoding, the vision encoder itself: its gist tokens toward the frozen
               encoder's tokens of the whole image averaged per gist cell, its crop tokens toward the
               whole image's tokens at the same places, and its whole-image tokens unchanged (gist and crops
               with the vision tower's scoped LoRA on, as in a saccade: trained alone, it leaves the whole
-              image exactly as it was).
+              image exactly as it was);
+(f) cover     when a sample has an ``answer_box``: the allocation toward the oracle's at the step's budget – the
+              utility the allocator maximises (relevance x resolution) of its own allocation minus that of the
+              oracle allocation (`data.boxes.oracle_allocation`), a structured hinge loss.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.boxes import box_overlap_map
+from ..data.boxes import box_overlap_map, oracle_allocation
 from ..modeling_arr_coc import IGNORE_INDEX
 from ..relevance import ALL_TOKENS, RealizationRequest
 from ..relevance.saccade import gist_cell_means, random_crops
@@ -37,8 +40,8 @@ class ObjectiveWeights:
     distill: float = 0.0
     budget: float = 0.0
     localise: float = 0.0
+    cover: float = 0.0
     consistency: float = 0.0
-    survive_nll: float = 0.5  # (c): an answer "survives" when its mean token NLL is below this
 
     @classmethod
     def parse(cls, spec: str | dict | None) -> ObjectiveWeights:
@@ -54,9 +57,7 @@ class ObjectiveWeights:
         known = set(cls.__dataclass_fields__)
         unknown = set(spec) - known
         if unknown:
-            raise ValueError(
-                f"unknown objectives {sorted(unknown)}; expected some of {sorted(known - {'survive_nll'})}"
-            )
+            raise ValueError(f"unknown objectives {sorted(unknown)}; expected some of {sorted(known)}")
         values = {"answer": 0.0, **spec}
         return cls(**values)
 
@@ -81,7 +82,30 @@ def localisation_loss(realizations, boxes, image_sizes) -> torch.Tensor:
         bce = F.binary_cross_entropy(r.relevance.clamp(1e-5, 1 - 1e-5), overlap, reduction="none")
         bce = (bce * (1 + (pos_weight - 1) * overlap)).mean()
         terms.append(bce - torch.log(mass_inside(r.relevance, overlap) + 1e-6))
-    return torch.stack(terms).mean() if terms else _zero(realizations)
+    return torch.stack(terms).mean() if terms else zero_loss(realizations)
+
+
+def cover_loss(realizations, boxes, image_sizes, allocator) -> torch.Tensor:
+    """(f): mean over images with a box of ``sum(relevance * (resolution_chosen - resolution_oracle)) / k``, where
+    the resolutions are those of the allocation the model chose and of the oracle allocation at the same budget
+    (`Allocation.resolution_map`) and k the tokens the box touches.
+
+    The allocators pick the allocation of highest utility ``sum(relevance * resolution)``; this is the structured
+    hinge loss of that choice against the oracle's (Taskar et al., 2003; Tsochantaridis et al., 2005, without the
+    margin): zero when the oracle's allocation is worth as much under the relevance map, and otherwise its gradient
+    raises relevance where the oracle spends more resolution (the box the allocation missed) and lowers it where the
+    chosen allocation spent it instead. A constant map also scores zero, so pair it with ``localise``."""
+    terms = []
+    for r in realizations:
+        box = boxes[r.sample_index]
+        if box is None or (torch.is_tensor(box) and bool((box < 0).any())):
+            continue
+        size, grid = tuple(int(v) for v in image_sizes[r.sample_index]), tuple(r.relevance.shape)
+        touched = float((box_overlap_map(box, size, grid) > 0).sum())
+        oracle = oracle_allocation(allocator, box, size, grid, r.budget)
+        gap = (r.allocation.resolution_map() - oracle.resolution_map()).to(r.relevance.device)
+        terms.append((r.relevance * gap).sum() / max(touched, 1.0))
+    return torch.stack(terms).mean() if terms else zero_loss(realizations)
 
 
 def distillation_loss(realizations, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -91,7 +115,7 @@ def distillation_loss(realizations, targets: list[torch.Tensor]) -> torch.Tensor
         q = r.relevance.flatten() / r.relevance.sum().clamp_min(1e-6)
         p = target.flatten().to(q) / target.sum().clamp_min(1e-12)
         terms.append(-(p * torch.log(q + 1e-8)).sum() - (-(p * torch.log(p + 1e-12)).sum()))  # KL(p || q)
-    return torch.stack(terms).mean() if terms else _zero(realizations)
+    return torch.stack(terms).mean() if terms else zero_loss(realizations)
 
 
 def per_sample_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -102,14 +126,27 @@ def per_sample_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def budget_loss(realizations, answer_nll: torch.Tensor, survive_nll: float) -> torch.Tensor:
-    """(c): expected tokens as a share of native, signed by whether the sample's answer survived."""
-    terms = []
+def answer_survived(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: every labelled token is the argmax of the logits before it – under teacher forcing, exactly when
+    greedy decoding reproduces the labelled answer (and its end-of-turn token)."""
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    labelled = shift_labels != IGNORE_INDEX
+    return ((shift_logits.argmax(-1) == shift_labels) | ~labelled).all(dim=1) & labelled.any(dim=1)
+
+
+def budget_loss(realizations, survived: torch.Tensor, slope: torch.Tensor, confidence: float) -> torch.Tensor:
+    """(c): binary cross-entropy of the budget head's survival model against ``survived`` ([B] bool, per sample)
+    at each image's tokens used T. With E the head's expected tokens (where survival is ``confidence``) and s its
+    slope, the predicted log-odds are ``s * (log T - log E) + logit(confidence)`` – the same curve as
+    ``s * (log T - log T*)`` (`relevance.BudgetCalculator`), so the objective trains T* and s together."""
+    logits, targets = [], []
     for r in realizations:
-        survived = float(answer_nll[r.sample_index]) < survive_nll
-        share = r.expected_tokens / r.native_count
-        terms.append(share if survived else -share)
-    return torch.stack(terms).mean() if terms else _zero(realizations)
+        used = torch.tensor(float(r.tokens_used), device=r.expected_tokens.device)
+        logits.append(slope * (used.log() - r.expected_tokens.log()) + math.log(confidence / (1 - confidence)))
+        targets.append(survived[r.sample_index].float().to(used.device))
+    if not logits:
+        return zero_loss(realizations)
+    return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
 
 @torch.enable_grad()
@@ -118,7 +155,7 @@ def attribution_targets(model, inputs: dict) -> list[torch.Tensor]:
 
     Returns one [h, w] map per image (input order). The backbone's weights get no gradient.
     """
-    images = model.image_inputs(inputs["pixel_values"], inputs["image_grid_thw"])
+    images = model.image_inputs(inputs.get("pixel_values"), inputs["image_grid_thw"], inputs.get("image_features"))
     c = model.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), images, inputs.get("question_mask"),
                               inputs["labels"], RealizationRequest(budget=ALL_TOKENS, encoding="single"))  # fmt: skip
     embeds = c.inputs_embeds.detach().requires_grad_(True)
@@ -183,13 +220,14 @@ def _per_token(features) -> tuple[torch.Tensor, ...]:
     return (features.tokens, *features.extra)
 
 
-def _zero(realizations) -> torch.Tensor:
+def zero_loss(realizations) -> torch.Tensor:
+    """0 as a tensor in the realizations' graph, on their device."""
     for r in realizations:
         return r.relevance.sum() * 0.0
     return torch.zeros(())
 
 
 def expected_budget_share(realizations) -> float:
-    """Mean expected tokens / native over images (for logging)."""
+    """Mean expected tokens / native over images (for logging; before the budget rules' clip)."""
     values = [float(r.expected_tokens.detach()) / r.native_count for r in realizations]
     return sum(values) / max(len(values), 1) if values else math.nan

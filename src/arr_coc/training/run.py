@@ -133,12 +133,22 @@ def train(options: dict) -> dict:
         use_cpu=bool(options.get("use_cpu")), ddp_find_unused_parameters=True, disable_tqdm=False,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, dataloader_pin_memory=False,
     )  # fmt: skip
+    collator = VQACollator(processor)
+    if options.get("cache_encoder"):
+        from .cache import cached_datasets, check_cached_training
+        from .objectives import ObjectiveWeights
+
+        check_cached_training(model, ObjectiveWeights.parse(options["objectives"]), model.config.encoding)
+        pools = {"train": {k: options[k] for k in ("data", "train_samples", "seed")},
+                 "eval": {k: options[k] for k in ("data", "eval_samples")}}  # fmt: skip
+        train_data, valid_data, collator = cached_datasets(model, collator, train_data, valid_data,
+                                                           options["cache_encoder"], pools, args)  # fmt: skip
     part_lr = None
     if options.get("part_lr"):
         part_lr = {k.strip(): float(v) for k, v in (kv.split("=") for kv in str(options["part_lr"]).split(","))}
     low, high = (float(v) for v in str(options["compression_range"]).split(","))
     trainer = ArrCocTrainer(
-        model=model, args=args, train_dataset=train_data, eval_dataset=valid_data, data_collator=VQACollator(processor),
+        model=model, args=args, train_dataset=train_data, eval_dataset=valid_data, data_collator=collator,
         objectives=options["objectives"], budget=options["budget"], compression_range=(low, high),
         part_learning_rates=part_lr, layer_decay=options.get("layer_decay"),
         callbacks=[_kill_hook()] if os.environ.get(TEST_KILL_ENV) else None,

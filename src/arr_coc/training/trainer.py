@@ -12,17 +12,20 @@ from transformers import Trainer
 
 from ..io import COMPLETE, last_complete_checkpoint, mark_complete
 from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
-from ..relevance import budget_options
+from ..relevance import RealizationRequest, budget_options
 from ..scoped_lora import scoped_lora_parameters
+from .cache import CachedPool, check_cached_training
 from .objectives import (
     ObjectiveWeights,
+    answer_survived,
     attribution_targets,
     budget_loss,
     consistency_loss,
+    cover_loss,
     distillation_loss,
     expected_budget_share,
     localisation_loss,
-    per_sample_answer_nll,
+    zero_loss,
 )
 
 
@@ -30,10 +33,12 @@ class ArrCocTrainer(Trainer):
     """Trains an `ArrCocForConditionalGeneration` with `ObjectiveWeights`.
 
     ``budget``: how each training sample's budget is chosen – ``"auto"`` (the budget head's own
-    choice, needed for the expected-token term), ``"random"`` (a compression ratio drawn per sample
-    from ``compression_range``, log-uniform and seeded by the step), or a fixed int / ratio string
-    like ``"1/8"``. Batches may carry ``answer_box`` [B, 4] and ``image_size`` [B, 2] for the
-    localisation term; they never reach the model.
+    choice), ``"random"`` (a compression ratio drawn per sample from ``compression_range``, log-uniform
+    and seeded by the step; what the ``budget`` objective's survival model needs to see both sides of
+    each answer's threshold), or a fixed int / ratio string like ``"1/8"``. Batches may carry ``answer_box`` [B, 4] and ``image_size`` [B, 2] for the
+    localisation term; they never reach the model. A ``train_dataset`` of cached encoder outputs
+    (`training.cache.CachedPool`, batches with ``image_features``) is checked first: nothing trained may need the
+    vision encoder to run (`check_cached_training` raises `ValueError`).
 
     Resuming is strict: a checkpoint whose weights do not all match the model's names raises instead
     of loading silently with some weights left at their initial values.
@@ -52,6 +57,8 @@ class ArrCocTrainer(Trainer):
         self._terms: dict[str, list[float]] = {}
         # (e)'s teacher: the vision tower as given (a resumed run loads its trained weights only later), frozen
         self._teacher = None
+        if isinstance(self.train_dataset, CachedPool):  # the vision encoder never runs in a step
+            check_cached_training(self.model, self.objectives, self.model.config.encoding)
         if self.objectives.consistency:
             if self.args.world_size > 1:  # (e) runs the encoder outside the DDP wrapper's forward
                 raise ValueError("the consistency objective trains in one process: run it without torchrun/accelerate")
@@ -89,11 +96,13 @@ class ArrCocTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         boxes, sizes = inputs.pop("answer_box", None), inputs.pop("image_size", None)
+        if "image_features" in inputs:  # cached encoder outputs (`training.cache`): on the batch's device
+            inputs["image_features"] = [f.to(inputs["input_ids"].device) for f in inputs["image_features"]]
         w = self.objectives
         core = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
         loss, terms, outputs = torch.zeros((), device=inputs["input_ids"].device), {}, None
-        if return_outputs or w.answer or w.localise or w.distill or w.budget:  # (e) alone needs no language model
-            loss, terms, outputs = self._compressed_terms(model, core, inputs, boxes, sizes)
+        if return_outputs or w.answer or w.localise or w.cover or w.distill or w.budget:  # (e) alone needs no LM
+            loss, terms, outputs = self._compressed_terms(model, core, inputs, boxes, sizes, return_outputs)
         if w.consistency:
             term = consistency_loss(
                 core, inputs["pixel_values"], inputs["image_grid_thw"], self._teacher, self._step_generator()
@@ -102,7 +111,7 @@ class ArrCocTrainer(Trainer):
         if model.training and not loss.requires_grad:
             raise ValueError(
                 f"no objective in {w} reaches a trainable parameter: unfreeze a part the loss reaches, add "
-                "localise=, distill= or budget= for the relevance heads, or consistency= for the vision encoder"
+                "localise=, cover=, distill= or budget= for the relevance heads, or consistency= for the vision encoder"
             )
         if outputs is not None and not w.budget:  # DDP expects every tensor the model returned to reach the loss
             loss = loss + 0.0 * sum(r.expected_tokens for r in outputs.realizations)
@@ -111,25 +120,46 @@ class ArrCocTrainer(Trainer):
                 self._terms.setdefault(k, []).append(float(v))
         return (loss, outputs) if return_outputs else loss
 
-    def _compressed_terms(self, model, core, inputs: dict, boxes, sizes):
-        """Objectives (a)-(d) on one forward pass with the compressed tokens -> (loss, logged terms, outputs)."""
+    def _compressed_terms(self, model, core, inputs: dict, boxes, sizes, return_outputs: bool):
+        """Objectives (a)-(d) and (f) on one forward pass with the compressed tokens -> (loss, logged terms, outputs).
+
+        When only ``localise`` / ``cover`` are on they read nothing but the realizations, so the language model is
+        skipped (outputs None) – in one process; under DDP the wrapped model's forward runs, as gradient
+        synchronisation needs."""
         w = self.objectives
         targets = attribution_targets(core, inputs) if w.distill else None
-        outputs = model(**inputs, **self._budget_kwargs(inputs["input_ids"].shape[0]))
-        realizations = outputs.realizations
-        loss = outputs.loss * w.answer if w.answer else outputs.logits.sum() * 0.0
-        terms = {"answer": outputs.loss.detach()}
+        budget = self._budget_kwargs(inputs["input_ids"].shape[0])
+        outputs = None
+        if return_outputs or w.answer or w.distill or w.budget or self.args.world_size > 1:
+            outputs = model(**inputs, **budget)
+            realizations = outputs.realizations
+            loss = outputs.loss * w.answer if w.answer else outputs.logits.sum() * 0.0
+            terms = {"answer": outputs.loss.detach()}
+        else:
+            images = core.image_inputs(
+                inputs.get("pixel_values"), inputs["image_grid_thw"], inputs.get("image_features")
+            )
+            realizations = core.compress_inputs(inputs["input_ids"], inputs.get("attention_mask"), images,
+                                                inputs.get("question_mask"), request=RealizationRequest(**budget)
+                                                ).realizations  # fmt: skip
+            loss, terms = zero_loss(realizations), {}
         if w.localise and boxes is not None:
             term = localisation_loss(realizations, boxes, sizes)
             loss, terms["localise"] = loss + w.localise * term, term.detach()
+        if w.cover and boxes is not None:
+            term = cover_loss(realizations, boxes, sizes, core.allocator)
+            loss, terms["cover"] = loss + w.cover * term, term.detach()
         if w.distill:
             term = distillation_loss(realizations, targets)
             loss, terms["distill"] = loss + w.distill * term, term.detach()
         if w.budget:
-            nll = per_sample_answer_nll(outputs.logits.detach(), outputs.labels)
-            term = budget_loss(realizations, nll, w.survive_nll)
+            survived = answer_survived(outputs.logits.detach(), outputs.labels)
+            head = core.relevance.budget
+            term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
-        terms["tokens_share"] = torch.tensor(float(outputs.tokens_used.sum()) / float(outputs.native_tokens.sum()))
+            terms["survived"], terms["slope"] = survived.float().mean(), head.slope.detach()
+        used, native = sum(r.tokens_used for r in realizations), sum(r.native_count for r in realizations)
+        terms["tokens_share"] = torch.tensor(used / native)
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
         return loss, terms, outputs
 

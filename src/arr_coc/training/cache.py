@@ -1,0 +1,228 @@
+"""Encode once, train the heads many times (``arr-coc train --cache-encoder DIR``).
+
+While the vision encoder is frozen its output for a training image never changes, so the pool is encoded once:
+per sample the `VisionFeatures` (tokens and any extra per-token features, e.g. Qwen3-VL's deepstack) in the
+encoder's own dtype, with the token rows the processor made (input_ids, labels, question_mask) and the answer box.
+Training steps then read those (`CachedPool`, `CachedCollator`) and pass them to the model as ``image_features``:
+the vision encoder never runs in a step, and the step equals the uncached one (tests/test_training_cache.py).
+
+Layout of DIR (one per pool): ``cache.json`` (format, the encoder's fingerprint, the pool's description, sample
+and shard counts) and ``shard-00000.safetensors``... of ``SHARD`` samples each, each written atomically, so a
+stopped build continues where it stopped. A pool encoded by other vision weights, or of other data, is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..backbones.base import VisionFeatures
+from ..modeling_arr_coc import IGNORE_INDEX
+from ..padding import left_pad
+
+FORMAT = 1
+META = "cache.json"
+SHARD = 64  # samples per shard file
+ROWS = ("input_ids", "labels", "question_mask")  # the processor's per-token rows a step needs
+
+
+def vision_fingerprint(vlm) -> str:
+    """A hash of a backbone's vision encoder weights (``vlm.model.visual``, the merger included): 16 hex digits."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vlm.model.visual.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_cached_training(model, objectives, encoding: str) -> None:
+    """Raise `ValueError` when a trained part needs the vision encoder to run in the step: a trainable parameter in
+    the vision encoder or its merger, the saccade (it encodes a gist and crops per step), or the ``consistency``
+    objective (it trains the encoder)."""
+    moving = [n for n, p in model.vlm.model.visual.named_parameters() if p.requires_grad]
+    if moving:
+        raise ValueError(
+            f"--cache-encoder trains on a frozen vision encoder's outputs, but {len(moving)} of its parameters are "
+            f"trainable (e.g. {moving[0]}): drop vision_encoder/merger from --train-parts, or train without the cache"
+        )
+    if encoding == "saccade":
+        raise ValueError(
+            "--cache-encoder caches whole-image encodings; the saccade encodes a gist and crops in every step: "
+            "train the saccade's heads without --cache-encoder, or use encoding single"
+        )
+    if objectives.consistency:
+        raise ValueError(
+            "the consistency objective trains the vision encoder, which --cache-encoder never runs: train it without "
+            "the cache"
+        )
+
+
+def _describe(dataset, processor, extra: dict) -> dict:
+    return {"samples": len(dataset), "image_processor": processor.image_processor.to_json_string(), **extra}
+
+
+@torch.no_grad()
+def build_cache(model, collator, dataset, directory: str, description: dict | None = None, batch_size: int = 8,
+                progress: bool = True) -> str:  # fmt: skip
+    """Encode every sample of ``dataset`` (examples as ``collator`` – a `VQACollator` – takes them, one image each)
+    with ``model``'s vision encoder into ``directory``; returns it.
+
+    ``description``: what the pool is (data spec, counts, seeds), stored and compared so another pool is never
+    read as this one. Continues a stopped build. Raises `ValueError` when ``directory`` holds a pool of other
+    data or from another vision encoder (remove it or pick another directory), or a batch has not one image per
+    sample.
+    """
+    from tqdm.auto import tqdm
+
+    meta = {"format": FORMAT, "encoder": vision_fingerprint(model.vlm), "shard_size": SHARD,
+            "pool": _describe(dataset, collator.processor, description or {})}  # fmt: skip
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, META)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        _check_encoder(directory, old, meta["encoder"])
+        if old != meta:
+            raise ValueError(
+                f"{directory} holds an encoded pool of other data ({old['pool']}); remove it or pass another directory"
+            )
+    else:
+        with open(path, "w") as f:
+            json.dump(meta, f, indent=1)
+    n = len(dataset)
+    shards = range(math.ceil(n / SHARD))
+    for shard in tqdm(shards, desc=f"encoding {n} samples", disable=not progress):
+        file = os.path.join(directory, f"shard-{shard:05d}.safetensors")
+        if os.path.exists(file):
+            continue
+        tensors = {}
+        for first in range(shard * SHARD, min(n, (shard + 1) * SHARD), batch_size):
+            indices = list(range(first, min(first + batch_size, n, (shard + 1) * SHARD)))
+            tensors.update(_encode_batch(model, collator, [dataset[i] for i in indices], indices))
+        save_file(tensors, file + ".tmp")
+        os.replace(file + ".tmp", file)
+    return directory
+
+
+def _encode_batch(model, collator, examples: list[dict], indices: list[int]) -> dict[str, torch.Tensor]:
+    batch = collator(examples)
+    grids = batch["image_grid_thw"]
+    if grids.shape[0] != len(examples):
+        raise ValueError(f"--cache-encoder takes one image per sample; a batch of {len(examples)} had {len(grids)}")
+    device = next(model.vlm.parameters()).device
+    features = model.encode_images(batch["pixel_values"].to(device), grids.to(device))
+    out = {}
+    for j, (i, encoded) in enumerate(zip(indices, features)):
+        keep = batch["attention_mask"][j].bool()
+        row = {name: batch[name][j][keep] for name in ROWS}
+        row.update(grid=torch.tensor(encoded.grid), image_grid_thw=grids[j], tokens=encoded.tokens)
+        row.update({f"extra.{k}": x for k, x in enumerate(encoded.extra)})
+        if "answer_box" in batch:
+            row.update(answer_box=batch["answer_box"][j], image_size=batch["image_size"][j])
+        out.update({f"{i}.{name}": x.detach().cpu().clone().contiguous() for name, x in row.items()})
+    return out
+
+
+def _check_encoder(directory: str, meta: dict, fingerprint: str) -> None:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory} is in cache format {meta.get('format')}, this arr-coc reads {FORMAT}: remove it")
+    if meta["encoder"] != fingerprint:
+        raise ValueError(
+            f"{directory} was encoded by another vision encoder (fingerprint {meta['encoder']}; this model's is "
+            f"{fingerprint}): its outputs do not belong to this model – remove the directory to encode the pool again, "
+            "or pass another --cache-encoder"
+        )
+
+
+class CachedPool(torch.utils.data.Dataset):
+    """A pool encoded by `build_cache`: ``pool[i]`` is sample i's rows, encoder outputs and answer box (tensors),
+    read from its shard on demand (memory-mapped).
+
+    Raises `ValueError` when ``directory`` is no complete pool or was encoded by a vision encoder whose
+    `vision_fingerprint` is not ``fingerprint``.
+    """
+
+    def __init__(self, directory: str, fingerprint: str):
+        path = os.path.join(directory, META)
+        if not os.path.exists(path):
+            raise ValueError(f"{directory} holds no encoded pool ({META} missing); build it with build_cache")
+        with open(path) as f:
+            self.meta = json.load(f)
+        _check_encoder(directory, self.meta, fingerprint)
+        self.directory, self.size = directory, int(self.meta["pool"]["samples"])
+        missing = [s for s in range(math.ceil(self.size / SHARD)) if not os.path.exists(self._shard(s))]
+        if missing:
+            raise ValueError(f"{directory} is incomplete ({len(missing)} shards missing): run the same command again")
+        self._files: dict[int, object] = {}
+
+    def _shard(self, shard: int) -> str:
+        return os.path.join(self.directory, f"shard-{shard:05d}.safetensors")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"sample {index} of a pool of {self.size}")
+        shard = index // SHARD
+        if shard not in self._files:
+            self._files[shard] = safe_open(self._shard(shard), framework="pt")
+        file, prefix = self._files[shard], f"{index}."
+        return {k[len(prefix) :]: file.get_tensor(k) for k in file.keys() if k.startswith(prefix)}
+
+
+@dataclass
+class CachedCollator:
+    """Collates `CachedPool` samples into what `VQACollator` would give for the same examples, with
+    ``image_features`` (one `VisionFeatures` per image) in place of ``pixel_values``: left-padded rows, the
+    attention mask, ``image_grid_thw`` and, where the samples have them, ``answer_box`` / ``image_size``."""
+
+    pad_token_id: int
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = {
+            "input_ids": left_pad([s["input_ids"] for s in samples], self.pad_token_id),
+            "attention_mask": left_pad([torch.ones_like(s["input_ids"]) for s in samples], 0),
+            "labels": left_pad([s["labels"] for s in samples], IGNORE_INDEX),
+            "question_mask": left_pad([s["question_mask"] for s in samples], 0),
+            "image_grid_thw": torch.stack([s["image_grid_thw"] for s in samples]),
+            "image_features": [
+                VisionFeatures(
+                    s["tokens"],
+                    tuple(s["grid"].tolist()),
+                    [s[f"extra.{k}"] for k in range(sum(n.startswith("extra.") for n in s))],
+                )
+                for s in samples
+            ],  # fmt: skip
+        }
+        if any("answer_box" in s for s in samples):
+            batch["answer_box"] = torch.stack([s.get("answer_box", torch.full((4,), -1.0)) for s in samples])
+            batch["image_size"] = torch.stack([s.get("image_size", torch.zeros(2, dtype=torch.long)) for s in samples])
+        return batch
+
+
+def cached_datasets(model, collator, train, valid, directory: str, descriptions: dict[str, dict], args):
+    """Encode the training pool (``DIR/train``) and the evaluation pool (``DIR/eval``, if any; ``descriptions``
+    per pool name) – on the main process first under DDP – and return them as `CachedPool`s with their
+    `CachedCollator`."""
+    fingerprint = vision_fingerprint(model.vlm)
+    pools = []
+    for name, dataset in (("train", train), ("eval", valid)):
+        if dataset is None:
+            pools.append(None)
+            continue
+        folder = os.path.join(directory, name)
+        with args.main_process_first(desc=f"encoding the {name} pool"):
+            if args.should_save:
+                build_cache(model, collator, dataset, folder, descriptions[name],
+                            batch_size=args.per_device_train_batch_size)  # fmt: skip
+        pools.append(CachedPool(folder, fingerprint))
+    pad = collator.processor.tokenizer.pad_token_id
+    return pools[0], pools[1], CachedCollator(pad if pad is not None else 0)

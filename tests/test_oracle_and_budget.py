@@ -1,0 +1,111 @@
+"""The oracle allocation (the evaluation's upper bound) and the calibrated automatic budget."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import arr_coc
+from arr_coc.assets import EMBEDDED_MODELS
+from arr_coc.data.boxes import box_overlap_map, oracle_allocation
+from arr_coc.evaluation.calibration import rank_average
+from arr_coc.evaluation.harness import box_covered, synthetic_samples
+from arr_coc.relevance import BudgetCalculator, TokenAllocator
+from arr_coc.training.objectives import budget_loss, cover_loss
+
+
+def test_the_oracle_allocation_covers_the_answer_box_at_full_detail_where_it_fits():
+    """25 held-out samples per task at 1/8 and 1/16 of native on arr-coc-tiny's allocator: every box whose k tokens
+    fit the budget with the point quadtree's cut (k + 6 <= T: one gist token and two 4-way splits) is covered."""
+    config = arr_coc.ArrCocConfig.from_pretrained(EMBEDDED_MODELS["arr-coc-tiny"])
+    allocator = arr_coc.relevance.TokenAllocator(config.allocator, config.region_size, config.lod_ladder)
+    image_processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny").image_processor
+    fitting = not_fitting = 0
+    for s in synthetic_samples(["box-codes", "doc-fields"], 25):
+        _, h, w = (int(v) // m for v, m in zip(image_processor([s["image"]])["image_grid_thw"][0], (1, 2, 2)))
+        touched = int((box_overlap_map(s["answer_box"], s["image"].size, (h, w)) > 0).sum())
+        for share in (8, 16):
+            budget = math.ceil(h * w / share)
+            allocation = oracle_allocation(allocator, s["answer_box"], s["image"].size, (h, w), budget)
+            assert allocation.tokens_used <= budget
+            if touched + 6 <= budget:
+                fitting += 1
+                assert box_covered(allocation.detail_map(), s["answer_box"], s["image"].size), (s["id"], share)
+            else:
+                not_fitting += 1
+    assert fitting >= 60 and not_fitting >= 1, (fitting, not_fitting)
+
+
+def test_the_budget_objective_fits_the_survival_model_to_when_answers_survive():
+    """Survival labels from a known rule – an answer survives T tokens when T >= T_true, with T_true twice the
+    tokens of relevance >= 0.5 – fit by `budget_loss` alone: the budget head's T* (its expected tokens at
+    confidence 0.5) lands near T_true and ranks images like it, and a higher confidence asks for more tokens."""
+    torch.manual_seed(0)
+    head = BudgetCalculator(text_size=8, hidden_size=32)
+    head.log_slope.data.zero_()
+    question = torch.randn(5, 8)
+    maps = []
+    for _ in range(32):
+        n, hot = int(torch.randint(200, 700, ())), int(torch.randint(4, 40, ()))
+        relevance = torch.rand(n) * 0.3
+        relevance[torch.randperm(n)[:hot]] = 0.6 + 0.4 * torch.rand(hot)
+        maps.append((relevance, 2 * hot))
+    optimizer = torch.optim.Adam(head.parameters(), lr=2e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        realizations, survived = [], []
+        for i, (relevance, needed) in enumerate(maps):
+            n = relevance.shape[0]
+            used = int(torch.exp(torch.empty(()).uniform_(math.log(4), math.log(n), generator=generator)))
+            realizations.append(SimpleNamespace(tokens_used=used, sample_index=i,
+                                                expected_tokens=head(relevance, question, True, 0.5)))  # fmt: skip
+            survived.append(used >= needed)
+        loss = budget_loss(realizations, torch.tensor(survived), head.slope, 0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = [float(head(r, question, True, 0.5)) for r, _ in maps]
+        cautious = [float(head(r, question, True, 0.9)) for r, _ in maps]
+    truth = [t for _, t in maps]
+    ratios = torch.tensor(predicted) / torch.tensor(truth, dtype=torch.float)
+    assert 0.7 < float(ratios.median()) < 1.4, ratios
+    a, b = rank_average(predicted), rank_average(truth)
+    assert float(np.corrcoef(a, b)[0, 1]) > 0.8
+    assert all(c > p for c, p in zip(cautious, predicted))
+
+
+def test_budget_confidence_is_a_probability():
+    with pytest.raises(ValueError, match="budget_confidence"):
+        arr_coc.ArrCocConfig(budget_confidence=1.0)
+    with pytest.raises(ValueError, match="budget_confidence"):
+        arr_coc.ArrCocConfig(budget_confidence=float("nan"))
+    assert arr_coc.ArrCocConfig(budget_confidence=0.5).budget_confidence == 0.5
+
+
+def test_the_cover_objective_is_zero_at_the_oracle_and_moves_relevance_toward_the_missed_box():
+    """A 12 x 16 grid, the box on 3 x 4 tokens, a distractor of the same size elsewhere, budget 20: with relevance
+    equal to the oracle's map the chosen allocation is the oracle's (loss 0); with the distractor more relevant than
+    the box the loss is positive, and its gradient raises the box's relevance and lowers the distractor's."""
+    allocator = TokenAllocator("quadtree", 8, [1, 4, 16, 64])
+    h, w, size, box = 12, 16, (160, 120), (40.0, 30.0, 80.0, 60.0)  # pixels: 10 px per token, rows 3-5, cols 4-7
+    touched = box_overlap_map(box, size, (h, w)) > 0
+    distractor = torch.zeros(h, w, dtype=torch.bool)
+    distractor[8:11, 10:14] = True
+
+    def realization(relevance: torch.Tensor) -> SimpleNamespace:
+        allocation = allocator(relevance.detach().flatten(), h, w, 20)
+        return SimpleNamespace(relevance=relevance, allocation=allocation, budget=20, sample_index=0)
+
+    boxes, sizes = torch.tensor([box]), torch.tensor([size])
+    perfect = touched.float().requires_grad_(True)
+    assert float(cover_loss([realization(perfect)], boxes, sizes, allocator)) == 0.0
+    wrong = (0.3 * touched + 0.9 * distractor + 0.01).requires_grad_(True)
+    loss = cover_loss([realization(wrong)], boxes, sizes, allocator)
+    assert float(loss) > 0
+    loss.backward()
+    assert bool((wrong.grad[touched] < 0).all()) and bool((wrong.grad[distractor] > 0).all())
