@@ -19,13 +19,15 @@ import math
 import os
 import sys
 
+from arr_coc.evaluation.decomposition import decomposition_markdown, loss_decomposition
 from arr_coc.evaluation.harness import BUDGETS, KEPT_ABOVE_ONE, METHODS, kept_step
 from arr_coc.evaluation.methods import REGISTRY
 
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
 SACCADE_HEADS = "arr-coc-saccade (saccade-trained heads)"
 # every budgeted method of the registry that is not arr-coc's own
-BASELINES = tuple(m for m, method in REGISTRY.items() if method.budgeted and not m.startswith("arr-coc"))
+BASELINES = tuple(m for m, method in REGISTRY.items()
+                  if method.budgeted and not method.bound and not m.startswith("arr-coc"))  # fmt: skip
 NOTES = "method-notes"  # the hand-written block of docs/benchmarks.md the report keeps as it is
 
 
@@ -60,6 +62,7 @@ def accuracy_section(table: list[dict]) -> list[str]:
     # an unbudgeted method's own label (besides full's): a column of its own
     budgets += sorted({r["budget"] for r in table if r["budget"] not in BUDGETS and r["method"] != "full"})
     methods = [m for m in (*METHODS, SACCADE_HEADS) if m != "full" and any(r["method"] == m for r in table)]
+    methods = [m for m in methods if not _bound(m)] + [m for m in methods if _bound(m)]  # the upper bound last
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")
         lines += [
@@ -78,7 +81,7 @@ def accuracy_section(table: list[dict]) -> list[str]:
             for b in budgets:
                 r = next((r for r in table if r["task"] == task and r["method"] == m and r["budget"] == b), None)
                 cells.append("" if r is None else f"{_fmt(r['kept'])} ({r['tokens_used']:.0f}{_seconds(r, ', ')})")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_name(m)} | " + " | ".join(cells) + " |")
         lines += ["", "Localisation (answer box entirely at full detail):", ""]
         lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
         for m in methods:
@@ -95,9 +98,23 @@ def accuracy_section(table: list[dict]) -> list[str]:
                 )
                 for b in budgets
             ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_name(m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _bound(method: str) -> bool:
+    return method in REGISTRY and REGISTRY[method].bound
+
+
+def _name(method: str) -> str:
+    return f"{method} (upper bound)" if _bound(method) else method
+
+
+def decomposition_section(table: list[dict]) -> list[str]:
+    """Per task and budget, where exact match is lost (`evaluation.decomposition`)."""
+    lines = decomposition_markdown(table, list(BUDGETS))
+    return ["## Where the accuracy goes", "", *lines] if lines else []
 
 
 def cost_section(result: dict) -> list[str]:
@@ -208,6 +225,7 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
                 lines.append(f"- {task}: localisation of arr-coc trained at 1/8 is {_fmt(r['localisation'])} (target ≥ 0.90): "
                              + ("met." if r["localisation"] >= 0.9 else "NOT met."))  # fmt: skip
             lines += _time_reading(table, task)
+            lines += _default_call_reading(table, task)
     if speed:
         single = [r for r in speed["rows"] if r["encoding"] == "single"]
         for model in sorted({r["model"] for r in single}):
@@ -233,6 +251,23 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
             f"- peak memory falls with the budget in {sum(falls)} of {len(falls)} (model, size, batch) series."
         )
     return lines + [""]
+
+
+def _default_call_reading(table: list[dict], task: str) -> list[str]:
+    """The default call (no budget: arr-coc-auto) against full, and the heads against the oracle per budget."""
+    lines = []
+    for p in loss_decomposition(table, list(TARGET_BUDGETS)):
+        if p["task"] != task:
+            continue
+        if p["budget"] == "auto":
+            lines.append(f"- {task}: the default call (no budget) answers {p['arr-coc-auto']:.2f} against full's "
+                         f"{p['full']:.2f} with {p['tokens']:.0f} of {p['native']:.0f} tokens "
+                         f"({100 * p['tokens'] / p['native']:.0f}%): it loses {p['budget_loss']:+.2f}.")  # fmt: skip
+        else:
+            lines.append(f"- {task} at {p['budget']}: the oracle answers {p['oracle']:.2f}, the trained heads "
+                         f"{p['arr-coc']:.2f} (allocation gap {p['allocation']:+.2f}); full − oracle = "
+                         f"{p['language_model']:+.2f} (the language model with gist tokens).")  # fmt: skip
+    return lines
 
 
 def _time_reading(table: list[dict], task: str) -> list[str]:
@@ -371,6 +406,7 @@ def main(argv=None) -> int:
             os.path.join(os.path.dirname(args.eval), "accuracy_vs_tokens.png"), os.path.dirname(args.out)
         )
         lines += [f"![accuracy against visual tokens]({rel})", ""]
+        lines += decomposition_section(table)
         lines += cost_section(result)
     if speed:
         lines += speed_section(speed)

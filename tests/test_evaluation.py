@@ -275,3 +275,48 @@ def test_a_method_registers_without_touching_the_harness(make_model, make_proces
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         evaluate(make_model("qwen2_vl"), make_processor("qwen2_vl"), eval_samples[:1], ("nope",), ("1/4",),
                  progress=False)  # fmt: skip
+
+
+def test_the_oracle_bounds_the_allocation_and_the_default_call_is_measured(make_model, make_processor, eval_samples):
+    """``oracle`` puts the answer's box at full detail wherever it fits in the budget (localisation 1 there) within
+    the budget; ``arr-coc-auto`` (no budget given) runs under its own label with the tokens its budget head chose,
+    within the model's bounds; the loss decomposition is the differences of those rows; the oracle refuses a sample
+    without an answer box."""
+    from arr_coc.data.boxes import box_overlap_map
+    from arr_coc.evaluation.decomposition import loss_decomposition
+
+    model = make_model("qwen2_vl", allocator="quadtree", min_tokens=8, max_tokens=48)
+    processor = make_processor("qwen2_vl")
+    methods = ("full", "oracle", "arr-coc", "arr-coc-auto")
+    result = evaluate(model, processor, eval_samples, methods, ("1/4", "64"), batch_size=2, progress=False,
+                      max_new_tokens=3)  # fmt: skip
+    grids = {r.sample: r.native_tokens for r in result.records}
+    for r in result.records:
+        if r.method == "oracle":
+            s = eval_samples[r.sample]
+            image = processor(images=[s["image"]], text=["?"])["image_grid_thw"][0]
+            grid = (int(image[1]) // 2, int(image[2]) // 2)
+            box_tokens = int((box_overlap_map(s["answer_box"], s["image"].size, grid) > 0).sum())
+            assert r.tokens_used <= r.budget_tokens
+            if box_tokens <= r.budget_tokens // 2:  # room for the box at full detail and a gist of the rest
+                assert r.localised, (r, box_tokens)
+        if r.method == "arr-coc-auto":
+            assert r.budget == "auto" and 8 <= r.tokens_used <= min(48, grids[r.sample])
+    assert sum(r.localised for r in result.records if r.method == "oracle") >= len(eval_samples)
+    rows = result.table()
+    at = {(r["task"], r["method"], r["budget"]): r["exact_match"] for r in rows}
+    parts = loss_decomposition(rows, ["1/4", "64"])
+    assert {(p["task"], p["budget"]) for p in parts} == {(t, b) for t in ("box-codes", "doc-fields")
+                                                         for b in ("1/4", "64", "auto")}  # fmt: skip
+    for p in parts:
+        full = at[(p["task"], "full", "all")]
+        assert p["backbone"] == pytest.approx(1 - full)
+        if p["budget"] == "auto":
+            assert p["budget_loss"] == pytest.approx(full - at[(p["task"], "arr-coc-auto", "auto")])
+        else:
+            oracle, heads = at[(p["task"], "oracle", p["budget"])], at[(p["task"], "arr-coc", p["budget"])]
+            assert (p["language_model"], p["allocation"]) == pytest.approx((full - oracle, oracle - heads))
+    text = markdown_table(rows, "t", [])
+    assert "oracle (upper bound)" in text and "Where exact match is lost" in text
+    with pytest.raises(ValueError, match="answer_box"):
+        evaluate(model, processor, [dict(eval_samples[0], answer_box=None)], ("oracle",), ("1/4",), progress=False)

@@ -203,6 +203,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         schema = kind
         rows = load_vqa(schema, source, split=args.split, limit=args.n)
         samples = [dict(r, task=schema, answer_box=None, id=i) for i, r in enumerate(rows)]
+        if args.methods == "all":  # the oracle reads each answer's box, which VQA data does not have
+            methods = tuple(m for m in methods if m != "oracle")
     result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
                       timing_samples=args.timing_n, threads=args.threads, max_new_tokens=args.max_new_tokens,
                       prune_layer=args.prune_layer)  # fmt: skip

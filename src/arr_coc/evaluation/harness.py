@@ -33,6 +33,7 @@ import torch
 from ..data.boxes import box_overlap_map
 from ..data.synthetic import normalize_answer
 from ..relevance import ALL_TOKENS, RealizationRequest, budget_from_spec
+from .decomposition import decomposition_markdown
 from .methods import METHODS, REGISTRY, Answers, Method
 from .plots import plot_accuracy
 from .speed import intra_op_threads
@@ -419,15 +420,18 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
-        for method in [m for m in REGISTRY if m != "full"]:
+        for method in [m for m in REGISTRY if m != "full" and not REGISTRY[m].bound] + [m for m in REGISTRY
+                                                                                      if REGISTRY[m].bound]:  # fmt: skip
             cells = []
             for b in budgets:
                 r = next((r for r in rows if r["task"] == task and r["method"] == method and r["budget"] == b), None)
                 cells.append("" if r is None else f"{r['kept']:.2f} ({r['tokens_used']:.0f} tok, loc "
                              f"{r['localisation']:.2f}" + (f", {r['ttft_s']:.2f} s)" if r["ttft_s"] > 0 else ")"))  # fmt: skip
             if any(cells):
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+                name = f"{method} (upper bound)" if REGISTRY[method].bound else method
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += decomposition_markdown(rows, budgets)
     lines.append("Cells: accuracy kept (exact match / full's), mean visual tokens really used, localisation, and where "
                  "timed the median seconds to the first token of one sample alone.")  # fmt: skip
     lines += ["", KEPT_ABOVE_ONE, ""]

@@ -77,6 +77,7 @@ class Method:
     label: str = "all"  # the budget column of an unbudgeted method
     note: Callable[[Harness], str] | None = None
     readout: Callable[[object], AbstractContextManager] | None = None
+    bound: bool = False  # an upper bound reported beside the methods (it reads the answer), never one to pick
 
 
 REGISTRY: dict[str, Method] = {}
@@ -197,6 +198,22 @@ def _visionzip(batch: Batch, budgets: list[int]) -> RealizationRequest:
     return RealizationRequest(budget=budgets, encoding="single", realize=visionzip_realizer(readouts))
 
 
+def _oracle(batch: Batch, budgets: list[int]) -> RealizationRequest:
+    """The oracle allocation of every sample (`data.boxes.oracle_allocation`: relevance 1 on the tokens its
+    ``answer_box`` touches) through the model's allocator at its budget. Raises `ValueError` for a sample without an
+    ``answer_box`` (the synthetic tasks have one; VQA data sets do not)."""
+    from ..data.boxes import oracle_allocation
+
+    missing = [s.get("id", i) for i, s in enumerate(batch.samples) if s.get("answer_box") is None]
+    if missing:
+        raise ValueError(f"the oracle needs each sample's answer_box; samples {missing} have none: leave 'oracle' out "
+                         "of --methods for data without answer boxes")  # fmt: skip
+    allocator = batch.harness.model.allocator
+    allocations = [oracle_allocation(allocator, s["answer_box"], s["image"].size, g, t)
+                   for s, g, t in zip(batch.samples, batch.grids, budgets)]  # fmt: skip
+    return RealizationRequest(allocation=allocations, encoding="single", mode="trained")
+
+
 def _uniform_pool(batch: Batch, budgets: list[int]) -> RealizationRequest:
     allocations = [uniform_allocation(h, w, t) for (h, w), t in zip(batch.grids, budgets)]
     return RealizationRequest(allocation=allocations, pooling="mean", encoding="single")
@@ -293,6 +310,20 @@ register(Method(
 register(Method(
     "arr-coc", "features", "arr-coc with its trained heads (mode trained), single encoding; query-aware",
     request=lambda batch, budgets: RealizationRequest(budget=budgets, encoding="single", mode="trained"),
+))  # fmt: skip
+register(Method(
+    "arr-coc-auto", "features",
+    "arr-coc as users call it first: no budget given, the budget head picks one per image and question (trained "
+    "heads, single encoding; `budget_confidence`, min_tokens / max_tokens from the model's config); query-aware; "
+    "its own operating point, at the tokens it really used",
+    request=lambda batch, budgets: RealizationRequest(encoding="single", mode="trained"), budgeted=False, label="auto",
+))  # fmt: skip
+register(Method(
+    "oracle", "features",
+    "the upper bound of an allocation, not a method: relevance 1 on the tokens the answer's box touches and 0 "
+    "elsewhere, through arr-coc's allocator at the same budget (the answer box entirely at full detail wherever it "
+    "fits, the rest as gist); it reads the answer's location, which no method can",
+    request=_oracle, bound=True,
 ))  # fmt: skip
 register(Method(
     "arr-coc-saccade", "pixels",
