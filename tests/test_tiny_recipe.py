@@ -120,3 +120,32 @@ def test_crops_around_the_answer_keep_a_margin_in_the_documented_range():
         full_box = sample["answer_box"]
         for margin, room in ((x0, full_box[0]), (y0, full_box[1])):
             assert min(room, CROP_MARGIN[0]) <= margin <= min(room, CROP_MARGIN[1])
+
+
+def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):
+    """`python -m arr_coc.tiny ship-heads`: the exported model gets the new heads bit for bit, its backbone stays
+    bit-identical (its measured reading accuracy stays valid), and the card's heads block is written, then replaced."""
+    import shutil
+
+    import arr_coc
+    from arr_coc.assets import resolve_model_path
+
+    shipped = tmp_path / "model"
+    shutil.copytree(resolve_model_path("arr-coc-tiny"), shipped)
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.relevance.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "heads"))
+    backbone = {k: v.clone() for k, v in model.vlm.state_dict().items()}
+    for round_, text in enumerate(("first heads: 0.5", "second heads: 0.7")):
+        (tmp_path / "notes.md").write_text(text)
+        main(["ship-heads", "--model", str(shipped), "--heads", str(tmp_path / "heads"), "--notes-file",
+              str(tmp_path / "notes.md")])  # fmt: skip
+        card = (shipped / "README.md").read_text()
+        assert card.count("<!-- heads -->") == 1 and text in card and ("first heads" in card) == (round_ == 0)
+    shipped_model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
+    assert all(torch.equal(a, b) for a, b in zip(shipped_model.relevance.state_dict().values(),
+                                                 model.relevance.state_dict().values()))  # fmt: skip
+    assert all(torch.equal(v, backbone[k]) for k, v in shipped_model.vlm.state_dict().items())

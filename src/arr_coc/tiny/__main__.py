@@ -12,6 +12,8 @@ started with::
     python -m arr_coc.tiny evaluate  --run runs/tiny --n 200 --held-out
     python -m arr_coc.tiny curves    --run runs/tiny --out docs/results/tiny_curves.png
     python -m arr_coc.tiny export    --run runs/tiny --out src/arr_coc/assets/arr-coc-tiny --heads runs/tiny-heads
+    python -m arr_coc.tiny ship-heads --model src/arr_coc/assets/arr-coc-tiny --heads runs/tiny-budget \
+        --notes-file heads.md                                # new heads on the shipped backbone
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="train the tokenizer and write an untrained backbone")
     p.add_argument("--run", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("ship-heads", help="put newly trained relevance heads on an exported model (backbone kept)")
+    p.add_argument("--model", required=True, help="the exported model folder (e.g. src/arr_coc/assets/arr-coc-tiny)")
+    p.add_argument("--heads", required=True, help="an arr-coc model or heads-only folder with the trained heads")
+    p.add_argument("--notes-file", required=True, help="markdown for the model card: how they were trained, measured")
     p = sub.add_parser("init-from", help="start a run from an exported arr-coc model's backbone (new dense head)")
     p.add_argument("--run", required=True)
     p.add_argument("--model", default="arr-coc-tiny")
@@ -114,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         from .card import export_model
 
         print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
+    elif args.cmd == "ship-heads":
+        from .card import ship_heads
+
+        print(ship_heads(args.model, args.heads, open(args.notes_file).read()))
     elif args.cmd == "curves":
         from .card import plot_curves
 

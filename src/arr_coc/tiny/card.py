@@ -209,3 +209,41 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
         json.dump({"n_per_task": eval_n, **{t: full[t] for t in TASKS}, "first_40": full["first_40"],
                    "conditions": report}, f, indent=1)  # fmt: skip
     return out
+
+
+HEADS_BLOCK = "heads"  # the model card's block written by `ship_heads`
+
+
+def ship_heads(model_dir: str, heads: str, notes: str) -> str:
+    """Put the relevance heads of ``heads`` (an arr-coc model or heads-only folder, e.g. a run of
+    configs/train_tiny_heads.yaml) on the exported model in ``model_dir``, backbone unchanged, and write ``notes``
+    (how they were trained and what they measured) into its model card between ``<!-- heads -->`` markers.
+
+    The backbone's weights are compared before and after: its reading accuracy (``heldout_accuracy.json``) stays
+    valid. Raises `ValueError` when a backbone tensor changed or the card has no heads line."""
+    from ..loading import load_relevance_heads
+    from ..modeling_arr_coc import ArrCocForConditionalGeneration
+
+    model = ArrCocForConditionalGeneration.from_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.vlm.state_dict().items()}
+    load_relevance_heads(model, heads)
+    model.config.mode = "trained"
+    model.save_pretrained(model_dir)
+    after = ArrCocForConditionalGeneration.from_pretrained(model_dir).vlm.state_dict()
+    changed = [k for k in before if not np.array_equal(before[k].numpy(), after[k].numpy())]
+    if changed:
+        raise ValueError(f"shipping the heads changed backbone tensors {changed[:5]}: re-export the backbone instead")
+    path = os.path.join(model_dir, "README.md")
+    card = open(path).read()
+    start, end = f"<!-- {HEADS_BLOCK} -->", f"<!-- /{HEADS_BLOCK} -->"
+    block = f"{start}\n{notes.strip()}\n{end}"
+    if start in card:
+        card = card.split(start, 1)[0] + block + card.split(end, 1)[1]
+    elif "- **Relevance heads**:" in card:
+        card = card.replace("- **Relevance heads**:", "- **Relevance heads** (see below):", 1)
+        card = card.replace("\n## How it was trained", f"\n## Relevance heads\n{block}\n\n## How it was trained", 1)
+    else:
+        raise ValueError(f"{path} has no '- **Relevance heads**:' line: export the model first")
+    with open(path, "w") as f:
+        f.write(card)
+    return model_dir
