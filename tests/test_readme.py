@@ -28,7 +28,7 @@ def test_budget_ranges_are_stated_per_model_as_they_ship():
         tiny = json.load(f)
     default = ArrCocConfig(vlm_config={"model_type": "qwen2_vl"})
     rule = re.search(
-        r"- automatic: .*?(\d+) and (\d+) unless you set them.*?(\d+) and (\d+) on arr-coc-tiny", README, re.S
+        r"- automatic\b.*?(\d+) and (\d+) unless you set them.*?(\d+) and (\d+) on arr-coc-tiny", README, re.S
     )
     assert rule, "the README's budget rules state the automatic range per model"
     assert [int(v) for v in rule.groups()] == [

@@ -98,14 +98,18 @@ def _flatten(files: list[str], what: str, keep_relative: dict[str, str], extra: 
 
 def write_remote_code(folder: str, kind: str) -> None:
     """Write the flat modules for ``kind`` ("model" or "processor") into ``folder`` and add their auto_map."""
+    import inspect
+
     from .backbones import SUPPORTED_FAMILIES
     from .relevance import ENCODINGS, MODES, POOLINGS
+    from .relevance.realizing import check_margin
 
     if kind == "model":
-        # the config's imports from the package, as constants
+        # the config's imports from the package: constants as values, functions as their source
         constants = {"SUPPORTED_FAMILIES": tuple(SUPPORTED_FAMILIES), "ENCODINGS": ENCODINGS, "MODES": MODES,
                      "POOLINGS": POOLINGS}  # fmt: skip
         extra = "".join(f"{name} = {value!r}\n" for name, value in constants.items())
+        extra += "\n\n" + inspect.getsource(check_margin)
         config = _flatten(_CONFIGURATION, "configuration", {}, extra=extra)
         modeling = _flatten(
             _MODELING, "modeling", {"config": "from .configuration_arr_coc import ARR_COC_FIELDS, ArrCocConfig\n"}
