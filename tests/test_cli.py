@@ -88,3 +88,36 @@ def test_unasked_files_go_to_the_documented_place_not_the_working_directory(tmp_
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "ARR_COC_OUTPUT" in capsys.readouterr().out
+
+
+def test_eval_help_names_every_registered_method_and_the_default_budgets():
+    """`arr-coc eval --help` lists the methods and budgets without importing arr_coc: its lists are the registry's."""
+    from arr_coc.evaluation.harness import METHODS
+    from arr_coc_cli import EVAL_METHODS, build_parser
+
+    assert EVAL_METHODS == METHODS
+    help_text = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
+                     if a.dest == "methods").help  # fmt: skip
+    assert all(m in help_text for m in METHODS)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["eval", "--n", "0", "--methods", "full"], "--n 0 is invalid"),
+     (["eval", "--n", "1", "--methods", "full", "--budgets", "1/0"], "budget spec '1/0' is invalid"),
+     (["eval", "--n", "1", "--methods", "full,nope"], "unknown methods"),
+     (["run", "--image", "x.png", "--question", "  "], "--question is empty")],
+)  # fmt: skip
+def test_bad_command_lines_are_refused_before_the_model_loads(argv, message, no_model_loads, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_export_without_the_onnx_extra_names_it_before_loading(no_model_loads, monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    assert cli.main(["export", "--out", str(tmp_path / "x"), "--remote-code"]) == 2
+    err = capsys.readouterr().err
+    assert "arr-coc[export]" in err and "--no-heads" in err and not (tmp_path / "x").exists()

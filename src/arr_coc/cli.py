@@ -40,8 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     started = time.time()
     if args.image:
-        if not args.question:
-            raise ValueError("--image needs --question")
+        _check_question(args.question)
         image, question, expected = _open_image(args.image), args.question, None
     else:
         sample = generate(args.task, eval_seeds(1, args.index)[0])
@@ -131,8 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if bool(args.image) == bool(args.input):
         raise ValueError("give either --image with --question, or --input (a JSONL file or a folder)")
-    if args.image and not args.question:
-        raise ValueError("--image needs --question")
+    if args.image:
+        _check_question(args.question)
     rows = [{"id": 0, "image": args.image, "question": args.question}] if args.image else read_inputs(args.input)
     rank, world = _distributed()
     mine = rows[rank::world]
@@ -183,17 +182,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_question(question: str | None) -> None:
+    """`ValueError` for --image without --question, or with an empty one."""
+    if question is None:
+        raise ValueError("--image needs --question")
+    if not question.strip():
+        raise ValueError("--question is empty: ask something about the image")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``arr-coc eval``: methods x budgets x tasks on the same held-out samples; JSON, markdown and plots."""
     from .data import parse_data_spec
     from .evaluation.harness import BUDGETS, METHODS, evaluate, example_allocations, synthetic_samples, write_outputs
+    from .relevance import budget_options
 
-    model, processor = _load(args.model, args.encoding, args.crop_margin)
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {METHODS}")
     budgets = BUDGETS if args.budgets == "all" else tuple(b.strip() for b in args.budgets.split(","))
+    for b in budgets:  # checked whatever the methods: an unbudgeted run would print an empty column
+        budget_options(b)
+    if args.n < 1:
+        raise ValueError(f"--n {args.n} is invalid: expected at least 1 sample per task")
+    model, processor = _load(args.model, args.encoding, args.crop_margin)
     kind, source = parse_data_spec(args.data)
     if kind == "synthetic":
         samples = synthetic_samples(source, args.n)
@@ -227,6 +239,13 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``arr-coc export``: the learned heads (.pt2 and ONNX) and/or a remote-code checkpoint."""
+    if args.heads:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"exporting the heads to ONNX needs {', '.join(missing)}: pip install 'arr-coc[export]', "
+                             "or pass --no-heads (e.g. --no-heads --remote-code for the checkpoint alone)")  # fmt: skip
     model, processor = _load(args.model, args.encoding, args.crop_margin)
     report = {}
     if args.heads:

@@ -129,6 +129,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+# `arr-coc eval --help` names these without importing arr_coc (tests/test_cli.py checks them against the registry)
+EVAL_METHODS = ("full", "downsample", "uniform-pool", "random", "query-agnostic", "text-attention", "cdpruner",
+                "divprune", "dart", "pixelprune", "pixelprune-tol", "low-res-first", "arr-coc-free", "arr-coc",
+                "arr-coc-auto", "oracle", "arr-coc-saccade")  # fmt: skip
+EVAL_BUDGETS = ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arr-coc", description="Query-aware visual token budgets for Qwen2-VL-family models."
@@ -184,11 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="all",
-        help="comma-separated names of the registered methods (docs/benchmarks.md's method table), or 'all'",
-    )
+        help="comma-separated names of registered methods, or 'all' (default): " + ", ".join(EVAL_METHODS)
+        + " (what each keeps: docs/benchmarks.md's method table)",
+    )  # fmt: skip
     p.add_argument(
-        "--budgets", default="all", help="comma-separated: fractions like 1/8 of native and/or token counts like 64"
-    )
+        "--budgets", default="all",
+        help="comma-separated: fractions like 1/8 of native and/or token counts like 64, or 'all' (default): "
+        + ",".join(EVAL_BUDGETS),
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument(

@@ -53,15 +53,15 @@ def decomposition_markdown(rows: list[dict], budgets: list[str]) -> list[str]:
     lines = ["Where exact match is lost (differences of exact match on the same samples; "
              "`evaluation.decomposition`): backbone = 1 − full; language model = full − oracle; allocation = "
              "oracle − arr-coc; budget = full − arr-coc-auto (the default call, no budget given).", "",
-             "| task | budget | full | oracle | arr-coc | backbone | language model | allocation | tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| task | budget | full | oracle | arr-coc | backbone | language model | allocation | budget | tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in parts:
         if p["budget"] == "auto":
-            lines.append(f"| {p['task']} | auto | {p['full']:.2f} | | auto {p['arr-coc-auto']:.2f} | "
-                         f"{p['backbone']:.2f} | budget: {p['budget_loss']:+.2f} | | {p['tokens']:.0f} of "
+            lines.append(f"| {p['task']} | auto (no budget given) | {p['full']:.2f} | | {p['arr-coc-auto']:.2f} | "
+                         f"{p['backbone']:.2f} | | | {p['budget_loss']:+.2f} | {p['tokens']:.0f} of "
                          f"{p['native']:.0f} |")  # fmt: skip
         else:
             lines.append(f"| {p['task']} | {p['budget']} | {p['full']:.2f} | {p['oracle']:.2f} | {p['arr-coc']:.2f} | "
-                         f"{p['backbone']:.2f} | {p['language_model']:+.2f} | {p['allocation']:+.2f} | "
+                         f"{p['backbone']:.2f} | {p['language_model']:+.2f} | {p['allocation']:+.2f} | | "
                          f"{p['tokens']:.0f} |")  # fmt: skip
     return [*lines, ""]

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from arr_coc_cli import EVAL_BUDGETS
+
 from ..data.boxes import box_overlap_map
 from ..data.synthetic import normalize_answer
 from ..relevance import ALL_TOKENS, RealizationRequest, budget_from_spec
@@ -38,7 +40,7 @@ from .methods import METHODS, REGISTRY, Answers, Method
 from .plots import plot_accuracy
 from .speed import intra_op_threads
 
-BUDGETS = ("1/2", "1/4", "1/8", "1/16", "64", "100", "256", "400")
+BUDGETS = EVAL_BUDGETS  # the sweep's budgets, named by `arr-coc eval --help` too
 
 
 @dataclass
@@ -413,9 +415,11 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
     for task in tasks:
         full = next((r for r in rows if r["task"] == task and r["method"] == "full"), None)
         if full:
+            step = (f"one sample moves accuracy kept by {kept_step(full):.3f}" if full["exact_match"] else
+                    "full answered none right, so cells show exact match (EM) instead of accuracy kept")  # fmt: skip
             lines.append(
                 f"**{task}** – full: exact match {full['exact_match']:.3f}, {full['tokens_used']:.0f} tokens "
-                f"(n={full['n']}; one sample moves accuracy kept by {kept_step(full):.3f})"
+                f"(n={full['n']}; {step})"
             )
         lines.append("")
         lines.append("| method | " + " | ".join(budgets) + " |")
@@ -425,7 +429,11 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
             cells = []
             for b in budgets:
                 r = next((r for r in rows if r["task"] == task and r["method"] == method and r["budget"] == b), None)
-                cells.append("" if r is None else f"{r['kept']:.2f} ({r['tokens_used']:.0f} tok, loc "
+                if r is None:
+                    cells.append("")
+                    continue
+                kept = f"EM {r['exact_match']:.2f}" if math.isnan(r["kept"]) else f"{r['kept']:.2f}"
+                cells.append(f"{kept} ({r['tokens_used']:.0f} tok, loc "
                              f"{r['localisation']:.2f}" + (f", {r['ttft_s']:.2f} s)" if r["ttft_s"] > 0 else ")"))  # fmt: skip
             if any(cells):
                 name = f"{method} (upper bound)" if REGISTRY[method].bound else method
