@@ -30,7 +30,7 @@ _MODELING = [
     "relevance/knowing.py", "relevance/balancing.py", "relevance/attending.py", "relevance/realizing.py",
     "relevance/saccade.py", "relevance/__init__.py",
     "backbones/base.py", "backbones/qwen2_vl.py", "backbones/qwen2_5_vl.py", "backbones/qwen3_vl.py",
-    "backbones/__init__.py", "modeling_arr_coc.py",
+    "backbones/__init__.py", "sequence.py", "modeling_arr_coc.py",
 ]  # fmt: skip
 _PROCESSING = ["io.py", "images.py", "padding.py", "processing_arr_coc.py"]
 _CONFIGURATION = ["scoped_lora.py", "configuration_arr_coc.py"]

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..backbones.base import VisionFeatures
-from ..modeling_arr_coc import IGNORE_INDEX
 from ..padding import left_pad
+from ..sequence import IGNORE_INDEX
 
 FORMAT = 1
 META = "cache.json"

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data.boxes import box_overlap_map, oracle_allocation
-from ..modeling_arr_coc import IGNORE_INDEX
 from ..relevance import ALL_TOKENS, RealizationRequest
 from ..relevance.saccade import gist_cell_means, random_crops
 from ..scoped_lora import lora_scope
+from ..sequence import IGNORE_INDEX
 
 
 @dataclass
