@@ -38,6 +38,11 @@ def heads_only_settings(path) -> tuple[str, dict] | None:
     return info["base_model_name_or_path"], info["arr_coc"]
 
 
+# relevance weights arr-coc 0.2.0 added (the budget head's survival slope); heads saved by 0.1.0 lack them and load
+# with their initial value (`ArrCocPreTrainedModel._init_weights`)
+ADDED_SINCE_0_1_0 = ("budget.log_slope",)
+
+
 def load_relevance_heads(model, folder: str) -> None:
     """Put the relevance heads saved in ``folder`` on ``model``, with the weights of its scoped LoRA adapters
     (`scoped_lora`): a heads-only folder (``arr_coc_heads.safetensors``) or a whole arr-coc checkpoint
@@ -56,9 +61,17 @@ def load_relevance_heads(model, folder: str) -> None:
             "(an arr-coc checkpoint)"
         )
     state = load_file(path)
-    model.relevance.load_state_dict(
-        {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
-    )
+    heads = {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
+    missing = set(model.relevance.state_dict()) - set(heads)
+    if missing and missing <= set(ADDED_SINCE_0_1_0):  # heads saved by arr-coc 0.1.0: the new ones start at their init
+        heads.update({k: model.relevance.state_dict()[k] for k in missing})
+    elif missing:
+        raise RuntimeError(
+            f"{path} lacks relevance weights {sorted(missing)} that this model's heads have: it was saved by another "
+            "version of arr-coc (this one loads heads saved by 0.1.0 and later) or for another configuration; load it "
+            "with the arr-coc version that saved it, or retrain the heads (docs/training.md)"
+        )
+    model.relevance.load_state_dict(heads)
     load_scoped_lora(model, state, path)
 
 
