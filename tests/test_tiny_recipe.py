@@ -133,19 +133,35 @@ def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):
     shipped = tmp_path / "model"
     shutil.copytree(resolve_model_path("arr-coc-tiny"), shipped)
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
+    backbone = {k: v.clone() for k, v in model.vlm.state_dict().items()}
+    from arr_coc.scoped_lora import inject_scoped_lora, with_lora_defaults
+
+    # heads trained with the language model's scoped LoRA, as configs/train_tiny_lm_lora.yaml does
+    trained = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
+    trained.config.scoped_lora = with_lora_defaults({"language_model": {"r": 2}})
+    inject_scoped_lora(trained, trained.config.scoped_lora)
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in model.relevance.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path / "heads"))
-    backbone = {k: v.clone() for k, v in model.vlm.state_dict().items()}
+        for name, p in trained.named_parameters():
+            if name.startswith("relevance.") or ".lora_" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    trained.save_pretrained(str(tmp_path / "heads"))
     for round_, text in enumerate(("first heads: 0.5", "second heads: 0.7")):
         (tmp_path / "notes.md").write_text(text)
         main(["ship-heads", "--model", str(shipped), "--heads", str(tmp_path / "heads"), "--notes-file",
-              str(tmp_path / "notes.md")])  # fmt: skip
+              str(tmp_path / "notes.md"), "--set", "max_tokens=300", "--set", "budget_confidence=0.8"])  # fmt: skip
         card = (shipped / "README.md").read_text()
         assert card.count("<!-- heads -->") == 1 and text in card and ("first heads" in card) == (round_ == 0)
     shipped_model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
-    assert all(torch.equal(a, b) for a, b in zip(shipped_model.relevance.state_dict().values(),
-                                                 model.relevance.state_dict().values()))  # fmt: skip
-    assert all(torch.equal(v, backbone[k]) for k, v in shipped_model.vlm.state_dict().items())
+    mine, theirs = shipped_model.state_dict(), trained.state_dict()
+    learned = [k for k in theirs if k.startswith("relevance.") or ".lora_" in k]
+    assert any(".lora_" in k for k in learned) and all(torch.equal(mine[k], theirs[k]) for k in learned)
+    base = {k.replace(".base_layer.", "."): v for k, v in shipped_model.vlm.state_dict().items() if ".lora_" not in k}
+    assert base.keys() == backbone.keys() and all(torch.equal(v, backbone[k]) for k, v in base.items())
+    with torch.no_grad():  # heads trained on another backbone are refused
+        next(p for n, p in trained.vlm.named_parameters() if "lora_" not in n).add_(1.0)
+    trained.save_pretrained(str(tmp_path / "heads"))
+    with pytest.raises(ValueError, match="another backbone"):
+        main(["ship-heads", "--model", str(shipped), "--heads", str(tmp_path / "heads"), "--notes-file",
+              str(tmp_path / "notes.md")])  # fmt: skip
+    assert (shipped_model.config.max_tokens, shipped_model.config.budget_confidence) == (300, 0.8)

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from ..data.synthetic import TASKS
 from .data import STAGES
@@ -101,7 +102,7 @@ that the question names). It reads only those tasks' codes: a real receipt's num
 - **Checkpoint**: safetensors, {size_mb:.1f} MB.
 
 ## Allocator settings and why
-`allocator="quadtree"`, automatic budget in [{min_tokens}, {max_tokens}]. The tasks' images have
+`allocator="quadtree"`, automatic budget in [{min_tokens}, {max_tokens}] at `budget_confidence` {budget_confidence}. The tasks' images have
 256–768 native tokens, so 1/16 of native is 16–48 tokens, while the answer's box spans 6–35 tokens. A
 ladder of fixed regions cannot reach that: every region costs at least one token and a region holding
 the answer costs its whole area at full detail (with `region_size=20` a region is most of the image).
@@ -198,6 +199,7 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
         heads="trained with `arr-coc train` (mode `trained`)" if heads else "untrained (the model runs `training_free`)",
         size_mb=os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20, region_size=TINY_SETTINGS["region_size"],
         lod_ladder=TINY_SETTINGS["lod_ladder"], min_tokens=TINY_SETTINGS["min_tokens"], max_tokens=TINY_SETTINGS["max_tokens"],
+        budget_confidence=TINY_SETTINGS["budget_confidence"],
         commands=commands.strip(), notes=notes.strip(), heads_flag=f" --heads {heads}" if heads else "",
         stages=stages, eval_n=eval_n, accuracy_rows=rows,
         status="This meets the project's target of 0.95 per task." if min(full[t] for t in TASKS) >= 0.95 else
@@ -214,25 +216,33 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
 HEADS_BLOCK = "heads"  # the model card's block written by `ship_heads`
 
 
-def ship_heads(model_dir: str, heads: str, notes: str) -> str:
-    """Put the relevance heads of ``heads`` (an arr-coc model or heads-only folder, e.g. a run of
-    configs/train_tiny_heads.yaml) on the exported model in ``model_dir``, backbone unchanged, and write ``notes``
+def ship_heads(model_dir: str, heads: str, notes: str, settings: dict | None = None) -> str:
+    """Ship the relevance heads and scoped LoRA adapters of ``heads`` (an arr-coc model or heads-only folder trained on
+    the exported model's backbone, e.g. a run of configs/train_tiny_heads.yaml) as the exported model in
+    ``model_dir``, with ``settings`` (`ArrCocConfig` fields, e.g. max_tokens, budget_confidence), and write ``notes``
     (how they were trained and what they measured) into its model card between ``<!-- heads -->`` markers.
 
-    The backbone's weights are compared before and after: its reading accuracy (``heldout_accuracy.json``) stays
-    valid. Raises `ValueError` when a backbone tensor changed or the card has no heads line."""
-    from ..loading import load_relevance_heads
+    The backbone's weights must equal the exported one's (so its reading accuracy, ``heldout_accuracy.json``, stays
+    valid): compared tensor by tensor under their base names. Raises `ValueError` when one differs or the card has no
+    heads line."""
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
 
-    model = ArrCocForConditionalGeneration.from_pretrained(model_dir)
-    before = {k: v.clone() for k, v in model.vlm.state_dict().items()}
-    load_relevance_heads(model, heads)
-    model.config.mode = "trained"
-    model.save_pretrained(model_dir)
-    after = ArrCocForConditionalGeneration.from_pretrained(model_dir).vlm.state_dict()
-    changed = [k for k in before if not np.array_equal(before[k].numpy(), after[k].numpy())]
+    def backbone(model) -> dict:
+        return {k.replace(".base_layer.", "."): v for k, v in model.vlm.state_dict().items() if ".lora_" not in k}
+
+    exported = backbone(ArrCocForConditionalGeneration.from_pretrained(model_dir))
+    model = ArrCocForConditionalGeneration.from_pretrained(heads)
+    theirs = backbone(model)
+    changed = sorted(set(exported) ^ set(theirs)) + [k for k in exported if k in theirs and
+                                                      not torch.equal(exported[k], theirs[k])]  # fmt: skip
     if changed:
-        raise ValueError(f"shipping the heads changed backbone tensors {changed[:5]}: re-export the backbone instead")
+        raise ValueError(f"{heads} was trained on another backbone than {model_dir}'s (tensors {changed[:5]} differ): "
+                         "train the heads on the exported model, or re-export the backbone")  # fmt: skip
+    for field, value in (settings or {}).items():
+        setattr(model.config, field, value)
+    model.config.mode = "trained"
+    model.config.check()
+    model.save_pretrained(model_dir)
     path = os.path.join(model_dir, "README.md")
     card = open(path).read()
     start, end = f"<!-- {HEADS_BLOCK} -->", f"<!-- /{HEADS_BLOCK} -->"
