@@ -41,7 +41,7 @@ def test_arr_coc_entry_points_load_the_name_offline(no_network, samples, tmp_pat
     assert arr_coc.ArrCocProcessor.from_pretrained(NAME).image_token_id == model.vlm.config.image_token_id
     config = arr_coc.ArrCocConfig.from_pretrained(NAME)
     assert (
-        (config.max_tokens, config.allocator) == (model.config.max_tokens, model.config.allocator) == (256, "quadtree")
+        (config.max_tokens, config.allocator) == (model.config.max_tokens, model.config.allocator) == (512, "quadtree")
     )
     vqa = pipeline("relevance-vqa")  # no model: the embedded one
     assert vqa.model.name_or_path == EMBEDDED_MODELS[NAME]

@@ -129,17 +129,13 @@ def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):
 
     import arr_coc
     from arr_coc.assets import resolve_model_path
+    from arr_coc.scoped_lora import backbone_state
 
     shipped = tmp_path / "model"
     shutil.copytree(resolve_model_path("arr-coc-tiny"), shipped)
-    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
-    backbone = {k: v.clone() for k, v in model.vlm.state_dict().items()}
-    from arr_coc.scoped_lora import inject_scoped_lora, with_lora_defaults
-
-    # heads trained with the language model's scoped LoRA, as configs/train_tiny_lm_lora.yaml does
-    trained = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))
-    trained.config.scoped_lora = with_lora_defaults({"language_model": {"r": 2}})
-    inject_scoped_lora(trained, trained.config.scoped_lora)
+    backbone = {k: v.clone() for k, v in
+                backbone_state(arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))).items()}  # fmt: skip
+    trained = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(shipped))  # with its language-model LoRA
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in trained.named_parameters():
@@ -156,7 +152,7 @@ def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):
     mine, theirs = shipped_model.state_dict(), trained.state_dict()
     learned = [k for k in theirs if k.startswith("relevance.") or ".lora_" in k]
     assert any(".lora_" in k for k in learned) and all(torch.equal(mine[k], theirs[k]) for k in learned)
-    base = {k.replace(".base_layer.", "."): v for k, v in shipped_model.vlm.state_dict().items() if ".lora_" not in k}
+    base = backbone_state(shipped_model)
     assert base.keys() == backbone.keys() and all(torch.equal(v, backbone[k]) for k, v in base.items())
     with torch.no_grad():  # heads trained on another backbone are refused
         next(p for n, p in trained.vlm.named_parameters() if "lora_" not in n).add_(1.0)

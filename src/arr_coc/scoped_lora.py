@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import os
 import re
@@ -302,3 +303,22 @@ def pooled_rows(pooled: torch.Tensor | None, cache, batch: int) -> torch.Tensor 
     if pooled.shape != (batch,):
         raise ValueError(f"pooled must be [batch] = [{batch}] booleans (one per row), got shape {tuple(pooled.shape)}")
     return pooled
+
+
+def backbone_state(model) -> dict[str, torch.Tensor]:
+    """``model.vlm``'s weights as the stock backbone names them: a scoped LoRA's base layers under their plain names
+    (``q_proj.base_layer.weight`` -> ``q_proj.weight``), its adapter weights left out."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.vlm.state_dict().items() if ".lora_" not in k}
+
+
+def stock_backbone(model):
+    """``model.vlm`` without its scoped LoRA adapters (itself when it has none): a fresh backbone of the same config
+    with `backbone_state`'s weights."""
+    if not getattr(model, "_scoped_lora", None):
+        return model.vlm
+    from transformers import AutoModelForImageTextToText
+
+    vlm = AutoModelForImageTextToText.from_config(model.vlm.config)
+    vlm.load_state_dict(backbone_state(model))
+    vlm.generation_config = copy.deepcopy(model.vlm.generation_config)
+    return vlm

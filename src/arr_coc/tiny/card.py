@@ -226,13 +226,11 @@ def ship_heads(model_dir: str, heads: str, notes: str, settings: dict | None = N
     valid): compared tensor by tensor under their base names. Raises `ValueError` when one differs or the card has no
     heads line."""
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
+    from ..scoped_lora import backbone_state
 
-    def backbone(model) -> dict:
-        return {k.replace(".base_layer.", "."): v for k, v in model.vlm.state_dict().items() if ".lora_" not in k}
-
-    exported = backbone(ArrCocForConditionalGeneration.from_pretrained(model_dir))
+    exported = backbone_state(ArrCocForConditionalGeneration.from_pretrained(model_dir))
     model = ArrCocForConditionalGeneration.from_pretrained(heads)
-    theirs = backbone(model)
+    theirs = backbone_state(model)
     changed = sorted(set(exported) ^ set(theirs)) + [k for k in exported if k in theirs and
                                                       not torch.equal(exported[k], theirs[k])]  # fmt: skip
     if changed:

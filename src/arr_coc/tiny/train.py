@@ -98,10 +98,11 @@ def init_from_model(run: str, model_dir: str, seed: int = 0) -> None:
 
     from ..assets import resolve_model_path
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
+    from ..scoped_lora import stock_backbone
 
     torch.manual_seed(seed)
     path = resolve_model_path(model_dir)
-    model = ArrCocForConditionalGeneration.from_pretrained(path).vlm.float()
+    model = stock_backbone(ArrCocForConditionalGeneration.from_pretrained(path)).float()  # its scoped LoRA left out
     tokenizer = AutoTokenizer.from_pretrained(path)
     head = DenseGlyphHead(model.config.text_config.hidden_size, model.config.vision_config.embed_dim)
     base = run_paths(run)["base"]
