@@ -25,15 +25,15 @@ import arr_coc
 from arr_coc.data.boxes import oracle_allocation
 from arr_coc.data.synthetic import TASKS, normalize_answer
 from arr_coc.evaluation.calibration import measure_calibration
+from arr_coc.evaluation.decomposition import wilson_interval
 from arr_coc.evaluation.harness import Batch, Harness, box_covered, synthetic_samples
 from arr_coc.relevance import ALL_TOKENS, RealizationRequest
 
 
 def interval(hits: list[bool]) -> tuple[float, float]:
-    """95% Wilson interval of a proportion."""
-    n, p, z = len(hits), sum(hits) / max(len(hits), 1), 1.96
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return round(centre - half / (1 + z * z / n), 3), round(centre + half / (1 + z * z / n), 3)
+    """95% Wilson interval of the share of ``hits`` (`evaluation.decomposition.wilson_interval`)."""
+    lo, hi = wilson_interval(sum(hits) / max(len(hits), 1), len(hits))
+    return round(lo, 3), round(hi, 3)
 
 
 @torch.no_grad()

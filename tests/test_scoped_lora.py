@@ -150,6 +150,13 @@ def test_settings_are_checked_and_named(make_model):
         add_scoped_lora(model, "language_model", r=0)
     with pytest.raises(ValueError, match="match no module"):
         add_scoped_lora(model, "vision", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"\['nope'\] match no module"):  # every target must exist, none is ignored
+        add_scoped_lora(model, "language_model", target_modules=["q_proj", "nope"])
+    mlp = make_model("qwen2_vl")
+    add_scoped_lora(mlp, "language_model", target_modules=["q_proj", "gate_proj", "down_proj"])
+    layers = mlp.config.vlm_config.text_config.num_hidden_layers
+    names = list(scoped_lora_parameters(mlp))
+    assert len(names) == 2 * 3 * layers and sum(".mlp." in n for n in names) == 2 * 2 * layers
     assert model.config.scoped_lora is None and not scoped_lora_parameters(model)
     add_scoped_lora(model, "language_model", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert len(scoped_lora_parameters(model)) == 2 * 4 * model.config.vlm_config.text_config.num_hidden_layers
@@ -296,7 +303,7 @@ def test_quantized_backbones_carry_the_language_model_lora_or_refuse_it(
     if name == "bnb-8bit":  # LLM.int8's outlier columns mix the rows of a batch: refused, then taken without them
         with pytest.raises(ValueError, match="llm_int8_threshold=0.0"):
             ArrCocForConditionalGeneration.from_pretrained(
-                tmp_path / "full", quantization_config=config, device_map="cpu"
+                tmp_path / "full", quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
             )
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     quantized = ArrCocForConditionalGeneration.from_pretrained(tmp_path / "full", quantization_config=config,

@@ -2,12 +2,12 @@
 
 Two parts may carry one (``ArrCocConfig.scoped_lora``; `add_scoped_lora` puts a fresh one on a model):
 
-- ``"language_model"`` – on the language model's attention projections, **on only for the rows (samples) whose
+- ``"language_model"`` – on the language model's attention (and, when named, MLP) projections, **on only for the rows (samples) whose
   sequence holds a pooled visual token** (a region passing fewer tokens than it covers; `RelevanceRealization.
   pooled`): the language model learns to read compressed sequences while a sample at a budget >= native, and a
   text-only one, runs the stock backbone – alone, in a batch mixed with compressed samples, at the prefill and at
   every decoding step.
-- ``"vision"`` – on the vision tower's attention, **on only for the saccade's encodings**: its gist, and its crops of
+- ``"vision"`` – on the vision tower's attention (and, when named, MLP), **on only for the saccade's encodings**: its gist, and its crops of
   an image it compresses. The single encoding (and a saccade at a budget >= native, whose one crop is the whole
   image) runs the stock encoder.
 
@@ -41,8 +41,8 @@ import torch
 
 # part -> (PEFT adapter name, where its target modules sit under the backbone, its default settings)
 SCOPED_LORA_PARTS = {
-    "language_model": ("arr_coc_lm", r"model\.language_model\.layers\.\d+\.self_attn\."),
-    "vision": ("arr_coc_vision", r"model\.visual\.blocks\.\d+\.attn\."),
+    "language_model": ("arr_coc_lm", r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\."),
+    "vision": ("arr_coc_vision", r"model\.visual\.blocks\.\d+\.(?:attn|mlp)\."),
 }
 SCOPED_LORA_DEFAULTS = {
     "language_model": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
@@ -114,9 +114,13 @@ def inject_scoped_lora(model, specs: dict) -> None:
             _check_rows_stay_apart(model)
         name, prefix = SCOPED_LORA_PARTS[part]
         pattern = _target_pattern(part, spec)
-        if not any(re.fullmatch(pattern, n) for n, _ in model.vlm.named_modules()):
-            raise ValueError(f"scoped_lora.{part}: target_modules {spec['target_modules']} match no module of the "
-                             f"backbone (searched {prefix}NAME)")  # fmt: skip
+        names = [n for n, _ in model.vlm.named_modules()]
+        unmatched = [
+            t for t in spec["target_modules"] if not any(re.fullmatch(prefix + re.escape(t), n) for n in names)
+        ]
+        if unmatched:
+            raise ValueError(f"scoped_lora.{part}: target_modules {unmatched} match no module of the backbone "
+                             f"(searched {prefix}NAME); name its attention or MLP projections")  # fmt: skip
         config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=pattern)
         trainable = {id(p): p.requires_grad for p in model.vlm.parameters()}
         inject_adapter_in_model(config, model.vlm, adapter_name=name)

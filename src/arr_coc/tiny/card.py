@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import TASKS
+from ..evaluation.decomposition import wilson_interval
 from .data import STAGES
 from .evaluate import reading_report
 from .model import TINY_SETTINGS
@@ -147,15 +148,6 @@ CONDITION_NAMES = {
     "crop": "a crop around the answer (28-112 px margin) as the image",
     "second_generator": "an independently written generator of the task contract",
 }
-
-
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``p`` measured on ``n`` samples."""
-    if n == 0:
-        return (0.0, 1.0)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200, commands: str = "",
