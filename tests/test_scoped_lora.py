@@ -347,3 +347,16 @@ def test_a_scope_belongs_to_the_thread_that_entered_it(make_model, make_processo
     stock = encode(base)
     assert not torch.allclose(inside, stock, atol=1e-3)
     assert torch.equal(other["tokens"], stock) and torch.equal(encode(lora), stock)
+
+
+def test_a_checkpoint_whose_config_names_lora_targets_its_weights_lack_is_refused(tmp_path, make_model):
+    """A config naming scoped LoRA targets the checkpoint was saved without would load those layers' backbone weights
+    as fresh random ones (transformers only reports them missing): refused, naming the fix."""
+    import json
+
+    with_lora(make_model("qwen2_vl"), "language_model").save_pretrained(tmp_path / "m")  # q_proj, v_proj
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["scoped_lora"]["language_model"]["target_modules"] += ["gate_proj"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="target_modules to the ones it was trained on"):
+        ArrCocForConditionalGeneration.from_pretrained(tmp_path / "m")

@@ -174,7 +174,14 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         if not isinstance(config, ArrCocConfig):
             config = ArrCocConfig.from_pretrained(path)
         kwargs = fit_4bit_to_cpu(kwargs, config, lambda: cls(config))
-        return super().from_pretrained(path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        unloaded = [k for k in info["missing_keys"] if ".base_layer." in k]
+        if unloaded:  # a scoped LoRA named in the config on layers the checkpoint saved without one
+            raise ValueError(f"{path}: the backbone weights under scoped LoRA targets {unloaded[:3]} are not in the "
+                             "checkpoint (its config names targets its weights were not saved with): set its "
+                             "scoped_lora target_modules to the ones it was trained on")  # fmt: skip
+        return (model, info) if want_info else model
 
     @classmethod
     def from_backbone(cls, model_or_path, **overrides) -> ArrCocForConditionalGeneration:
