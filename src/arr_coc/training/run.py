@@ -178,6 +178,11 @@ def train(options: dict) -> dict:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     summary = train(resolve_options(args))
     print(json.dumps({k: summary[k] for k in ("output_dir", "global_step", "resumed_from")}))
+    if dist.is_available() and dist.is_initialized():  # under torchrun: every rank done, then a clean teardown
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
