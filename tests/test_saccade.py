@@ -101,9 +101,8 @@ def test_encoding_every_cell_as_one_group_is_the_whole_image_encoding(family, ma
         adapter.encode_cells(pixels, thw[0], [torch.tensor([48])])
 
 
-def test_qwen2_5_vl_cells_keep_the_whole_images_attention_windows(tokenizer):
-    """With window attention only (no full-attention block), a scattered set of whole windows – not a box, not at the
-    image's origin – encodes exactly as those cells do in the whole image: the windows are the full image's."""
+def _window_only_qwen2_5_vl(tokenizer):
+    """The adapter of a tiny Qwen2.5-VL whose vision blocks all attend within windows (no full-attention block)."""
     from transformers import AutoModelForImageTextToText
 
     from arr_coc.backbones import adapter_for
@@ -112,7 +111,13 @@ def test_qwen2_5_vl_cells_keep_the_whole_images_attention_windows(tokenizer):
     config = tiny_config("qwen2_5_vl", tokenizer)
     config.vision_config.fullatt_block_indexes = []
     torch.manual_seed(0)
-    adapter = adapter_for(AutoModelForImageTextToText.from_config(config).eval())
+    return adapter_for(AutoModelForImageTextToText.from_config(config).eval())
+
+
+def test_qwen2_5_vl_cells_keep_the_whole_images_attention_windows(tokenizer):
+    """With window attention only (no full-attention block), a scattered set of whole windows – not a box, not at the
+    image's origin – encodes exactly as those cells do in the whole image: the windows are the full image's."""
+    adapter = _window_only_qwen2_5_vl(tokenizer)
     out = image_processor_for("qwen2_5_vl")(images=[_image("qwen2_5_vl", 6, 8, seed=3)], return_tensors="pt")
     pixels, thw = out["pixel_values"], out["image_grid_thw"]
     # windows are 2 x 2 merged cells here (56 px); take window (0, 1) and window (2, 3), and cell order shuffled
@@ -159,15 +164,7 @@ def test_a_crops_distance_to_the_whole_image_does_not_grow_with_its_margin(famil
 def test_qwen2_5_vl_crops_with_the_margin_of_their_windows_are_exact_under_window_attention(tokenizer):
     """Qwen2.5-VL's window blocks attend within windows laid from the image's origin: once a crop's margin covers
     every window its cells fall in, window attention gives its tokens exactly – less margin does not."""
-    from transformers import AutoModelForImageTextToText
-
-    from arr_coc.backbones import adapter_for
-    from arr_coc.backbones.shapes import tiny_config
-
-    config = tiny_config("qwen2_5_vl", tokenizer)
-    config.vision_config.fullatt_block_indexes = []
-    torch.manual_seed(0)
-    adapter = adapter_for(AutoModelForImageTextToText.from_config(config).eval())
+    adapter = _window_only_qwen2_5_vl(tokenizer)
     out = image_processor_for("qwen2_5_vl")(images=[_image("qwen2_5_vl", 10, 12, seed=4)], return_tensors="pt")
     pixels, thw = out["pixel_values"], out["image_grid_thw"]
     # windows of 2 x 2 merged cells: rows 3..5 of the box fall in the windows of rows 2..7, columns 4..6 in 4..7
