@@ -21,7 +21,7 @@ import sys
 
 from arr_coc.evaluation.decomposition import decomposition_markdown, loss_decomposition
 from arr_coc.evaluation.harness import BUDGETS, KEPT_ABOVE_ONE, METHODS, kept_step
-from arr_coc.evaluation.methods import REGISTRY
+from arr_coc.evaluation.methods import REGISTRY, bound_last, is_bound, table_name
 
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
 SACCADE_HEADS = "arr-coc-saccade (saccade-trained heads)"
@@ -62,7 +62,7 @@ def accuracy_section(table: list[dict]) -> list[str]:
     # an unbudgeted method's own label (besides full's): a column of its own
     budgets += sorted({r["budget"] for r in table if r["budget"] not in BUDGETS and r["method"] != "full"})
     methods = [m for m in (*METHODS, SACCADE_HEADS) if m != "full" and any(r["method"] == m for r in table)]
-    methods = [m for m in methods if not _bound(m)] + [m for m in methods if _bound(m)]  # the upper bound last
+    methods = bound_last(methods)
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")
         lines += [
@@ -81,7 +81,7 @@ def accuracy_section(table: list[dict]) -> list[str]:
             for b in budgets:
                 r = next((r for r in table if r["task"] == task and r["method"] == m and r["budget"] == b), None)
                 cells.append("" if r is None else f"{_fmt(r['kept'])} ({r['tokens_used']:.0f}{_seconds(r, ', ')})")
-            lines.append(f"| {_name(m)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {table_name(m)} | " + " | ".join(cells) + " |")
         lines += ["", "Localisation (answer box entirely at full detail):", ""]
         lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
         for m in methods:
@@ -98,17 +98,9 @@ def accuracy_section(table: list[dict]) -> list[str]:
                 )
                 for b in budgets
             ]
-            lines.append(f"| {_name(m)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {table_name(m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
-
-
-def _bound(method: str) -> bool:
-    return method in REGISTRY and REGISTRY[method].bound
-
-
-def _name(method: str) -> str:
-    return f"{method} (upper bound)" if _bound(method) else method
 
 
 def decomposition_section(table: list[dict]) -> list[str]:
@@ -202,7 +194,7 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
                          + ("met." if not losses else "NOT met – ties or losses: " + "; ".join(losses) + "."))  # fmt: skip
             best = []
             for budget in BUDGETS:
-                rows = [r for r in table if r["task"] == task and r["budget"] == budget and not _bound(r["method"])]
+                rows = [r for r in table if r["task"] == task and r["budget"] == budget and not is_bound(r["method"])]
                 if rows:
                     top = max(r["exact_match"] for r in rows)
                     best.append(f"{budget}: " + " = ".join(r["method"] for r in rows if r["exact_match"] == top)
@@ -292,7 +284,7 @@ def _time_reading(table: list[dict], task: str) -> list[str]:
     lines = []
     for budget in TARGET_BUDGETS:
         rows = [r for r in table if r["task"] == task and r["budget"] == budget and r.get("ttft_s", math.nan) > 0
-                and not _bound(r["method"])]  # fmt: skip
+                and not is_bound(r["method"])]  # fmt: skip
         ours = next((r for r in rows if r["method"] == "arr-coc"), None)
         if ours:
             better = [f"{r['method']} ({r['exact_match']:.2f}, {r['ttft_s']:.2f} s)" for r in rows

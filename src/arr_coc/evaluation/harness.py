@@ -36,7 +36,7 @@ from ..data.boxes import box_overlap_map
 from ..data.synthetic import normalize_answer
 from ..relevance import ALL_TOKENS, RealizationRequest, budget_from_spec
 from .decomposition import decomposition_markdown
-from .methods import METHODS, REGISTRY, Answers, Method
+from .methods import METHODS, REGISTRY, Answers, Method, bound_last, table_name
 from .plots import plot_accuracy
 from .speed import intra_op_threads
 
@@ -424,8 +424,7 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
         lines.append("")
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
-        for method in [m for m in REGISTRY if m != "full" and not REGISTRY[m].bound] + [m for m in REGISTRY
-                                                                                      if REGISTRY[m].bound]:  # fmt: skip
+        for method in bound_last(m for m in REGISTRY if m != "full"):
             cells = []
             for b in budgets:
                 r = next((r for r in rows if r["task"] == task and r["method"] == method and r["budget"] == b), None)
@@ -436,8 +435,7 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
                 cells.append(f"{kept} ({r['tokens_used']:.0f} tok, loc "
                              f"{r['localisation']:.2f}" + (f", {r['ttft_s']:.2f} s)" if r["ttft_s"] > 0 else ")"))  # fmt: skip
             if any(cells):
-                name = f"{method} (upper bound)" if REGISTRY[method].bound else method
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                lines.append(f"| {table_name(method)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += decomposition_markdown(rows, budgets)
     lines.append("Cells: accuracy kept (exact match / full's), mean visual tokens really used, localisation, and where "

@@ -98,6 +98,22 @@ def register(method: Method) -> Method:
     return method
 
 
+def is_bound(name: str) -> bool:
+    """Whether ``name`` is a registered upper bound (`Method.bound`), not a method a user can pick."""
+    return name in REGISTRY and REGISTRY[name].bound
+
+
+def bound_last(names) -> list[str]:
+    """``names`` in their order, the upper bounds moved to the end (as the result tables list them)."""
+    names = list(names)
+    return [n for n in names if not is_bound(n)] + [n for n in names if is_bound(n)]
+
+
+def table_name(name: str) -> str:
+    """``name`` as a result table shows it: an upper bound says so."""
+    return f"{name} (upper bound)" if is_bound(name) else name
+
+
 # ----------------------------------------------------------------------------- the methods
 
 
