@@ -38,9 +38,14 @@ def heads_only_settings(path) -> tuple[str, dict] | None:
     return info["base_model_name_or_path"], info["arr_coc"]
 
 
-# relevance weights arr-coc 0.2.0 added (the budget head's survival slope); heads saved by 0.1.0 lack them and load
-# with their initial value (`ArrCocPreTrainedModel._init_weights`)
-ADDED_SINCE_0_1_0 = ("budget.log_slope",)
+# relevance weights added after 0.1.0 – 0.2.0: the budget head's survival slope; 0.3.0: the coupling scorer's context
+# convolution – heads saved before lack them and load with their initial value (`ArrCocPreTrainedModel._init_weights`:
+# a slope of zero, a context correction of zero, so older heads score as they did)
+ADDED_SINCE_0_1_0 = (
+    "budget.log_slope",
+    "coupling.context_features.weight", "coupling.context_features.bias",
+    "coupling.context.0.weight", "coupling.context.0.bias", "coupling.context.2.weight", "coupling.context.2.bias",
+)  # fmt: skip
 
 
 def load_relevance_heads(model, folder: str) -> None:
@@ -63,7 +68,7 @@ def load_relevance_heads(model, folder: str) -> None:
     state = load_file(path)
     heads = {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
     missing = set(model.relevance.state_dict()) - set(heads)
-    if missing and missing <= set(ADDED_SINCE_0_1_0):  # heads saved by arr-coc 0.1.0: the new ones start at their init
+    if missing and missing <= set(ADDED_SINCE_0_1_0):  # heads saved by an older arr-coc: the new ones start at their init
         heads.update({k: model.relevance.state_dict()[k] for k in missing})
     elif missing:
         raise RuntimeError(

@@ -64,7 +64,7 @@ class RelevanceHeads(nn.Module):
         weights [3]: knowing, then balancing."""
         info = self.information(tokens, grid, trained)
         salience = self.salience(tokens, grid, trained)
-        coupling = self.coupling(tokens, question, trained)
+        coupling = self.coupling(tokens, grid, question, trained)
         relevance, weights = self.balancer(torch.stack([info, salience, coupling]), question, trained)
         return RelevanceMaps(info, salience, coupling, relevance, weights)
 

@@ -64,16 +64,35 @@ class CouplingScorer(nn.Module):
     """Training-free: the best cosine similarity between a token and any question token.
 
     Learned: a bilinear match in a shared space of ``coupling_size``, smooth-maxed over the
-    question's tokens. With no question tokens every token gets the same score.
+    question's tokens, then read in context: a two-layer convolution over the token grid (each layer
+    ``CONTEXT_KERNEL`` tokens, rows by columns; 5 x 13 tokens together) sees the match map with
+    ``CONTEXT_FEATURES`` channels of each token's projection and adds a correction to every token's
+    match. So a token can be needed for what its neighbours show – the value beside the label a
+    question names, the code inside the outline of the box it names – which a per-token match cannot
+    express. The correction's last layer starts at zero: heads saved before it existed score as they did.
+    With no question tokens every token gets the same score.
     """
+
+    CONTEXT_KERNEL = (3, 7)
+    CONTEXT_FEATURES = 8
+    CONTEXT_HIDDEN = 16
 
     def __init__(self, visual_size: int, text_size: int, coupling_size: int):
         super().__init__()
         self.visual_proj = nn.Sequential(nn.LayerNorm(visual_size), nn.Linear(visual_size, coupling_size))
         self.text_proj = nn.Sequential(nn.LayerNorm(text_size), nn.Linear(text_size, coupling_size))
         self.bias = nn.Parameter(torch.zeros(()))
+        kh, kw = self.CONTEXT_KERNEL
+        self.context_features = nn.Linear(coupling_size, self.CONTEXT_FEATURES)
+        self.context = nn.Sequential(
+            nn.Conv2d(1 + self.CONTEXT_FEATURES, self.CONTEXT_HIDDEN, (kh, kw), padding=(kh // 2, kw // 2)),
+            nn.GELU(),
+            nn.Conv2d(self.CONTEXT_HIDDEN, 1, (kh, kw), padding=(kh // 2, kw // 2)),
+        )
+        nn.init.zeros_(self.context[-1].weight)
+        nn.init.zeros_(self.context[-1].bias)
 
-    def forward(self, tokens: torch.Tensor, question: torch.Tensor, trained: bool) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], question: torch.Tensor, trained: bool) -> torch.Tensor:
         """tokens [h*w, d], question [m, d_text] -> coupling [h*w]."""
         if question.shape[0] == 0:
             return (torch.sigmoid(self.bias) if trained else tokens.new_zeros(())).expand(tokens.shape[0])
@@ -81,6 +100,9 @@ class CouplingScorer(nn.Module):
             keys, queries = self.visual_proj(tokens), self.text_proj(question)
             logits = queries @ keys.T / math.sqrt(keys.shape[-1])  # [m, n]
             count = torch.ones_like(logits[:, :1]).sum(0)  # m, as a tensor (exportable with a dynamic m)
-            return torch.sigmoid(torch.logsumexp(logits, dim=0) - torch.log(count) + self.bias)
+            match = torch.logsumexp(logits, dim=0) - torch.log(count)  # [n]
+            maps = torch.cat([match[:, None], self.context_features(keys)], dim=-1)  # [n, 1 + features]
+            maps = maps.unflatten(0, grid).permute(2, 0, 1).unsqueeze(0)  # [1, 1 + features, h, w]
+            return torch.sigmoid(match + self.context(maps).flatten() + self.bias)
         similarity = F.normalize(question, dim=-1) @ F.normalize(tokens, dim=-1).T
         return min_max(similarity.max(dim=0).values)
