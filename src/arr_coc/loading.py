@@ -68,7 +68,7 @@ def load_relevance_heads(model, folder: str) -> None:
     state = load_file(path)
     heads = {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
     missing = set(model.relevance.state_dict()) - set(heads)
-    if missing and missing <= set(ADDED_SINCE_0_1_0):  # heads saved by an older arr-coc: the new ones start at their init
+    if missing and missing <= set(ADDED_SINCE_0_1_0):  # saved by an older arr-coc: the new ones start at their init
         heads.update({k: model.relevance.state_dict()[k] for k in missing})
     elif missing:
         raise RuntimeError(
