@@ -92,7 +92,9 @@ class CouplingScorer(nn.Module):
         nn.init.zeros_(self.context[-1].weight)
         nn.init.zeros_(self.context[-1].bias)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], question: torch.Tensor, trained: bool):
+    def forward(
+        self, tokens: torch.Tensor, grid: tuple[int, int], question: torch.Tensor, trained: bool
+    ) -> torch.Tensor:
         """tokens [h*w, d] on a grid (h, w), question [m, d_text] -> coupling [h*w] (a `torch.Tensor`)."""
         if question.shape[0] == 0:
             return (torch.sigmoid(self.bias) if trained else tokens.new_zeros(())).expand(tokens.shape[0])
