@@ -1,7 +1,8 @@
-"""Checkpoints and heads-only folders saved by the previous release (arr-coc 0.1.0, fixtures in
-tests/fixtures/arr_coc_0.1.0 written by that release's code over the suite's tiny random Qwen2-VL backbone) still
-load: their heads come back as saved, the budget head's survival slope (new in 0.2.0) starts at its documented
-default, and the model answers – exactly the stock backbone at full budget, within its bounds with no budget."""
+"""Checkpoints and heads-only folders saved by earlier releases (fixtures in tests/fixtures/arr_coc_<version>, each
+written by that release's code over one tiny random Qwen2-VL backbone; 0.2.0's with a scoped LoRA on the language
+model) still load: their heads and adapters come back as saved, the weights added since start at their documented
+values (0.2.0: the budget head's survival slope at 0; 0.3.0: the coupling scorer's context correction at 0), and the
+model answers – exactly the stock backbone at full budget, within its bounds with no budget."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from safetensors.torch import load_file
 
 import arr_coc
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "arr_coc_0.1.0")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+BACKBONE = os.path.join(FIXTURES, "arr_coc_0.1.0", "backbone")  # both releases' fixtures sit on this backbone
+RELEASES = ["0.1.0", "0.2.0"]
+CONTEXT = "relevance.coupling.context.2"  # 0.3.0's context correction: its output layer
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +29,19 @@ def inputs(make_processor, samples):
     )
 
 
-def _heads_saved() -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(FIXTURES, "heads", "arr_coc_heads.safetensors"))
+def _saved(release: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(FIXTURES, f"arr_coc_{release}", "heads", "arr_coc_heads.safetensors"))
 
 
-def _check(model, inputs, backbone) -> None:
-    state = model.state_dict()
-    saved = _heads_saved()
-    assert "relevance.budget.log_slope" not in saved  # the fixture is really the old format
+def _check(model, inputs, backbone, release: str) -> None:
+    state, saved = model.state_dict(), _saved(release)
+    assert f"{CONTEXT}.weight" not in saved  # the fixtures are really older formats
+    assert ("relevance.budget.log_slope" in saved) == (release != "0.1.0")
+    assert ("lora_A" in " ".join(saved)) == (release == "0.2.0")  # 0.2.0's carries the language model's LoRA
     assert all(torch.equal(state[k], v) for k, v in saved.items())
-    assert float(model.relevance.budget.log_slope) == 0.0  # the documented start: s = MIN_SLOPE + softplus(0)
+    if release == "0.1.0":
+        assert float(model.relevance.budget.log_slope) == 0.0  # the documented start: s = MIN_SLOPE + softplus(0)
+    assert not state[f"{CONTEXT}.weight"].any() and not state[f"{CONTEXT}.bias"].any()  # scores as it did
     with torch.no_grad():
         full = model(**inputs, compression=1).logits[:, -1]
         stock = {k: v for k, v in inputs.items() if k != "question_mask"}
@@ -43,21 +50,24 @@ def _check(model, inputs, backbone) -> None:
     assert all(4 <= int(t) <= 32 for t in out.tokens_used)
 
 
-def test_a_release_0_1_0_checkpoint_loads_and_answers(inputs):
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_released_checkpoint_loads_and_answers(inputs, release):
     from transformers import AutoModelForImageTextToText
 
-    backbone = AutoModelForImageTextToText.from_pretrained(os.path.join(FIXTURES, "backbone")).eval()
+    backbone = AutoModelForImageTextToText.from_pretrained(BACKBONE).eval()
+    checkpoint = os.path.join(FIXTURES, f"arr_coc_{release}", "checkpoint")
     for load in (arr_coc.ArrCocForConditionalGeneration.from_pretrained, AutoModelForImageTextToText.from_pretrained):
-        _check(load(os.path.join(FIXTURES, "checkpoint")).eval(), inputs, backbone)
+        _check(load(checkpoint).eval(), inputs, backbone, release)
 
 
-def test_a_release_0_1_0_heads_only_folder_loads_on_its_backbone(inputs, tmp_path):
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_released_heads_only_folder_loads_on_its_backbone(inputs, tmp_path, release):
     from transformers import AutoModelForImageTextToText
 
     heads = tmp_path / "heads"
-    shutil.copytree(os.path.join(FIXTURES, "heads"), heads)
+    shutil.copytree(os.path.join(FIXTURES, f"arr_coc_{release}", "heads"), heads)
     settings = json.loads((heads / "arr_coc_heads.json").read_text())
-    settings["base_model_name_or_path"] = os.path.join(FIXTURES, "backbone")  # saved naming a placeholder
+    settings["base_model_name_or_path"] = BACKBONE  # saved naming a placeholder
     (heads / "arr_coc_heads.json").write_text(json.dumps(settings))
-    backbone = AutoModelForImageTextToText.from_pretrained(os.path.join(FIXTURES, "backbone")).eval()
-    _check(arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(heads)).eval(), inputs, backbone)
+    backbone = AutoModelForImageTextToText.from_pretrained(BACKBONE).eval()
+    _check(arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(heads)).eval(), inputs, backbone, release)

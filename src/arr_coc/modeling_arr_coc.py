@@ -116,8 +116,9 @@ class ArrCocPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CouplingScorer):
             torch.nn.init.zeros_(module.bias)
-            torch.nn.init.zeros_(module.context[-1].weight)  # no correction until trained: older heads score as before
-            torch.nn.init.zeros_(module.context[-1].bias)
+        if getattr(module, "starts_at_zero", False):  # the coupling's context correction: older heads score as before
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
         if isinstance(module, BudgetCalculator):
             torch.nn.init.zeros_(module.log_slope)
 

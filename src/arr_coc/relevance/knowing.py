@@ -89,6 +89,7 @@ class CouplingScorer(nn.Module):
             nn.GELU(),
             nn.Conv2d(self.CONTEXT_HIDDEN, 1, (kh, kw), padding=(kh // 2, kw // 2)),
         )
+        self.context[-1].starts_at_zero = True  # read by `ArrCocPreTrainedModel._init_weights` as well
         nn.init.zeros_(self.context[-1].weight)
         nn.init.zeros_(self.context[-1].bias)
 
