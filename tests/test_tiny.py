@@ -105,3 +105,19 @@ def test_the_default_call_keeps_the_answers_with_fewer_tokens():
         native = sum(r["native_tokens"] for r in results) / len(results)
         assert correct / len(samples) >= 0.80 * full[task], (task, correct, full[task])
         assert model.config.min_tokens < used < native, (task, used, native)
+
+
+def test_the_automatic_budget_ranks_samples_like_the_budget_their_answer_needs():
+    """The issue's calibration test: on held-out samples (the first 25 per task of the evaluation seeds), the tokens
+    the automatic budget spends rank the samples like the smallest budget at which each one's answer survives
+    (`evaluation.calibration`, compressions 1 .. 1/32): Spearman's rho ≥ 0.3 over the ≥ 40 samples whose answer
+    survives somewhere. A constant budget gives no rank order (NaN) and fails."""
+    from arr_coc.data.synthetic import EVAL_SEED_START, TASKS
+    from arr_coc.evaluation.calibration import measure_calibration
+    from arr_coc.tiny.evaluate import condition_samples
+
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained("arr-coc-tiny").eval()
+    processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny")
+    samples = [s for task in TASKS for s in condition_samples(task, 25, seeds_from=EVAL_SEED_START)]
+    rho, n = measure_calibration(model, processor, samples).spearman()
+    assert n >= 40 and rho >= 0.3, (rho, n)
