@@ -83,6 +83,15 @@ def study(model, processor, samples: list[dict], budgets: list[float], confidenc
     return table
 
 
+def contract_samples(tasks, n: int, offset: int = 0) -> list[dict]:
+    """``n`` samples per task from the independently written generator of the task contract."""
+    from arr_coc.data import contract
+
+    return [dict(s, answers=[s["answer"]], id=seed) for task in tasks
+            for seed in range(contract.SEED_START + offset, contract.SEED_START + offset + n)
+            for s in [contract.generate(task, seed)]]  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="arr-coc-tiny")
@@ -93,22 +102,26 @@ def main() -> None:
     p.add_argument("--confidences", default="0.5,0.8,0.9,0.95",
                    help="budget_confidence values for the auto budget ('': no automatic budget)")  # fmt: skip
     p.add_argument("--calibration", type=int, default=25, help="samples per task for the Spearman check (0: none)")
+    p.add_argument("--generator", choices=["project", "contract"], default="project",
+                   help="whose samples: the project's held-out seeds, or the independently written generator's "
+                   "(`arr_coc.data.contract`, seeds from its SEED_START + offset)")  # fmt: skip
     p.add_argument("--out", default=None, help="a JSON file for the results")
     args = p.parse_args()
     torch.manual_seed(0)
     started = time.time()
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(args.model).eval()
     processor = arr_coc.ArrCocProcessor.from_pretrained(args.processor or args.model)
-    samples = synthetic_samples(TASKS, args.n, args.offset)
+    draw = synthetic_samples if args.generator == "project" else contract_samples
+    samples = draw(TASKS, args.n, args.offset)
     result = {
-        "model": args.model, "n_per_task": args.n, "offset": args.offset,
+        "model": args.model, "generator": args.generator, "n_per_task": args.n, "offset": args.offset,
         "budget_confidence": model.config.budget_confidence, "min_tokens": model.config.min_tokens,
         "max_tokens": model.config.max_tokens,
         "table": study(model, processor, samples, [float(b) for b in args.budgets.split(",")],
                        [float(c) for c in args.confidences.split(",") if c]),
     }  # fmt: skip
     if args.calibration:
-        chosen = synthetic_samples(TASKS, args.calibration, args.offset)
+        chosen = draw(TASKS, args.calibration, args.offset)
         calibration = measure_calibration(model, processor, chosen)
         rho, n = calibration.spearman()
         result["calibration"] = {"spearman": round(rho, 3), "n": n, **calibration.__dict__,
