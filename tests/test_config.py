@@ -58,3 +58,24 @@ def test_json_round_trip_and_corrupted_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="lod_ladder"):
         ArrCocConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [({"budget_confidence": 1.5}, "budget_confidence"), ({"min_tokens": 500, "max_tokens": 100}, "min_tokens")],
+)
+def test_settings_given_at_loading_or_changed_later_are_checked_too(make_model, make_processor, samples, tmp_path,
+                                                                     overrides, field):  # fmt: skip
+    """from_pretrained's keyword settings land on the config after its own check, and a user may set a field on a
+    loaded model's config: the model refuses both (at loading, at the next call) instead of failing deep inside."""
+    import arr_coc
+
+    make_model("qwen2_vl").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"ArrCocConfig\.{field}=.*invalid"):
+        arr_coc.ArrCocForConditionalGeneration.from_pretrained(tmp_path, **overrides)
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(tmp_path)
+    for name, value in overrides.items():
+        setattr(model.config, name, value)
+    inputs = make_processor("qwen2_vl")(images=[samples[0]["image"]], text=[samples[0]["question"]])
+    with pytest.raises(ValueError, match=rf"ArrCocConfig\.{field}=.*invalid"):
+        model.generate(**inputs, max_new_tokens=1)

@@ -136,6 +136,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     """
 
     def __init__(self, config: ArrCocConfig, vlm: PreTrainedModel | None = None):
+        config.check()  # settings passed to from_pretrained land on the config after its own check
         super().__init__(config)
         self.vlm = vlm if vlm is not None else AutoModelForImageTextToText.from_config(config.vlm_config)
         visual_size = config.vlm_config.get_text_config().hidden_size

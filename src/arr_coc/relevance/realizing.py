@@ -105,7 +105,9 @@ class RealizationRequest:
 
     def resolve(self, config) -> RealizationRequest:
         """The config's choices where this call made none; `ValueError` naming the choices for a misspelt one (or the
-        range of a crop margin that is not an integer >= 0)."""
+        range of a crop margin that is not an integer >= 0), and for a config setting changed since loading to a value
+        outside its range (`ArrCocConfig.check`)."""
+        config.check()
         return replace(
             self,
             pooling=check_choice("pooling", self.pooling or config.pooling, POOLINGS),
