@@ -12,7 +12,7 @@ from transformers import (
     TrainingArguments,
 )
 
-import arr_coc  # noqa: F401  (registers the Auto classes)
+import arr_coc  # registers the Auto classes
 from arr_coc.training.data import VQACollator
 
 
@@ -119,3 +119,34 @@ def test_relevance_heads_load_from_a_heads_only_folder_or_a_whole_checkpoint(tmp
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="holds no relevance heads"):
         load_relevance_heads(make_model("qwen2_vl"), str(tmp_path))
+
+
+def test_a_heads_only_folder_names_its_local_backbone_absolutely_and_says_what_to_do_when_it_moved(
+    tmp_path, make_model, monkeypatch
+):
+    """A backbone loaded from a folder given relative to the working directory is recorded as an absolute path, so
+    the heads load from anywhere; a backbone no longer there is named with the file to edit (not a Hub lookup)."""
+    import json
+    import shutil
+
+    import pytest
+
+    from arr_coc.training.trainer import save_heads
+
+    monkeypatch.chdir(tmp_path)
+    make_model("qwen2_vl").vlm.save_pretrained("backbone")
+    model = arr_coc.ArrCocForConditionalGeneration.from_backbone("backbone", mode="trained")
+    torch.nn.init.constant_(model.relevance.coupling.bias, 1.5)
+    save_heads(model, "heads")
+    settings = json.loads((tmp_path / "heads" / "arr_coc_heads.json").read_text())
+    assert settings["base_model_name_or_path"] == str(tmp_path / "backbone")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(tmp_path / "heads"))
+    assert float(loaded.relevance.coupling.bias) == 1.5
+    shutil.move(str(tmp_path / "backbone"), str(tmp_path / "moved"))
+    with pytest.raises(
+        FileNotFoundError, match=r"which is not there: point base_model_name_or_path in .*arr_coc_heads"
+    ):
+        arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(tmp_path / "heads"))

@@ -43,6 +43,7 @@ from .decoding import (
 )
 from .io import MODEL_FILES, atomic_directory, prepare_local
 from .loading import (
+    HEADS_CONFIG,
     fit_4bit_to_cpu,
     heads_only_settings,
     load_backbone,
@@ -168,7 +169,14 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         if heads is not None:
             base, settings = heads
             kwargs.pop("config", None)
-            model = cls.from_backbone(base, **{k: v for k, v in settings.items() if k in ARR_COC_FIELDS}, **kwargs)
+            fix = f"point base_model_name_or_path in {os.path.join(str(path), HEADS_CONFIG)} at the backbone"
+            if os.path.isabs(base) and not os.path.isdir(base):
+                raise FileNotFoundError(f"{path} holds heads for the backbone in {base}, which is not there: {fix}")
+            try:
+                model = cls.from_backbone(base, **{k: v for k, v in settings.items() if k in ARR_COC_FIELDS}, **kwargs)
+            except OSError as error:
+                raise OSError(f"{path} holds heads for the backbone {base!r}, which could not be loaded ({error}): "
+                              f"{fix} (a Hub id or a local folder)") from error  # fmt: skip
             load_relevance_heads(model, str(path))
             return model
         kwargs.setdefault("use_safetensors", True)

@@ -215,7 +215,8 @@ class ArrCocTrainer(Trainer):
 
 def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
     """``arr_coc_heads.safetensors`` (the relevance heads and any scoped LoRA's weights) + ``arr_coc_heads.json``
-    (the arr-coc config, scoped LoRA settings included, and the backbone's name) + ``config.json``, so
+    (the arr-coc config, scoped LoRA settings included, and the backbone's name – ``base_model`` or where the model's
+    backbone came from, a local folder as an absolute path; pass the Hub id to share the folder) + ``config.json``, so
     `ArrCocForConditionalGeneration.from_pretrained(output_dir)` and the Auto classes load the backbone by name and
     put these heads (and adapters) on it."""
     os.makedirs(output_dir, exist_ok=True)
@@ -225,6 +226,8 @@ def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
     base = base_model or model.config.vlm_config.name_or_path or model.vlm.name_or_path
     if not base:
         raise ValueError("the backbone has no name or path to refer to; pass base_model=")
+    if os.path.isdir(base):  # a local folder: absolute, so the heads load from any working directory
+        base = os.path.abspath(base)
     config = model.config.to_dict()
     with open(os.path.join(output_dir, HEADS_CONFIG), "w") as f:
         json.dump(
