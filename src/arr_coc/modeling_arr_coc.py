@@ -22,6 +22,7 @@ realize protocol of `relevance.realizing`, as the evaluation's baselines do.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from .decoding import (
 )
 from .io import MODEL_FILES, atomic_directory, prepare_local
 from .loading import (
+    ADDED_SINCE_0_1_0,
     HEADS_CONFIG,
     fit_4bit_to_cpu,
     heads_only_settings,
@@ -109,6 +111,8 @@ class ArrCocPreTrainedModel(PreTrainedModel):
     # the relevance heads stay fp32 and unquantized whatever the backbone's dtype or quantization
     _keep_in_fp32_modules = ["relevance", r".*\.lora_[AB]"]
     _keep_in_fp32_modules_strict = ["relevance"]
+    # weights added since 0.1.0 start at their documented init when an older checkpoint lacks them: not reported
+    _keys_to_ignore_on_load_missing = [rf"^relevance\.{re.escape(name)}$" for name in ADDED_SINCE_0_1_0]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
