@@ -318,5 +318,10 @@ def test_the_oracle_bounds_the_allocation_and_the_default_call_is_measured(make_
             assert (p["language_model"], p["allocation"]) == pytest.approx((full - oracle, oracle - heads))
     text = markdown_table(rows, "t", [])
     assert "oracle (upper bound)" in text and "Where exact match is lost" in text
+    auto = next(r for r in rows if r["method"] == "arr-coc-auto" and r["task"] == "box-codes")
+    assert f"exact match {auto['exact_match']:.2f}, ANLS {auto['anls']:.2f}" in text  # the default call's ANLS
+    without_full = markdown_table([r for r in rows if r["method"] != "full"], "t", [])
+    assert "**box-codes** – no `full` in this run" in without_full and "**doc-fields** – no `full`" in without_full
+    assert "Where exact match is lost" not in without_full and "EM " in without_full
     with pytest.raises(ValueError, match="answer_box"):
         evaluate(model, processor, [dict(eval_samples[0], answer_box=None)], ("oracle",), ("1/4",), progress=False)

@@ -421,6 +421,9 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
                 f"**{task}** – full: exact match {full['exact_match']:.3f}, {full['tokens_used']:.0f} tokens "
                 f"(n={full['n']}; {step})"
             )
+        else:
+            lines.append(f"**{task}** – no `full` in this run, so cells show exact match (EM); add `full` to "
+                         "--methods for accuracy kept and (with `arr-coc` and `oracle`) where the accuracy goes")  # fmt: skip
         lines.append("")
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
@@ -432,13 +435,19 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
                     cells.append("")
                     continue
                 kept = f"EM {r['exact_match']:.2f}" if math.isnan(r["kept"]) else f"{r['kept']:.2f}"
-                cells.append(f"{kept} ({r['tokens_used']:.0f} tok, loc "
-                             f"{r['localisation']:.2f}" + (f", {r['ttft_s']:.2f} s)" if r["ttft_s"] > 0 else ")"))  # fmt: skip
+                loc = "–" if math.isnan(r["localisation"]) else f"{r['localisation']:.2f}"
+                cells.append(f"{kept} ({r['tokens_used']:.0f} tok, loc {loc}"
+                             + (f", {r['ttft_s']:.2f} s)" if r["ttft_s"] > 0 else ")"))  # fmt: skip
             if any(cells):
                 lines.append(f"| {table_name(method)} | " + " | ".join(cells) + " |")
         lines.append("")
+        for r in (r for r in rows if r["task"] == task and r["method"] == "arr-coc-auto"):
+            lines += [f"The default call (`arr-coc-auto`, no budget given): exact match {r['exact_match']:.2f}, ANLS "
+                      f"{r['anls']:.2f}, {r['tokens_used']:.0f} of {r['native_tokens']:.0f} native tokens "
+                      f"({r['tokens_used'] / r['native_tokens']:.0%}).", ""]  # fmt: skip
     lines += decomposition_markdown(rows, budgets)
-    lines.append("Cells: accuracy kept (exact match / full's), mean visual tokens really used, localisation, and where "
+    lines.append("Cells: accuracy kept (exact match / full's; \"EM\" marks exact match where there is no full to divide "
+                 "by), mean visual tokens really used, localisation (– where the data has no answer boxes), and where "
                  "timed the median seconds to the first token of one sample alone.")  # fmt: skip
     lines += ["", KEPT_ABOVE_ONE, ""]
     lines += [f"- {n}" for n in notes]
