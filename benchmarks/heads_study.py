@@ -86,10 +86,11 @@ def study(model, processor, samples: list[dict], budgets: list[float], confidenc
 def contract_samples(tasks, n: int, offset: int = 0) -> list[dict]:
     """``n`` samples per task from the independently written generator of the task contract."""
     from arr_coc.data import contract
+    from arr_coc.tiny.evaluate import condition_samples
 
-    return [dict(s, answers=[s["answer"]], id=seed) for task in tasks
-            for seed in range(contract.SEED_START + offset, contract.SEED_START + offset + n)
-            for s in [contract.generate(task, seed)]]  # fmt: skip
+    first = contract.SEED_START + offset
+    return [dict(s, answers=[s["answer"]], id=first + i) for task in tasks
+            for i, s in enumerate(condition_samples(task, n, first, generator=contract.generate))]  # fmt: skip
 
 
 def main() -> None:
