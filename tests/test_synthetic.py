@@ -112,6 +112,15 @@ def test_the_whole_space_is_covered(box_codes, doc_fields):
     assert min(heights) <= 575 and max(heights) >= 880
     values = [len(s["answer"]) for s in doc_fields]
     assert {3, 6} <= set(values)
+    # rows from the contract's 6 px apart (a packed block) to spread over the page; left edges free, in one column
+    # and in a column with indented lines
+    gaps = [[b["box"][1] - a["box"][3] for a, b in zip(rows, rows[1:])]
+            for rows in (sorted(s["items"], key=lambda it: it["box"][1]) for s in doc_fields)]  # fmt: skip
+    assert min(min(g) for g in gaps) == 6 and sum(max(g) <= 12 for g in gaps) >= 10
+    assert sum(min(g) >= 20 for g in gaps) >= 30
+    lefts = [len({it["box"][0] for it in s["items"]}) for s in doc_fields]
+    assert sum(n == 1 for n in lefts) >= 30 and sum(n == 2 for n in lefts) >= 10
+    assert sum(len({it["font_size"] for it in s["items"]}) == 1 for s in doc_fields) >= 100
 
 
 @pytest.mark.parametrize("task", ["box-codes", "doc-fields"])

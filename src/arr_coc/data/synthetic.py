@@ -169,17 +169,29 @@ def _doc_fields(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple,
     page = tuple(int(c) for c in rng.integers(245, 256, size=3))
     n_lines = int(rng.integers(5, 13))
     labels = [LABELS[i] for i in rng.permutation(len(LABELS))[:n_lines]]
+    # The page's habits, each drawn per page so that no single one is all the model sees: one font size or one
+    # per line, one ink colour or one per line, lines spread over the page or packed in a block down to the
+    # contract's 6 px between rows, left edges free, in one column, or in a column with indented lines.
+    page_size = int(rng.integers(16, 25)) if rng.random() < 0.5 else None
+    page_ink = dark_colour(rng) if rng.random() < 0.5 else None
+    packed = rng.random() < 0.6
+    align = ("free", "column", "indented")[int(rng.integers(0, 3))]
     lines = []
     for label in labels:
         value = _code(rng, int(rng.integers(3, 7)))
-        size = int(rng.integers(16, 25))
+        size = page_size or int(rng.integers(16, 25))
         lines.append((label, value, size, _string_extent(f"{label}: {value}", size)))
 
     ink_heights = [y1 - y0 for _, _, _, (_, y0, _, y1) in lines]
     slack = height - sum(ink_heights) - 6 * (n_lines - 1)
-    # Split the vertical slack at random between the margins and the gaps (each gap >= 6 px).
-    cuts = np.sort(rng.integers(0, slack + 1, size=n_lines))
+    # Split the vertical slack (all of it, or a share when packed: a block placed anywhere on the page) at random
+    # between the margin above and the gaps (each gap >= 6 px).
+    used = int(slack * rng.random() ** 2) if packed else slack
+    cuts = np.sort(rng.integers(0, used + 1, size=n_lines))
     extra = np.diff(np.concatenate([[0], cuts]))
+    extra[0] += int(rng.integers(0, slack - used + 1))
+    widest = max(x1 - x0 for _, _, _, (x0, _, x1, _) in lines)
+    column = int(rng.integers(0, max(1, int(width - widest))))
     image = Image.new("RGB", (width, height), page)
     draw = ImageDraw.Draw(image)
     glyphs: list[Glyph] = []
@@ -188,10 +200,15 @@ def _doc_fields(rng: np.random.Generator) -> tuple[Image.Image, str, str, tuple,
     for i, ((label, value, size, (x0, y0, x1, y1)), gap) in enumerate(zip(lines, extra)):
         top += int(gap) + (6 if i else 0)
         line_w = x1 - x0
-        left = int(rng.integers(0, max(1, int(width - line_w)))) - int(x0)
+        if align == "free":
+            ink_left = int(rng.integers(0, max(1, int(width - line_w))))
+        else:
+            indent = int(rng.integers(8, 121)) if align == "indented" and rng.random() < 0.4 else 0
+            ink_left = min(column + indent, max(0, int(width - line_w) - 1))
+        left = ink_left - int(x0)
         origin = (left, top - y0)
         text = f"{label}: {value}"
-        glyphs += draw_text(draw, origin, text, size, dark_colour(rng), label, len(label) + 2)
+        glyphs += draw_text(draw, origin, text, size, page_ink or dark_colour(rng), label, len(label) + 2)
         boxes.append((int(np.floor(left + x0)), top, int(np.ceil(left + x1)), top + (y1 - y0)))
         items.append({"label": label, "value": value, "font_size": size, "box": boxes[-1]})
         top += y1 - y0

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=200, help="held-out samples per task and condition for the card")
     p.add_argument("--commands", default="", help="the training commands to print in the model card")
     p.add_argument("--notes", default="", help="notes on the run to print under the model card's stage table")
+    p = sub.add_parser("measure", help="re-measure an exported model's reading accuracy (heldout_accuracy.json, card)")
+    p.add_argument("--model", required=True, help="the exported model folder")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out samples per task and condition")
     p = sub.add_parser("curves", help="plot the run's learning curves to a PNG")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         from .card import export_model
 
         print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
+    elif args.cmd == "measure":
+        from .card import measure_model
+
+        print(measure_model(args.model, args.eval_n))
     elif args.cmd == "ship-heads":
         from .card import ship_heads
 
