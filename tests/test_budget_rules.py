@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from arr_coc.configuration_arr_coc import DEFAULT_LADDER
-from arr_coc.relevance import Allocation, TokenAllocator, resolve_budget
+from arr_coc.relevance import Allocation, TokenAllocator, resolve_budget, shape_relevance
 from arr_coc.relevance.realizing import cell_assignment
 
 LADDERS = [list(DEFAULT_LADDER), [1, 4, 16], [4, 9, 36]]
@@ -103,6 +103,38 @@ def test_quadtree_gives_a_relevant_box_full_detail_within_a_small_budget(h, w, s
     allocation = TokenAllocator("quadtree", 20, list(DEFAULT_LADDER))(relevance.flatten(), h, w, budget)
     assert allocation.tokens_used <= budget
     assert bool(allocation.detail_map()[y0:y1, x0:x1].all())
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 10**6), st.integers(0, 3),
+       st.sampled_from([0.0, 0.3, 0.7]))  # fmt: skip
+def test_the_allocators_input_spreads_each_peak_and_drops_what_is_below_the_floor(h, w, seed, spread, floor):
+    """`shape_relevance`: off is the identity; each token reads the largest relevance within ``spread`` tokens
+    (so it never falls and a peak covers its whole (2 spread + 1)^2 square), then what is below ``floor`` times the
+    largest is 0 – the largest survives."""
+    g = torch.Generator().manual_seed(seed)
+    relevance = torch.rand(h * w, generator=g)
+    assert shape_relevance(relevance, h, w) is relevance
+    shaped = shape_relevance(relevance, h, w, spread, floor).view(h, w)
+    grid = relevance.view(h, w)
+    for y in range(h):
+        for x in range(w):
+            near = grid[max(0, y - spread) : y + spread + 1, max(0, x - spread) : x + spread + 1].max()
+            want = near if near >= floor * grid.max() else 0.0
+            assert float(shaped[y, x]) == float(want)
+    assert float(shaped.max()) == float(grid.max())
+
+
+def test_a_spread_peak_opens_its_neighbourhood_and_the_floor_leaves_look_alikes_pooled():
+    """One answer token with a weaker look-alike elsewhere: shaped, the answer's 3 x 3 neighbourhood opens to full
+    detail and the look-alike stays pooled at the same budget; unshaped, the look-alike takes tokens instead."""
+    h = w = 12
+    relevance = torch.full((h, w), 0.05)
+    relevance[3, 3], relevance[9, 9] = 1.0, 0.6  # the answer, a look-alike
+    allocator = TokenAllocator("quadtree", 20, list(DEFAULT_LADDER))
+    plain = allocator(relevance.flatten(), h, w, 16).detail_map()
+    shaped = allocator(shape_relevance(relevance.flatten(), h, w, 1, 0.7), h, w, 16).detail_map()
+    assert bool(shaped[2:5, 2:5].all()) and not bool(shaped[8:11, 8:11].any())
+    assert bool(plain[9, 9]) and not bool(plain[2:5, 2:5].all())
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10", None.__class__])

@@ -41,6 +41,10 @@ def test_defaults_follow_the_design():
         ({"balance_weights": [-1, 1, 1]}, "balance_weights", "3 finite weights"),
         ({"vlm_config": {"model_type": "llava"}}, "vlm_config.model_type", "qwen2_vl"),
         ({"relevance_hidden_size": 0}, "relevance_hidden_size", ">= 1"),
+        ({"relevance_spread": -1}, "relevance_spread", ">= 0"),
+        ({"relevance_spread": 1.5}, "relevance_spread", "integer"),
+        ({"relevance_floor": 1.0}, "relevance_floor", "\\[0, 1\\)"),
+        ({"relevance_floor": -0.1}, "relevance_floor", "\\[0, 1\\)"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_field_value_and_range(overrides, field, allowed):

@@ -15,6 +15,7 @@ from PIL import Image
 import arr_coc
 from arr_coc.evaluation.quantization import quantization_config
 from arr_coc.export import OnnxRelevance, export_heads
+from arr_coc.relevance import shape_relevance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -304,7 +305,8 @@ def test_remote_code_checkpoint_carries_the_scoped_lora(tmp_path, make_model, ma
 
 
 def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, make_model, make_processor, samples):
-    model = make_model("qwen2_vl", mode="trained", allocator="quadtree", min_tokens=8, max_tokens=64)
+    model = make_model("qwen2_vl", mode="trained", allocator="quadtree", min_tokens=8, max_tokens=64,
+                       relevance_spread=1, relevance_floor=0.3)  # the allocator's input shaped, in both  # fmt: skip
     torch.manual_seed(3)
     for p in model.relevance.parameters():  # heads that are not at their initial values
         p.data.add_(torch.randn_like(p) * 0.05)
@@ -313,6 +315,7 @@ def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, ma
     assert os.path.getsize(paths["onnx"]) > 0 and os.path.getsize(paths["torch_export"]) > 0
     runner = OnnxRelevance(str(tmp_path))
     program = torch.export.load(paths["torch_export"]).module()
+    unshaped = 0
     for s in samples:
         inputs = processor(images=[s["image"]], text=[s["question"]])
         features = model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])[0]
@@ -325,3 +328,7 @@ def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, ma
         assert np.abs(relevance - realization.relevance.flatten().numpy()).max() < 1e-5
         assert torch.allclose(exported[3], realization.relevance.flatten(), atol=1e-6)
         assert allocation == realization.allocation
+        flat = realization.relevance.flatten()
+        assert realization.allocation == model.allocator(shape_relevance(flat, h, w, 1, 0.3), h, w, realization.budget)
+        unshaped += model.allocator(flat, h, w, realization.budget) != realization.allocation
+    assert unshaped  # the shaping changed some allocation: the comparison above is not vacuous

@@ -37,6 +37,12 @@ class ArrCocConfig(PreTrainedConfig):
         region_size (`int`): side of a ladder region, in visual tokens (20 = 560 px on Qwen2-VL).
         lod_ladder (`list[int]`): ladder levels in tokens per region, perfect squares, increasing, each at
             most `region_size**2`; a region's own size (full detail) is always the top level.
+        relevance_spread (`int`): tokens (per side) over which the allocator's input takes the largest relevance
+            near each token – a peak on the answer's glyphs spreads over the rest of its box or line (default 0:
+            off; `relevance.shape_relevance`).
+        relevance_floor (`float`): in [0, 1); the allocator's input is 0 where relevance is below this share of the
+            image's largest, so the budget left after the relevant regions goes to an even gist instead of to
+            look-alike distractors (default 0: off). Neither changes the budget or a full-budget call.
         mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads); a call may
             choose its own (`mode=` of `forward`, `generate`, `realize_relevance`).
         encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
@@ -68,6 +74,8 @@ class ArrCocConfig(PreTrainedConfig):
     allocator: str = "ladder"
     region_size: int = 20
     lod_ladder: list[int] | tuple[int, ...] | None = None
+    relevance_spread: int = 0
+    relevance_floor: float = 0.0
     mode: str = "training_free"
     encoding: str = "single"
     gist_scale: int = 4
@@ -102,6 +110,12 @@ class ArrCocConfig(PreTrainedConfig):
             _fail("budget_confidence", c, "a probability strictly between 0 and 1")
         if self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
+        spread = self.relevance_spread
+        if not isinstance(spread, int) or isinstance(spread, bool) or spread < 0:
+            _fail("relevance_spread", spread, "an integer >= 0 (tokens per side; 0 = off)")
+        floor = self.relevance_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
+            _fail("relevance_floor", floor, "a share of the largest relevance in [0, 1) (0 = off)")
         if self.allocator not in ALLOCATORS:
             _fail("allocator", self.allocator, f"one of {ALLOCATORS}")
         if self.mode not in MODES:

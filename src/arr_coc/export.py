@@ -200,7 +200,8 @@ def export_heads(model, folder: str) -> dict:
     with open(os.path.join(folder, "relevance_heads.json"), "w") as f:
         json.dump({"min_tokens": model.config.min_tokens, "max_tokens": model.config.max_tokens,
                    "allocator": model.config.allocator, "region_size": model.config.region_size,
-                   "lod_ladder": model.config.lod_ladder, "inputs": "grid_tokens [h, w, d], question [m, d]",
+                   "lod_ladder": model.config.lod_ladder, "relevance_spread": model.config.relevance_spread,
+                   "relevance_floor": model.config.relevance_floor, "inputs": "grid_tokens [h, w, d], question [m, d]",
                    "outputs": "information, salience, coupling, relevance [n]; expected_tokens []",
                    "scoped_lora": adapters}, f, indent=2)  # fmt: skip
     return paths
@@ -221,14 +222,14 @@ class OnnxRelevance:
         """numpy/torch tokens [h*w, d], question [m, d] -> (relevance [h*w] numpy, Allocation)."""
         import numpy as np
 
-        from .relevance import TokenAllocator
+        from .relevance import TokenAllocator, shape_relevance
 
         feeds = {"grid_tokens": np.asarray(tokens, dtype=np.float32).reshape(h, w, -1),
                  "question": np.asarray(question, dtype=np.float32)}  # fmt: skip
         info, salience, coupling, relevance, expected = self.session.run(None, feeds)
         s = self.settings
         allocator = TokenAllocator(s["allocator"], s["region_size"], s["lod_ladder"])
-        allocation, _ = allocator.decide(
-            torch.from_numpy(relevance), h, w, float(expected), s["min_tokens"], s["max_tokens"], budget
-        )
+        spread, floor = s.get("relevance_spread", 0), s.get("relevance_floor", 0.0)  # folders before 0.4.0: off
+        shaped = shape_relevance(torch.from_numpy(relevance), h, w, spread, floor)
+        allocation, _ = allocator.decide(shaped, h, w, float(expected), s["min_tokens"], s["max_tokens"], budget)
         return relevance, allocation

@@ -66,6 +66,7 @@ from .relevance import (
     native_features,
     realize_allocation,
     saccade_crops,
+    shape_relevance,
 )
 from .relevance.attending import BudgetCalculator
 from .relevance.knowing import CouplingScorer
@@ -276,7 +277,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         config, trained = self.config, ask.mode == "trained"
         question = question.to(next(self.relevance.parameters()).dtype)
         expected = self.relevance.budget(maps.relevance, question, trained, config.budget_confidence)
-        allocation, decision = self.allocator.decide(maps.relevance, h, w, float(expected.detach()),
+        relevance = shape_relevance(maps.relevance, h, w, config.relevance_spread, config.relevance_floor)
+        allocation, decision = self.allocator.decide(relevance, h, w, float(expected.detach()),
                                                      config.min_tokens, config.max_tokens, ask.budget,
                                                      ask.compression, ask.allocation)  # fmt: skip
         return expected, allocation, decision

@@ -17,6 +17,7 @@ from .attending import (
     budget_from_spec,
     budget_options,
     resolve_budget,
+    shape_relevance,
 )
 from .balancing import TensionBalancer
 from .knowing import CouplingScorer, InformationScorer, SalienceScorer
@@ -83,5 +84,5 @@ __all__ = [
     "PatchGeometry", "Realization", "RealizationRequest", "Realize", "Region", "RelevanceHeads", "RelevanceMaps",
     "RelevanceRealization", "RelevanceRealizer", "SalienceScorer", "TensionBalancer", "TokenAllocator",
     "budget_from_spec", "budget_options", "cell_assignment", "expand_gist", "expand_maps", "gist_grid",
-    "native_features", "reads_full_resolution", "realize_allocation", "resolve_budget", "saccade_crops",
+    "native_features", "reads_full_resolution", "realize_allocation", "resolve_budget", "saccade_crops", "shape_relevance",
 ]  # fmt: skip
