@@ -38,7 +38,10 @@ def interval(hits: list[bool]) -> tuple[float, float]:
 
 @torch.no_grad()
 def study(model, processor, samples: list[dict], budgets: list[float], confidences: list[float],
-          batch_size: int = 8) -> dict:  # fmt: skip
+          batch_size: int = 8, shapings: list[tuple[int, float]] = ()) -> dict:  # fmt: skip
+    """Rows per task (see the module docstring); each of ``shapings`` – (relevance_spread, relevance_floor) – adds
+    the heads at every budget and the automatic budget at the model's own confidence with the allocator's input
+    shaped so (`relevance.shape_relevance`), keyed ``"... [spread s, floor f]"``."""
     harness = Harness(model, processor)
     records: dict[str, list] = {}
 
@@ -67,6 +70,14 @@ def study(model, processor, samples: list[dict], budgets: list[float], confidenc
             model.config.budget_confidence = c
             add(f"auto c={c:g}", batch, RealizationRequest(encoding="single", mode="trained"))
         model.config.budget_confidence = own
+        shaping = model.config.relevance_spread, model.config.relevance_floor
+        for spread, floor in shapings:
+            model.config.relevance_spread, model.config.relevance_floor = spread, floor
+            tag = f" [spread {spread}, floor {floor:g}]"
+            for r in budgets:
+                add(f"heads 1/{r:g}{tag}", batch, RealizationRequest(compression=r, encoding="single", mode="trained"))
+            add(f"auto c={own:g}{tag}", batch, RealizationRequest(encoding="single", mode="trained"))
+        model.config.relevance_spread, model.config.relevance_floor = shaping
         if confidences:
             add("auto training-free", batch, RealizationRequest(encoding="single", mode="training_free"))
     table = {}
@@ -106,20 +117,36 @@ def main() -> None:
     p.add_argument("--generator", choices=["project", "contract"], default="project",
                    help="whose samples: the project's held-out seeds, or the independently written generator's "
                    "(`arr_coc.data.contract`, seeds from its SEED_START + offset)")  # fmt: skip
+    p.add_argument("--shapings", default="",
+                   help="spread:floor pairs of the allocator's input to compare, e.g. '1:0,1:0.3' (`relevance_spread`, "
+                   "`relevance_floor`; the model's own rows use its config)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="an ArrCocConfig field for this study (JSON value), e.g. --set relevance_spread=1",
+    )
     p.add_argument("--out", default=None, help="a JSON file for the results")
     args = p.parse_args()
     torch.manual_seed(0)
     started = time.time()
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(args.model).eval()
     processor = arr_coc.ArrCocProcessor.from_pretrained(args.processor or args.model)
+    for item in args.set:
+        field, value = item.split("=", 1)
+        setattr(model.config, field, json.loads(value))
+    model.config.check()
+    shapings = [(int(a), float(b)) for a, b in (pair.split(":") for pair in args.shapings.split(",") if pair)]
     draw = synthetic_samples if args.generator == "project" else contract_samples
     samples = draw(TASKS, args.n, args.offset)
     result = {
         "model": args.model, "generator": args.generator, "n_per_task": args.n, "offset": args.offset,
         "budget_confidence": model.config.budget_confidence, "min_tokens": model.config.min_tokens,
-        "max_tokens": model.config.max_tokens,
+        "max_tokens": model.config.max_tokens, "relevance_spread": model.config.relevance_spread,
+        "relevance_floor": model.config.relevance_floor,
         "table": study(model, processor, samples, [float(b) for b in args.budgets.split(",")],
-                       [float(c) for c in args.confidences.split(",") if c]),
+                       [float(c) for c in args.confidences.split(",") if c], shapings=shapings),
     }  # fmt: skip
     if args.calibration:
         chosen = draw(TASKS, args.calibration, args.offset)

@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from ..io import COMPLETE, last_complete_checkpoint, mark_complete
 from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
-from ..relevance import RealizationRequest, budget_options
+from ..relevance import ALL_TOKENS, RealizationRequest, budget_options
 from ..scoped_lora import scoped_lora_parameters
 from .cache import CachedPool, check_cached_training
 from .objectives import (
@@ -154,10 +154,14 @@ class ArrCocTrainer(Trainer):
             loss, terms["distill"] = loss + w.distill * term, term.detach()
         if w.budget:
             survived = answer_survived(outputs.logits.detach(), outputs.labels)
+            with torch.no_grad():  # which answers the backbone reads with every visual token
+                full = core(**inputs, budget=ALL_TOKENS)
+            readable = answer_survived(full.logits, full.labels)
             head = core.relevance.budget
-            term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence)
+            term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence, readable)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
             terms["survived"], terms["slope"] = survived.float().mean(), head.slope.detach()
+            terms["readable"] = readable.float().mean()
         used, native = sum(r.tokens_used for r in realizations), sum(r.native_count for r in realizations)
         terms["tokens_share"] = torch.tensor(used / native)
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
