@@ -133,7 +133,8 @@ def test_the_real_backbone_recipe_runs_end_to_end_on_local_files(tmp_path, make_
     common = ["--data", f"docvqa:{tmp_path / 'docvqa.jsonl'}", "--train-samples", "8", "--eval-samples", "0",
               "--cache-encoder", str(pool), "--per-device-train-batch-size", "4", "--max-steps", "2",
               "--save-steps", "100", "--logging-steps", "1", "--budget", "random", "--use-cpu", "--save-heads-only"]  # fmt: skip
-    _cli("--backbone", str(backbone), "--output-dir", str(heads), "--objectives", "answer=1,distill=0.5", *common)
+    _cli("--backbone", str(backbone), "--output-dir", str(heads), "--objectives", "answer=1,distill=0.5",
+         "--relevance-spread", "1", "--relevance-floor", "0.3", *common)  # fmt: skip
     shards = {p: p.stat().st_mtime_ns for p in (pool / "train").glob("shard-*")}
     assert shards and (heads / "heads" / "arr_coc_heads.safetensors").is_file()
     _cli("--model", str(heads), "--output-dir", str(budget), "--objectives", "budget=1", "--train-parts",
@@ -142,6 +143,8 @@ def test_the_real_backbone_recipe_runs_end_to_end_on_local_files(tmp_path, make_
     before, after = load_file(heads / "heads" / "arr_coc_heads.safetensors"), load_file(budget / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("relevance.budget.") for k in changed), changed
+    saved = json.loads((budget / "config.json").read_text())  # the allocator's shaping, trained under and kept
+    assert (saved["relevance_spread"], saved["relevance_floor"]) == (1, 0.3)
 
 
 def _cli(*args: str) -> None:

@@ -58,6 +58,17 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="train the heads for this encoding (saccade: relevance on the gist; needs localise/distill/budget terms)",
     )  # fmt: skip
     p.add_argument(
+        "--relevance-spread", type=int, default=None,
+        help="train (and save) the model with this shaping of the allocator's input: tokens per side a relevance peak "
+        "spreads over (config relevance_spread; default: the model's own)",
+    )  # fmt: skip
+    p.add_argument(
+        "--relevance-floor",
+        type=float,
+        default=None,
+        help="...and this share of the largest relevance below which the allocator reads 0 (config relevance_floor)",
+    )
+    p.add_argument(
         "--output-dir", default=None, help=f"checkpoints, logs and the final model (default: {output_dir()}/train)"
     )
     p.add_argument(

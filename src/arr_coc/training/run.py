@@ -99,9 +99,10 @@ def train(options: dict) -> dict:
         model = ArrCocForConditionalGeneration.from_pretrained(options["model"])
         processor = ArrCocProcessor.from_pretrained(options["model"])
     model.config.mode = "trained"
-    if options.get("encoding"):
-        model.config.encoding = options["encoding"]
-        model.config.check()
+    for field in ("encoding", "relevance_spread", "relevance_floor"):  # config fields the run trains (and saves) with
+        if options.get(field) is not None:
+            setattr(model.config, field, options[field])
+    model.config.check()
     surgery.freeze(model, "all")
     surgery.unfreeze(model, *[p.strip() for p in str(options["train_parts"]).split(",") if p.strip()])
     if options.get("lora_r"):
