@@ -43,17 +43,20 @@ def test_the_oracle_allocation_covers_the_answer_box_at_full_detail_where_it_fit
 def test_the_budget_objective_fits_the_survival_model_to_when_answers_survive():
     """Survival labels from a known rule – an answer survives T tokens when T >= T_true, with T_true twice the
     tokens of relevance >= 0.5 – fit by `budget_loss` alone: the budget head's T* (its expected tokens at
-    confidence 0.5) lands near T_true and ranks images like it, and a higher confidence asks for more tokens."""
+    confidence 0.5) lands near T_true and ranks images like it, and a higher confidence asks for more tokens. A
+    third of the images are never answered right (not even with every token): left out as unreadable, they do not
+    pull the others' budgets up."""
     torch.manual_seed(0)
     head = BudgetCalculator(text_size=8, hidden_size=32)
     head.log_slope.data.zero_()
     question = torch.randn(5, 8)
     maps = []
-    for _ in range(32):
+    unreadable = torch.arange(48) % 3 == 2  # images like the others whose answer no budget keeps
+    for i in range(48):
         n, hot = int(torch.randint(200, 700, ())), int(torch.randint(4, 40, ()))
         relevance = torch.rand(n) * 0.3
         relevance[torch.randperm(n)[:hot]] = 0.6 + 0.4 * torch.rand(hot)
-        maps.append((relevance, 2 * hot))
+        maps.append((relevance, None if unreadable[i] else 2 * hot))
     optimizer = torch.optim.Adam(head.parameters(), lr=2e-2)
     generator = torch.Generator().manual_seed(1)
     for _ in range(150):
@@ -63,49 +66,20 @@ def test_the_budget_objective_fits_the_survival_model_to_when_answers_survive():
             used = int(torch.exp(torch.empty(()).uniform_(math.log(4), math.log(n), generator=generator)))
             realizations.append(SimpleNamespace(tokens_used=used, sample_index=i,
                                                 expected_tokens=head(relevance, question, True, 0.5)))  # fmt: skip
-            survived.append(used >= needed)
-        loss = budget_loss(realizations, torch.tensor(survived), head.slope, 0.5)
+            survived.append(needed is not None and used >= needed)
+        loss = budget_loss(realizations, torch.tensor(survived), head.slope, 0.5, readable=~unreadable)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        predicted = [float(head(r, question, True, 0.5)) for r, _ in maps]
-        cautious = [float(head(r, question, True, 0.9)) for r, _ in maps]
-    truth = [t for _, t in maps]
+        predicted = [float(head(r, question, True, 0.5)) for r, t in maps if t is not None]
+        cautious = [float(head(r, question, True, 0.9)) for r, t in maps if t is not None]
+    truth = [t for _, t in maps if t is not None]
     ratios = torch.tensor(predicted) / torch.tensor(truth, dtype=torch.float)
     assert 0.7 < float(ratios.median()) < 1.4, ratios
     a, b = rank_average(predicted), rank_average(truth)
     assert float(np.corrcoef(a, b)[0, 1]) > 0.8
     assert all(c > p for c, p in zip(cautious, predicted))
-
-
-def test_an_answer_is_kept_when_compression_leaves_the_all_token_answer_right_or_wrong():
-    """`answer_kept`, the budget objective's label: at every labelled answer token the compressed sequence's argmax
-    equals the all-token sequence's, whatever the sequences' lengths (compression shortens the visual span) and
-    whether that answer is right; a changed token, or no labelled token, is not kept."""
-    from arr_coc.training.objectives import IGNORE_INDEX, answer_kept
-
-    vocab, answer = 11, [4, 7, 2]
-
-    def sequence(length: int, predicted: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.full((length,), IGNORE_INDEX)
-        labels[-len(answer) :] = torch.tensor(answer)
-        logits = torch.randn(length, vocab)
-        for j, token in zip(range(length - len(answer) - 1, length - 1), predicted):
-            logits[j, token] = 100.0  # the argmax before each answer token
-        return logits, labels
-
-    full_right, full_wrong = sequence(40, answer), sequence(40, [4, 9, 2])
-    cases = [  # (compressed, all-token, kept)
-        (sequence(12, answer), full_right, True), (sequence(25, [4, 9, 2]), full_wrong, True),
-        (sequence(12, [4, 9, 2]), full_right, False), (sequence(12, answer), full_wrong, False),
-    ]  # fmt: skip
-    for (logits, labels), (full_logits, full_labels), kept in cases:
-        got = answer_kept(logits[None], labels[None], full_logits[None], full_labels[None])
-        assert got.tolist() == [kept]
-    unlabelled = torch.full((12,), IGNORE_INDEX)
-    assert answer_kept(torch.randn(1, 12, vocab), unlabelled[None], torch.randn(1, 12, vocab),
-                       unlabelled[None]).tolist() == [False]  # fmt: skip
 
 
 def test_budget_confidence_is_a_probability():

@@ -5,8 +5,8 @@
 (b) distill   relevance distillation: the full-token backbone's own gradient attribution
               (|grad x input| of the answer loss per visual token) as the target distribution;
 (c) budget    the budget head's survival model: the predicted probability that the answer survives the
-              tokens it was given, against whether it did: the greedy answer (under teacher forcing) is the one the
-              model gives with every visual token (`answer_kept`) – the same answers with fewer tokens;
+              tokens it was given, against whether it did (greedy exact match under teacher forcing), over the
+              samples the backbone answers right with every visual token (what a budget can keep);
 (d) localise  when a sample has an ``answer_box``: the relevance map should cover the box
               (binary cross-entropy against each token's overlap with the box, plus the mass inside);
 (e) consistency  for saccade encoding, the vision encoder itself: its gist tokens toward the frozen
@@ -135,34 +135,25 @@ def answer_survived(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((shift_logits.argmax(-1) == shift_labels) | ~labelled).all(dim=1) & labelled.any(dim=1)
 
 
-def answer_kept(logits: torch.Tensor, labels: torch.Tensor, full_logits: torch.Tensor,
-                full_labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """[B] bool: at every labelled answer token (teacher forcing) the compressed sequence's argmax (``logits``
-    [B, L, V], ``labels`` [B, L]) equals the all-token sequence's (``full_logits`` [B, L_full, V], ``full_labels``)
-    – greedy decoding gives the answer it gives with every visual token, right or wrong. For an answer read right
-    with every token this is `answer_survived`; for one read wrong, whether compression kept the model's reading.
-    Samples without a labelled token are False."""
-    kept = []
-    for row, row_labels, full_row, full_row_labels in zip(logits, labels, full_logits, full_labels):
-        at = (row_labels[1:] != IGNORE_INDEX).nonzero().flatten()
-        full_at = (full_row_labels[1:] != IGNORE_INDEX).nonzero().flatten()
-        same = len(at) == len(full_at) and bool((row[at].argmax(-1) == full_row[full_at].argmax(-1)).all())
-        kept.append(same and len(at) > 0)
-    return torch.tensor(kept, device=logits.device)
-
-
-def budget_loss(realizations, survived: torch.Tensor, slope: torch.Tensor, confidence: float) -> torch.Tensor:
+def budget_loss(realizations, survived: torch.Tensor, slope: torch.Tensor, confidence: float,
+                readable: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(c): binary cross-entropy of the budget head's survival model against ``survived`` ([B] bool, per sample)
     at each image's tokens used T. With E the head's expected tokens (where survival is ``confidence``) and s its
     slope, the predicted log-odds are ``s * (log T - log E) + logit(confidence)`` – the same curve as
-    ``s * (log T - log T*)`` (`relevance.BudgetCalculator`), so the objective trains T* and s together."""
+    ``s * (log T - log T*)`` (`relevance.BudgetCalculator`), so the objective trains T* and s together.
+
+    ``readable`` ([B] bool): the samples answered right with every visual token; the others are left out, so
+    survival is conditional on the answer being there to keep – an answer the backbone never reads would otherwise
+    teach the head that no budget suffices and push every image toward ``max_tokens``."""
     logits, targets = [], []
     for r in realizations:
+        if readable is not None and not bool(readable[r.sample_index]):
+            continue
         used = torch.tensor(float(r.tokens_used), device=r.expected_tokens.device)
         logits.append(slope * (used.log() - r.expected_tokens.log()) + math.log(confidence / (1 - confidence)))
         targets.append(survived[r.sample_index].float().to(used.device))
-    if not logits:
-        return zero_loss(realizations)
+    if not logits:  # nothing readable here: 0, still in the budget head's graph (a step that changes nothing)
+        return sum((r.expected_tokens for r in realizations), zero_loss(realizations)) * 0.0
     return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
 

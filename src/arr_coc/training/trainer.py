@@ -17,7 +17,6 @@ from ..scoped_lora import scoped_lora_parameters
 from .cache import CachedPool, check_cached_training
 from .objectives import (
     ObjectiveWeights,
-    answer_kept,
     answer_survived,
     attribution_targets,
     budget_loss,
@@ -154,14 +153,15 @@ class ArrCocTrainer(Trainer):
             term = distillation_loss(realizations, targets)
             loss, terms["distill"] = loss + w.distill * term, term.detach()
         if w.budget:
-            with torch.no_grad():  # the answers the model gives with every visual token
+            survived = answer_survived(outputs.logits.detach(), outputs.labels)
+            with torch.no_grad():  # which answers the backbone reads with every visual token
                 full = core(**inputs, budget=ALL_TOKENS)
-            survived = answer_kept(outputs.logits.detach(), outputs.labels, full.logits, full.labels)
+            readable = answer_survived(full.logits, full.labels)
             head = core.relevance.budget
-            term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence)
+            term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence, readable)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
             terms["survived"], terms["slope"] = survived.float().mean(), head.slope.detach()
-            terms["right_with_all_tokens"] = answer_survived(full.logits, full.labels).float().mean()
+            terms["readable"] = readable.float().mean()
         used, native = sum(r.tokens_used for r in realizations), sum(r.native_count for r in realizations)
         terms["tokens_share"] = torch.tensor(used / native)
         terms["expected_share"] = torch.tensor(expected_budget_share(realizations))
