@@ -66,7 +66,11 @@ def test_json_round_trip_and_corrupted_file(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"budget_confidence": 1.5}, "budget_confidence"), ({"min_tokens": 500, "max_tokens": 100}, "min_tokens")],
+    [
+        ({"budget_confidence": 1.5}, "budget_confidence"),
+        ({"min_tokens": 500, "max_tokens": 100}, "min_tokens"),
+        ({"relevance_floor": 1.5}, "relevance_floor"),
+    ],
 )
 def test_settings_given_at_loading_or_changed_later_are_checked_too(make_model, make_processor, samples, tmp_path,
                                                                      overrides, field):  # fmt: skip
@@ -75,8 +79,9 @@ def test_settings_given_at_loading_or_changed_later_are_checked_too(make_model, 
     import arr_coc
 
     make_model("qwen2_vl").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=rf"ArrCocConfig\.{field}=.*invalid"):
-        arr_coc.ArrCocForConditionalGeneration.from_pretrained(tmp_path, **overrides)
+    for load in (arr_coc.ArrCocForConditionalGeneration.from_pretrained, arr_coc.ArrCocConfig.from_pretrained):
+        with pytest.raises(ValueError, match=rf"ArrCocConfig\.{field}=.*invalid"):
+            load(tmp_path, **overrides)
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(tmp_path)
     for name, value in overrides.items():
         setattr(model.config, name, value)

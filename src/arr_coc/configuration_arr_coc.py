@@ -41,8 +41,8 @@ class ArrCocConfig(PreTrainedConfig):
             near each token – a peak on the answer's glyphs spreads over the rest of its box or line (default 0:
             off; `relevance.shape_relevance`).
         relevance_floor (`float`): in [0, 1); the allocator's input is 0 where relevance is below this share of the
-            image's largest, so the budget left after the relevant regions goes to an even gist instead of to
-            look-alike distractors (default 0: off). Neither changes the budget or a full-budget call.
+            image's largest, so the budget left after the relevant regions is spent where relevance is 0 instead of
+            on look-alike distractors (default 0: off). Neither changes the budget or a full-budget call.
         mode (`str`): `"training_free"` (no learned weights in use) or `"trained"` (the learned heads); a call may
             choose its own (`mode=` of `forward`, `generate`, `realize_relevance`).
         encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
@@ -176,8 +176,11 @@ class ArrCocConfig(PreTrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ArrCocConfig:
-        """Like `PreTrainedConfig.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)."""
-        return super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), **kwargs)
+        """Like `PreTrainedConfig.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``). Fields
+        given as ``kwargs`` are checked like the saved ones (`check`: `ValueError` naming the field)."""
+        out = super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), **kwargs)
+        (out[0] if isinstance(out, tuple) else out).check()  # kwargs are set after __post_init__'s check
+        return out
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.vlm_config.get_text_config(decoder=decoder, encoder=encoder)

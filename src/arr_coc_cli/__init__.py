@@ -66,7 +66,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--relevance-floor",
         type=float,
         default=None,
-        help="...and this share of the largest relevance below which the allocator reads 0 (config relevance_floor)",
+        help="train (and save) the model with the allocator reading 0 below this share of the image's largest "
+        "relevance, in [0, 1), 0 = off (config relevance_floor; default: the model's own)",
     )
     p.add_argument(
         "--output-dir", default=None, help=f"checkpoints, logs and the final model (default: {output_dir()}/train)"

@@ -327,9 +327,9 @@ def shape_relevance(
     Each token first takes the largest relevance within ``spread`` tokens of it (a ``(2*spread+1)**2`` max-pool, a
     morphological dilation): trained scorers peak on the answer's glyphs, and the allocator would otherwise leave
     the rest of the answer's box or line pooled. Then every token below ``floor`` times the image's largest value is
-    set to 0, so the tokens the budget leaves over go to an even gist rather than to regions that merely resemble
-    the answer (the oracle allocation – relevance 1 on the answer, 0 elsewhere – shows what distractors pooled away
-    are worth). ``spread=0, floor=0`` return ``relevance`` itself. This project's own rule, measured in
+    set to 0, so the tokens the relevant regions leave over are spent where relevance is 0 (the allocator's ties,
+    often blank regions) rather than on regions that merely resemble the answer (the oracle allocation – relevance 1
+    on the answer, 0 elsewhere – shows what distractors pooled away are worth). ``spread=0, floor=0`` return ``relevance`` itself. This project's own rule, measured in
     docs/benchmarks.md; no paper."""
     if spread == 0 and floor == 0:
         return relevance

@@ -174,7 +174,11 @@ def write_reading(model_dir: str, backbone, tokenizer, image_processor, eval_n: 
 
 def measure_model(model_dir: str, eval_n: int = 200) -> str:
     """Re-measure an exported model's reading with `write_reading` – e.g. after the tasks' generator changed what the
-    held-out seeds draw – leaving its weights as they are."""
+    held-out seeds draw – leaving its weights as they are. Overwrites the folder's ``heldout_accuracy.json`` and the
+    card's reading section. Raises `ValueError` for ``eval_n`` < 40 (the guards recompute the first 40)."""
+    if eval_n < 40:
+        raise ValueError(f"--eval-n {eval_n}: measure at least 40 held-out samples per task (the test suite's guards "
+                         "recompute the first 40 of them)")  # fmt: skip
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor
 

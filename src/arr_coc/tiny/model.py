@@ -20,8 +20,8 @@ IGNORE = -100
 
 
 # arr-coc settings of the embedded model (why: see the model card, assets/arr-coc-tiny/README.md).
-TINY_SETTINGS = dict(allocator="quadtree", min_tokens=16, max_tokens=512, budget_confidence=0.8, region_size=8,
-                     lod_ladder=[1, 4, 16, 64])  # fmt: skip
+TINY_SETTINGS = dict(allocator="quadtree", min_tokens=16, max_tokens=512, budget_confidence=0.9, region_size=8,
+                     lod_ladder=[1, 4, 16, 64], relevance_spread=1, relevance_floor=0.3)  # fmt: skip
 
 
 def tiny_vlm_config(tokenizer):
