@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "export":
         from .card import export_model
 
-        print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
+        try:
+            print(export_model(args.run, args.out, args.heads, args.eval_n, args.commands, args.notes))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     elif args.cmd == "measure":
         from .card import measure_model
 

@@ -155,10 +155,19 @@ def reading_section(report: dict, eval_n: int) -> str:
     )  # fmt: skip
 
 
+def check_eval_n(eval_n: int) -> None:
+    """Raise `ValueError` for fewer than 40 held-out samples per task: the guards recompute the first 40."""
+    if eval_n < 40:
+        raise ValueError(f"--eval-n {eval_n}: measure at least 40 held-out samples per task (the test suite's guards "
+                         "recompute the first 40 of them)")  # fmt: skip
+
+
 def write_reading(model_dir: str, backbone, tokenizer, image_processor, eval_n: int = 200) -> dict:
     """Measure the backbone's reading (`reading_report`, ``eval_n`` held-out samples per task and condition) and write
     it into the exported model folder ``model_dir``: ``heldout_accuracy.json`` (whose ``first_40`` entries the test
-    suite's guards recompute) and the model card's last section, which it replaces. Returns the report."""
+    suite's guards recompute) and the model card's last section, which it replaces. Returns the report; raises as
+    `check_eval_n`."""
+    check_eval_n(eval_n)
     report = reading_report(backbone, tokenizer, image_processor, n=eval_n)
     full = report["full"]
     with open(os.path.join(model_dir, "heldout_accuracy.json"), "w") as f:
@@ -175,10 +184,7 @@ def write_reading(model_dir: str, backbone, tokenizer, image_processor, eval_n: 
 def measure_model(model_dir: str, eval_n: int = 200) -> str:
     """Re-measure an exported model's reading with `write_reading` – e.g. after the tasks' generator changed what the
     held-out seeds draw – leaving its weights as they are. Overwrites the folder's ``heldout_accuracy.json`` and the
-    card's reading section. Raises `ValueError` for ``eval_n`` < 40 (the guards recompute the first 40)."""
-    if eval_n < 40:
-        raise ValueError(f"--eval-n {eval_n}: measure at least 40 held-out samples per task (the test suite's guards "
-                         "recompute the first 40 of them)")  # fmt: skip
+    card's reading section; `ValueError` as `write_reading`."""
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor
 
@@ -202,7 +208,9 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
                  notes: str = "") -> str:  # fmt: skip
     """Write the run's backbone (with the trained relevance heads of ``heads``, an arr-coc model or heads-only
     folder) as an arr-coc model folder: model, processor, model card, and ``heldout_accuracy.json`` with
-    `reading_report` (the test suite's guards recompute its ``first_40`` entries)."""
+    `reading_report` (the test suite's guards recompute its ``first_40`` entries). Raises as `check_eval_n`, before
+    writing anything."""
+    check_eval_n(eval_n)
     from ..loading import load_relevance_heads
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor

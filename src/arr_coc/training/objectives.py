@@ -152,8 +152,8 @@ def budget_loss(realizations, survived: torch.Tensor, slope: torch.Tensor, confi
         used = torch.tensor(float(r.tokens_used), device=r.expected_tokens.device)
         logits.append(slope * (used.log() - r.expected_tokens.log()) + math.log(confidence / (1 - confidence)))
         targets.append(survived[r.sample_index].float().to(used.device))
-    if not logits:  # nothing readable here: 0, still in the budget head's graph (a step that changes nothing)
-        return sum((r.expected_tokens for r in realizations), zero_loss(realizations)) * 0.0
+    if not logits:  # nothing readable here
+        return zero_loss(realizations)
     return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
 
@@ -229,10 +229,11 @@ def _per_token(features) -> tuple[torch.Tensor, ...]:
 
 
 def zero_loss(realizations) -> torch.Tensor:
-    """0 as a tensor in the realizations' graph, on their device."""
-    for r in realizations:
-        return r.relevance.sum() * 0.0
-    return torch.zeros(())
+    """0 as a tensor in the realizations' graph (every relevance map and budget estimate, so it reaches whichever
+    heads train: a step that changes nothing rather than a loss without a gradient), on their device."""
+    if not realizations:
+        return torch.zeros(())
+    return sum(r.relevance.sum() + r.expected_tokens for r in realizations) * 0.0
 
 
 def expected_budget_share(realizations) -> float:
