@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from arr_coc.data.synthetic import generate
+from arr_coc.data.synthetic import PALETTE, generate
 from arr_coc.tiny import train as tiny_train
 from arr_coc.tiny.__main__ import GPU_COMMAND, main
-from arr_coc.tiny.data import rescale_sample
+from arr_coc.tiny.data import crop_sample, outline_targets, rescale_sample
 from arr_coc.tiny.evaluate import CROP_MARGIN, crop_around_answer
+from arr_coc.tiny.model import tiny_image_processor
 
 OPTIONS = dict(steps=3, lr=1e-4, head_lr=1e-3, warmup=1, decay=True, time_limit=None, batch_size=2, head_warmup=1)
 
@@ -108,6 +109,59 @@ def test_rescaled_samples_keep_their_answer_inside_the_scaled_box(task, scale):
         assert (ink < 100).any(), "the answer's dark text is inside the scaled answer box"
         for (_, *box, _, _), (_, *scaled, _, _) in zip(sample["glyphs"], small["glyphs"]):
             assert scaled == pytest.approx([v * scale for v in box], rel=0.02, abs=1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outline_targets_name_the_colour_drawn_in_each_token(seed):
+    """Every token labelled with a colour shows pixels of that colour (read from the image, not the layout); every
+    box of the image is labelled on some tokens; crops and rescaled crops keep that; doc-fields has no outlines."""
+    grid = lambda image: tiny_image_processor()([image], return_tensors="pt")["image_grid_thw"][0, 1:].tolist()  # noqa: E731
+    sample = generate("box-codes", seed, layout=True)
+    cropped = crop_sample(sample, np.random.default_rng(seed), 0.0, 120)
+    for s, tolerance in ((sample, 24), (cropped, 24), (rescale_sample(cropped, 0.8), 40)):
+        W, H = s["image"].size
+        gh, gw = grid(s["image"])
+        labels = outline_targets(s["items"], (W, H), (gh, gw)).view(gh // 2, gw // 2)
+        pixels = np.asarray(s["image"], dtype=np.int16)
+        cell_w, cell_h = W / (gw // 2), H / (gh // 2)
+        for r, c in zip(*np.nonzero(labels.numpy() < len(PALETTE))):
+            colour = np.array(list(PALETTE.values())[int(labels[r, c])])
+            cell = pixels[int(r * cell_h) : int((r + 1) * cell_h) + 1, int(c * cell_w) : int((c + 1) * cell_w) + 1]
+            assert (np.abs(cell - colour).max(-1) <= tolerance).sum() >= 6, (r, c, list(PALETTE)[int(labels[r, c])])
+        inside = [i["colour"] for i in s["items"] if i["box"][0] < W - 28 and i["box"][1] < H - 28
+                  and i["box"][2] > 28 and i["box"][3] > 28]  # fmt: skip
+        named = {list(PALETTE)[v] for v in labels.flatten().tolist() if v < len(PALETTE)}
+        assert set(inside) <= named
+    page = generate("doc-fields", seed, layout=True)
+    assert (outline_targets(page["items"], page["image"].size, grid(page["image"])) == len(PALETTE)).all()
+
+
+def test_a_dense_head_saved_before_the_outline_target_loads_with_a_fresh_one(fresh_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(fresh_run, run)
+    tiny_train.train(str(run), "native", dict(OPTIONS, steps=1), eval_every=0, workers=0)
+    checkpoint = tiny_train.run_paths(str(run))["checkpoint"]
+    path = checkpoint + "/dense_head.safetensors"
+    old = {k: v for k, v in load_file(path).items() if not k.startswith("outline.")}
+    save_file(old, path)
+    # the optimizer as a run before the outline target saved it: the head's group without its last two parameters
+    opt = torch.load(checkpoint + "/optimizer.pt", weights_only=True)
+    backbone, head = opt["param_groups"]
+    dropped = head["params"][-2:]
+    opt["param_groups"][1]["params"] = head["params"][:-2]
+    opt["state"] = {k: v for k, v in opt["state"].items() if k not in dropped}
+    torch.save(opt, checkpoint + "/optimizer.pt")
+    head = tiny_train.load_run(str(run))[1]
+    assert torch.equal(head.patch.weight, old["patch.weight"]) and head.outline.weight.shape[0] == len(PALETTE) + 1
+    tiny_train.train(str(run), "native", dict(OPTIONS, steps=2), new_schedule=True, eval_every=0, workers=0)
+    assert tiny_train.load_run(str(run))[4].step == 3
+    save_file({**old, "extra.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="does not match the dense head"):
+        tiny_train.load_run(str(run))
 
 
 def test_crops_around_the_answer_keep_a_margin_in_the_documented_range():

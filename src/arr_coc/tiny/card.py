@@ -61,6 +61,8 @@ def plot_curves(run: str, out: str, window: int = 50) -> str:
     ax_loss.plot(steps, smooth("lm_loss"), label="answer LM loss")
     ax_loss.set_yscale("log")
     ax_acc.plot(steps, smooth("patch_acc"), label="patch character accuracy")
+    if any("outline_acc" in r for r in rows):
+        ax_acc.plot(steps, smooth("outline_acc"), label="box outline colour accuracy (per token)")
     ax_acc.plot(steps, smooth("answer_tok_acc"), label="answer-token accuracy (teacher forced)")
     for task, marker in zip(TASKS, "os"):
         ax_acc.plot([e["total_steps"] for e in evals], [e[task] for e in evals], marker + "-",

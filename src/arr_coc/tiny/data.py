@@ -1,5 +1,6 @@
 """What arr-coc-tiny's backbone trains on: the synthetic tasks cropped and rescaled per curriculum stage, pages of
-random words, and the dense reading targets (per 14-px patch and per merged token) the renderer's glyph boxes give.
+random words, and the dense targets the renderer's layout gives: characters (per 14-px patch and per merged token,
+from the glyph boxes) and box outlines' colours (per merged token, from box-codes' drawn boxes).
 
 Every step's samples are deterministic by (stage, step, seed), so a resumed run sees the same data."""
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.synthetic import TASKS, dark_colour, draw_text, font_at, generate
+from ..data.synthetic import PALETTE, TASKS, dark_colour, draw_text, font_at, generate
 from ..padding import left_pad
 from ..processing_arr_coc import chat_prompt
 from .model import GLYPH_CHARS, GROUPS, IGNORE, MAX_INDEX, SLOT_COLS, SLOT_ROWS
@@ -65,6 +66,18 @@ def rescale_sample(sample: dict, scale: float, resample: int = Image.Resampling.
     if "glyphs" in sample:
         out["glyphs"] = [(ch, gx0 * sx, gy0 * sy, gx1 * sx, gy1 * sy, group, index)
                          for ch, gx0, gy0, gx1, gy1, group, index in sample["glyphs"]]  # fmt: skip
+    if "items" in sample:
+        out["items"] = [moved(item, 0, 0, sx, sy) for item in sample["items"]]
+    return out
+
+
+def moved(item: dict, dx: float, dy: float, sx: float = 1.0, sy: float = 1.0) -> dict:
+    """A layout item (`data.synthetic.generate`'s ``items``) with its box shifted by (-dx, -dy), then scaled by
+    (sx, sy); a box outline's thickness scales with the mean of the two."""
+    x0, y0, x1, y1 = item["box"]
+    out = dict(item, box=((x0 - dx) * sx, (y0 - dy) * sy, (x1 - dx) * sx, (y1 - dy) * sy))
+    if "thickness" in item:
+        out["thickness"] = item["thickness"] * (sx + sy) / 2
     return out
 
 
@@ -106,6 +119,8 @@ def crop_sample(sample: dict, rng: np.random.Generator, p_full: float, max_margi
         if touches:
             glyphs.append((ch, gx0 - cx0, gy0 - cy0, gx1 - cx0, gy1 - cy0, group, index if inside else None))
     out["glyphs"] = glyphs
+    if "items" in sample:
+        out["items"] = [moved(item, cx0, cy0) for item in sample["items"]]
     return out
 
 
@@ -143,13 +158,51 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
     return targets
 
 
+def outline_targets(items: list[dict], size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """[h*w] per merged token (28 x 28 px): the palette index (`data.spec.PALETTE` order) of the box outline covering
+    the most of the token, if it covers at least ``OUTLINE_MIN_AREA`` of it, else ``len(PALETTE)`` ("none").
+
+    ``items``: the sample's layout items (box-codes' boxes carry ``colour`` and ``thickness``; others are skipped);
+    ``size``: the image's (W, H) in px; ``grid_hw``: its 14-px patch grid. A box's outline is its rectangle less
+    the rectangle ``thickness`` px inside it.
+    """
+    W, H = size
+    gh, gw = grid_hw
+    sx, sy = gw * 14 / W, gh * 14 / H
+    th, tw = gh // 2, gw // 2
+    edges_y, edges_x = torch.arange(th + 1, dtype=torch.float64) * 28, torch.arange(tw + 1, dtype=torch.float64) * 28
+
+    def covered(x0: float, y0: float, x1: float, y1: float) -> torch.Tensor:  # [th, tw] px of the box in each token
+        ys = (edges_y[1:].clamp(max=y1) - edges_y[:-1].clamp(min=y0)).clamp_min(0)
+        xs = (edges_x[1:].clamp(max=x1) - edges_x[:-1].clamp(min=x0)).clamp_min(0)
+        return ys[:, None] * xs[None, :]
+
+    best = torch.full((th, tw), OUTLINE_MIN_AREA)
+    labels = torch.full((th, tw), len(PALETTE), dtype=torch.long)
+    for item in items:
+        if "colour" not in item:
+            continue
+        x0, y0, x1, y1 = item["box"]
+        x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
+        tx, ty = item["thickness"] * sx, item["thickness"] * sy
+        ring = (covered(x0, y0, x1, y1) - covered(x0 + tx, y0 + ty, x1 - tx, y1 - ty)).float()
+        wins = ring >= best
+        best = torch.where(wins, ring, best)
+        labels[wins] = list(PALETTE).index(item["colour"])
+    return labels.reshape(-1)
+
+
+OUTLINE_MIN_AREA = 24.0  # px (of a token's 784): a 3-px outline crossing a third of the token
+
+
 def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool = True) -> dict:
     """A left-padded batch (`padding.left_pad`, the one rule for every batch the language model reads): prompt and,
-    ``with_answers``, the answer with its labels; the dense reading targets when the samples carry glyphs."""
+    ``with_answers``, the answer with its labels; the dense targets (characters, box outlines) when the samples carry
+    glyphs."""
     vis = image_processor([s["image"] for s in samples], return_tensors="pt")
     grid = vis["image_grid_thw"]
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    rows, labels, dense, patches = [], [], [], []
+    rows, labels, dense, patches, outlines = [], [], [], [], []
     for s, (_, gh, gw) in zip(samples, grid.tolist()):
         n = gh * gw // 4
         prompt = chat_prompt(s["question"]).replace("<|image_pad|>", "<|image_pad|>" * n)
@@ -163,6 +216,7 @@ def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool 
         if "glyphs" in s:
             dense.append(dense_targets(s["glyphs"], s["image"].size, (gh, gw)))
             patches.append(patch_targets(s["glyphs"], s["image"].size, (gh, gw)))
+            outlines.append(outline_targets(s.get("items", []), s["image"].size, (gh, gw)))
     input_ids = left_pad(rows, tokenizer.pad_token_id)
     batch = {
         "input_ids": input_ids,
@@ -174,6 +228,7 @@ def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool 
     }
     if dense:
         batch["dense_targets"], batch["patch_targets"] = torch.cat(dense), torch.cat(patches)
+        batch["outline_targets"] = torch.cat(outlines)
     return batch
 
 

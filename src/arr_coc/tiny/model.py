@@ -57,13 +57,17 @@ def tiny_image_processor():
 
 class DenseGlyphHead(nn.Module):
     """Dense reading targets: per 14-px patch of the vision tower (before the merge) the character there;
-    per merged token the char / index / group of each of its 2 x 4 character slots."""
+    per merged token the char / index / group of each of its 2 x 6 character slots (`forward`) and the colour of
+    the box outline through it (``outline``: palette colours + "none")."""
+
+    NEW_SINCE_0_4_0 = ("outline.weight", "outline.bias")  # heads saved before the outline target start these fresh
 
     def __init__(self, hidden_size: int, patch_size: int):
         super().__init__()
         self.sizes = (len(GLYPH_CHARS) + 1, MAX_INDEX + 2, len(GROUPS) + 1)
         self.proj = nn.Linear(hidden_size, SLOT_ROWS * SLOT_COLS * sum(self.sizes))
         self.patch = nn.Linear(patch_size, len(GLYPH_CHARS) + 1)
+        self.outline = nn.Linear(hidden_size, len(PALETTE) + 1)
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """tokens [n, d] -> [char [n, 8, C], index [n, 8, I], group [n, 8, G]]."""

@@ -134,7 +134,10 @@ def load_run(run: str, device: str = "cpu"):
     recover(ckpt)  # a swap cut short by a kill
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device)
     head = DenseGlyphHead(model.config.text_config.hidden_size, model.config.vision_config.embed_dim).to(device)
-    head.load_state_dict(load_file(os.path.join(ckpt, "dense_head.safetensors")))
+    missing, unexpected = head.load_state_dict(load_file(os.path.join(ckpt, "dense_head.safetensors")), strict=False)
+    if unexpected or set(missing) - set(DenseGlyphHead.NEW_SINCE_0_4_0):
+        raise ValueError(f"{ckpt}/dense_head.safetensors does not match the dense head (missing {missing}, unexpected "
+                         f"{unexpected}): it was not written by arr_coc.tiny train")  # fmt: skip
     with open(os.path.join(ckpt, "state.json")) as f:
         state = RunState(**json.load(f))
     opt_path = os.path.join(ckpt, "optimizer.pt")
@@ -144,28 +147,50 @@ def load_run(run: str, device: str = "cpu"):
     return model, head, tokenizer, image_processor, state, opt_state
 
 
-def dense_loss(head: DenseGlyphHead, vision, batch: dict) -> tuple[torch.Tensor, float, float]:
-    """CE on the patch characters and on the token slots (empty ones count 0.2).
+DENSE_ACCURACIES = ("patch_acc", "slot_acc", "outline_acc")
 
-    Returns (loss, patch char accuracy, slot char accuracy), accuracies on cells holding a glyph."""
+
+def dense_loss(head: DenseGlyphHead, vision, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """CE on the patch characters, on the token slots and on the tokens' outline colours (empty ones count 0.2).
+
+    Returns (loss, accuracies): ``patch_acc`` and ``slot_acc`` on cells holding a glyph, ``outline_acc`` on tokens
+    an outline crosses (NaN where there are none)."""
     none = len(GLYPH_CHARS)
     patch_logits = head.patch(vision.last_hidden_state)
     pt = batch["patch_targets"]
     w = torch.where(pt == none, 0.2, 1.0) * (pt != IGNORE)
     total = (F.cross_entropy(patch_logits, pt.clamp_min(0), reduction="none") * w).sum() / w.sum().clamp_min(1.0)
-    logits = head(torch.cat(vision.pooler_output))
+    tokens = torch.cat(vision.pooler_output)
+    logits = head(tokens)
     targets = batch["dense_targets"]
-    for k, lg in enumerate(logits):
-        t = targets[..., k]
+    outline_logits = head.outline(tokens)
+    for lg, t in [*((lg, targets[..., k]) for k, lg in enumerate(logits)), (outline_logits, batch["outline_targets"])]:
         w = torch.where(t == (lg.shape[-1] - 1), 0.2, 1.0) * (t != IGNORE)
         ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1).clamp_min(0), reduction="none")
         total = total + (ce * w.reshape(-1)).sum() / w.sum().clamp_min(1.0)
 
-    def accuracy(pred, target):
-        glyph = (target >= 0) & (target < none)
-        return (pred == target)[glyph].float().mean().item() if glyph.any() else float("nan")
+    def accuracy(pred, target, none):
+        held = (target >= 0) & (target < none)
+        return (pred == target)[held].float().mean().item() if held.any() else float("nan")
 
-    return total, accuracy(patch_logits.argmax(-1), pt), accuracy(logits[0].argmax(-1), targets[..., 0])
+    return total, {
+        "patch_acc": accuracy(patch_logits.argmax(-1), pt, none),
+        "slot_acc": accuracy(logits[0].argmax(-1), targets[..., 0], none),
+        "outline_acc": accuracy(outline_logits.argmax(-1), batch["outline_targets"], outline_logits.shape[-1] - 1),
+    }
+
+
+def with_new_head_parameters(opt_state: dict, head_count: int) -> dict:
+    """The optimizer state of a checkpoint whose dense head predates parameters the head has now
+    (`DenseGlyphHead.NEW_SINCE_0_4_0`, last in its parameter order): they join the head's group with no moments
+    (AdamW starts them as new). Any other mismatch is left for `torch.optim.Optimizer.load_state_dict` to refuse."""
+    backbone, head = opt_state["param_groups"]
+    missing = head_count - len(head["params"])
+    if missing != len(DenseGlyphHead.NEW_SINCE_0_4_0):
+        return opt_state
+    first = len(backbone["params"]) + len(head["params"])
+    head = dict(head, params=[*head["params"], *range(first, first + missing)])
+    return dict(opt_state, param_groups=[backbone, head])
 
 
 def resolve_schedule(state: RunState, stage: str, options: dict, new_schedule: bool = False) -> Schedule:
@@ -215,7 +240,7 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
     groups = [{"params": list(model.parameters()), "lr": peaks[0]}, {"params": list(head.parameters()), "lr": peaks[1]}]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+        optimizer.load_state_dict(with_new_head_parameters(opt_state, len(groups[1]["params"])))
     model.train()
     hardware = f"CPU, {torch.get_num_threads()} threads"
     if device.startswith("cuda"):
@@ -247,11 +272,11 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         if spec.cached:
             split = (batch["image_grid_thw"].prod(-1) // 4).tolist()
             vision = BaseModelOutputWithPooling(pooler_output=batch.pop("features").split(split))
-            d_loss, patch_acc, slot_acc = torch.zeros((), device=device), float("nan"), float("nan")
+            d_loss, accuracies = torch.zeros((), device=device), dict.fromkeys(DENSE_ACCURACIES, float("nan"))
         else:
             with torch.set_grad_enabled(not head_only):
                 vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-            d_loss, patch_acc, slot_acc = dense_loss(head, vision, batch)
+            d_loss, accuracies = dense_loss(head, vision, batch)
         loss, lm_loss, tok_acc = d_loss, float("nan"), float("nan")
         if spec.lm_weight and not head_only:
             out = model(
@@ -276,12 +301,12 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         state.seen += batch["image_grid_thw"].shape[0]
         rec = {"stage": stage, "step": state.step, "total_steps": state.total_steps, "seen": state.seen,
                "wall_s": round(state.wall_s, 1), "loss": round(loss.item(), 6), "lm_loss": round(lm_loss, 4),
-               "dense_loss": round(d_loss.item(), 4), "patch_acc": round(patch_acc, 4), "slot_acc": round(slot_acc, 4),
+               "dense_loss": round(d_loss.item(), 4), **{k: round(v, 4) for k, v in accuracies.items()},
                "answer_tok_acc": round(tok_acc, 4), "lr": optimizer.param_groups[0]["lr"],
                "head_lr": optimizer.param_groups[1]["lr"], "device": hardware}  # fmt: skip
         log.write(json.dumps(rec) + "\n")
-        bar.set_postfix(lm=f"{lm_loss:.3f}", dense=f"{d_loss.item():.3f}", patch=f"{patch_acc:.2f}",
-                        ans=f"{tok_acc:.2f}")  # fmt: skip
+        bar.set_postfix(lm=f"{lm_loss:.3f}", dense=f"{d_loss.item():.3f}", patch=f"{accuracies['patch_acc']:.2f}",
+                        outline=f"{accuracies['outline_acc']:.2f}", ans=f"{tok_acc:.2f}")  # fmt: skip
         finished = schedule.progress(state.step, state.stage_wall_s) >= 1.0
         if state.step % save_every == 0 or finished or time.time() - t_saved >= save_minutes * 60:
             log.flush()
