@@ -22,6 +22,7 @@ import time
 import torch
 
 import arr_coc
+from arr_coc.configuration_arr_coc import parse_settings
 from arr_coc.data.boxes import oracle_allocation
 from arr_coc.data.synthetic import TASKS, normalize_answer
 from arr_coc.evaluation.calibration import measure_calibration
@@ -133,10 +134,12 @@ def main() -> None:
     started = time.time()
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(args.model).eval()
     processor = arr_coc.ArrCocProcessor.from_pretrained(args.processor or args.model)
-    for item in args.set:
-        field, value = item.split("=", 1)
-        setattr(model.config, field, json.loads(value))
-    model.config.check()
+    try:
+        for field, value in parse_settings(args.set).items():
+            setattr(model.config, field, value)
+        model.config.check()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     shapings = [(int(a), float(b)) for a, b in (pair.split(":") for pair in args.shapings.split(",") if pair)]
     draw = synthetic_samples if args.generator == "project" else contract_samples
     samples = draw(TASKS, args.n, args.offset)

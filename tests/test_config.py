@@ -88,3 +88,16 @@ def test_settings_given_at_loading_or_changed_later_are_checked_too(make_model, 
     inputs = make_processor("qwen2_vl")(images=[samples[0]["image"]], text=[samples[0]["question"]])
     with pytest.raises(ValueError, match=rf"ArrCocConfig\.{field}=.*invalid"):
         model.generate(**inputs, max_new_tokens=1)
+
+
+def test_command_line_settings_parse_json_and_bare_words_and_name_what_is_wrong():
+    from arr_coc.configuration_arr_coc import parse_settings
+
+    assert parse_settings(["budget_confidence=0.9", "lod_ladder=[1, 4]", "allocator=quadtree", "max_tokens=null"]) == {
+        "budget_confidence": 0.9, "lod_ladder": [1, 4], "allocator": "quadtree", "max_tokens": None}  # fmt: skip
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        parse_settings(["budget_confidence"])
+    with pytest.raises(ValueError, match="'budget_confidance' is not an arr-coc setting"):
+        parse_settings(["budget_confidance=0.9"])
+    with pytest.raises(ValueError, match="neither JSON nor a bare word"):
+        parse_settings(["budget_confidence=0.9x"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -189,4 +191,31 @@ class ArrCocConfig(PreTrainedConfig):
 # arr-coc's own config fields (not the generic PreTrainedConfig ones, nor the backbone's)
 ARR_COC_FIELDS = tuple(f for f in ArrCocConfig.__annotations__ if f != "vlm_config")
 
-__all__ = ["ArrCocConfig"]
+
+def parse_settings(items: list[str]) -> dict:
+    """Command-line ``--set FIELD=VALUE`` items -> {field: value}: VALUE is read as JSON (``0.9``, ``[1, 4, 16]``,
+    ``null``), a bare word as a string (``allocator=quadtree``). Only the form is checked here; set the values on a
+    config and call `ArrCocConfig.check` for their ranges.
+
+    Raises `ValueError` naming the item for one without ``=``, a field `ArrCocConfig` does not have (arr-coc's own
+    fields, `ARR_COC_FIELDS`) or a value that is neither JSON nor a bare word."""
+    settings = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set budget_confidence=0.9")
+        if field not in ARR_COC_FIELDS:
+            raise ValueError(
+                f"--set {item!r}: {field!r} is not an arr-coc setting; expected one of {list(ARR_COC_FIELDS)}"
+            )
+        try:
+            settings[field] = json.loads(value)
+        except json.JSONDecodeError:
+            if not re.fullmatch(r"[A-Za-z_][\w-]*", value):
+                raise ValueError(f"--set {item!r}: the value is neither JSON nor a bare word (quote strings with "
+                                 "spaces or symbols as JSON)") from None  # fmt: skip
+            settings[field] = value
+    return settings
+
+
+__all__ = ["ArrCocConfig", "parse_settings"]

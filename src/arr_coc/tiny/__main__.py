@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..configuration_arr_coc import parse_settings
 from .data import STAGES
 
 # The one command a lent GPU runs (about 9 minutes of training; no exploration on the GPU): the `native` stage
@@ -143,12 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "ship-heads":
         from .card import ship_heads
 
-        settings = dict(item.split("=", 1) for item in args.set)
-        print(
-            ship_heads(
-                args.model, args.heads, open(args.notes_file).read(), {k: json.loads(v) for k, v in settings.items()}
-            )
-        )
+        try:
+            print(ship_heads(args.model, args.heads, open(args.notes_file).read(), parse_settings(args.set)))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     elif args.cmd == "curves":
         from .card import plot_curves
 
