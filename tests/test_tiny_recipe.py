@@ -211,7 +211,10 @@ def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):
     with torch.no_grad():  # heads trained on another backbone are refused
         next(p for n, p in trained.vlm.named_parameters() if "lora_" not in n).add_(1.0)
     trained.save_pretrained(str(tmp_path / "heads"))
-    with pytest.raises(ValueError, match="another backbone"):
+    with pytest.raises(SystemExit, match="error: .*another backbone"):
         main(["ship-heads", "--model", str(shipped), "--heads", str(tmp_path / "heads"), "--notes-file",
               str(tmp_path / "notes.md")])  # fmt: skip
+    with pytest.raises(SystemExit, match="'budget_confidance' is not an arr-coc setting"):  # before anything is written
+        main(["ship-heads", "--model", str(shipped), "--heads", str(tmp_path / "heads"), "--notes-file",
+              str(tmp_path / "notes.md"), "--set", "budget_confidance=0.8"])  # fmt: skip
     assert (shipped_model.config.max_tokens, shipped_model.config.budget_confidence) == (300, 0.8)
