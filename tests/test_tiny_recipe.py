@@ -136,6 +136,22 @@ def test_outline_targets_name_the_colour_drawn_in_each_token(seed):
     assert (outline_targets(page["items"], page["image"].size, grid(page["image"])) == len(PALETTE)).all()
 
 
+def test_the_dense_loss_reads_the_outline_targets(fresh_run):
+    from arr_coc.tiny.data import collate
+
+    torch.manual_seed(0)
+    model, head, tokenizer, image_processor, _, _ = tiny_train.load_run(str(fresh_run))
+    batch = collate([generate("box-codes", seed, layout=True) for seed in range(2)], tokenizer, image_processor)
+    with torch.no_grad():
+        vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    loss, accuracies = tiny_train.dense_loss(head, vision, batch)
+    loss.backward()
+    assert head.outline.weight.grad.abs().sum() > 0 and 0.0 <= accuracies["outline_acc"] <= 1.0
+    blank = dict(batch, outline_targets=torch.full_like(batch["outline_targets"], len(PALETTE)))
+    assert (batch["outline_targets"] < len(PALETTE)).any()
+    assert not torch.isclose(tiny_train.dense_loss(head, vision, blank)[0], loss)
+
+
 def test_a_dense_head_saved_before_the_outline_target_loads_with_a_fresh_one(fresh_run, tmp_path):
     import shutil
 
