@@ -126,16 +126,20 @@ def main() -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="an ArrCocConfig field for this study (JSON value), e.g. --set relevance_spread=1",
+        help="an ArrCocConfig field for this study (a JSON value or a bare word), e.g. --set relevance_spread=1",
     )
     p.add_argument("--out", default=None, help="a JSON file for the results")
     args = p.parse_args()
+    try:
+        settings = parse_settings(args.set)  # before the model loads: a misspelt field fails at once
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     torch.manual_seed(0)
     started = time.time()
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(args.model).eval()
     processor = arr_coc.ArrCocProcessor.from_pretrained(args.processor or args.model)
     try:
-        for field, value in parse_settings(args.set).items():
+        for field, value in settings.items():
             setattr(model.config, field, value)
         model.config.check()
     except ValueError as e:

@@ -99,5 +99,7 @@ def test_command_line_settings_parse_json_and_bare_words_and_name_what_is_wrong(
         parse_settings(["budget_confidence"])
     with pytest.raises(ValueError, match="'budget_confidance' is not an arr-coc setting"):
         parse_settings(["budget_confidance=0.9"])
+    with pytest.raises(ValueError, match="coupling_size shapes the heads' weights"):
+        parse_settings(["coupling_size=32"])
     with pytest.raises(ValueError, match="neither JSON nor a bare word"):
         parse_settings(["budget_confidence=0.9x"])

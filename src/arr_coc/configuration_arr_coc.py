@@ -192,13 +192,17 @@ class ArrCocConfig(PreTrainedConfig):
 ARR_COC_FIELDS = tuple(f for f in ArrCocConfig.__annotations__ if f != "vlm_config")
 
 
+WEIGHT_FIELDS = ("relevance_hidden_size", "coupling_size", "scoped_lora")  # the heads' and adapters' shapes
+
+
 def parse_settings(items: list[str]) -> dict:
     """Command-line ``--set FIELD=VALUE`` items -> {field: value}: VALUE is read as JSON (``0.9``, ``[1, 4, 16]``,
     ``null``), a bare word as a string (``allocator=quadtree``). Only the form is checked here; set the values on a
-    config and call `ArrCocConfig.check` for their ranges.
+    config and call `ArrCocConfig.check` for their ranges. These settings go onto saved heads, so the fields that
+    shape the heads' weights (`WEIGHT_FIELDS`) are refused.
 
-    Raises `ValueError` naming the item for one without ``=``, a field `ArrCocConfig` does not have (arr-coc's own
-    fields, `ARR_COC_FIELDS`) or a value that is neither JSON nor a bare word."""
+    Raises `ValueError` naming the item for one without ``=``, a field that is not one of arr-coc's own settings
+    (`ARR_COC_FIELDS`), one of `WEIGHT_FIELDS`, or a value that is neither JSON nor a bare word."""
     settings = {}
     for item in items:
         field, sep, value = item.partition("=")
@@ -208,6 +212,9 @@ def parse_settings(items: list[str]) -> dict:
             raise ValueError(
                 f"--set {item!r}: {field!r} is not an arr-coc setting; expected one of {list(ARR_COC_FIELDS)}"
             )
+        if field in WEIGHT_FIELDS:
+            raise ValueError(f"--set {item!r}: {field} shapes the heads' weights; set it when the heads are built "
+                             "(arr-coc train), not on trained ones")  # fmt: skip
         try:
             settings[field] = json.loads(value)
         except json.JSONDecodeError:

@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the exported model folder (e.g. src/arr_coc/assets/arr-coc-tiny)")
     p.add_argument("--heads", required=True, help="an arr-coc model or heads-only folder with the trained heads")
     p.add_argument("--notes-file", required=True, help="markdown for the model card: how they were trained, measured")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                   help="an ArrCocConfig field to ship with them, e.g. --set max_tokens=512 --set budget_confidence=0.8")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an ArrCocConfig field to ship with them (a JSON value or a bare word), e.g. --set max_tokens=512 --set budget_confidence=0.8")  # fmt: skip
     p = sub.add_parser("init-from", help="start a run from an exported arr-coc model's backbone (new dense head)")
     p.add_argument("--run", required=True)
     p.add_argument("--model", default="arr-coc-tiny")

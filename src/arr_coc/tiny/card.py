@@ -271,6 +271,8 @@ def ship_heads(model_dir: str, heads: str, notes: str, settings: dict | None = N
     if changed:
         raise ValueError(f"{heads} was trained on another backbone than {model_dir}'s (tensors {changed[:5]} differ): "
                          "train the heads on the exported model, or re-export the backbone")  # fmt: skip
+    if "mode" in (settings or {}):
+        raise ValueError("ship-heads ships trained heads (mode 'trained'); leave mode out of the settings")
     for field, value in (settings or {}).items():
         setattr(model.config, field, value)
     model.config.mode = "trained"

@@ -125,9 +125,9 @@ def crop_sample(sample: dict, rng: np.random.Generator, p_full: float, max_margi
 
 
 def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """[h*w, 8, 3] (char, index, group) class targets per merged token.
+    """[h*w, 12, 3] (char, index, group) class targets per merged token (h, w: the patch grid halved).
 
-    A token's slots are its upper and lower half, each holding up to 4 characters in left-to-right
+    A token's slots are its upper and lower half, each holding up to 6 characters in left-to-right
     order (those whose ink centre falls there): reading order, not sub-pixel position. A half that
     touches a glyph cut by a crop is ignored.
     """
@@ -159,12 +159,13 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
 
 
 def outline_targets(items: list[dict], size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
-    """[h*w] per merged token (28 x 28 px): the palette index (`data.spec.PALETTE` order) of the box outline covering
-    the most of the token, if it covers at least ``OUTLINE_MIN_AREA`` of it, else ``len(PALETTE)`` ("none").
+    """[(gh // 2) * (gw // 2)] per merged token (28 x 28 px of the image as the processor resized it to the patch
+    grid): the palette index (`data.spec.PALETTE` order) of the box outline covering the most of the token, if it
+    covers at least ``OUTLINE_MIN_AREA`` px² of it (in those resized px), else ``len(PALETTE)`` ("none").
 
     ``items``: the sample's layout items (box-codes' boxes carry ``colour`` and ``thickness``; others are skipped);
-    ``size``: the image's (W, H) in px; ``grid_hw``: its 14-px patch grid. A box's outline is its rectangle less
-    the rectangle ``thickness`` px inside it.
+    ``size``: the image's (W, H) in px; ``grid_hw``: its 14-px patch grid (gh, gw). A box's outline is its rectangle
+    less the rectangle ``thickness`` px inside it; the part of a box a crop cut off counts for nothing.
     """
     W, H = size
     gh, gw = grid_hw
@@ -192,7 +193,7 @@ def outline_targets(items: list[dict], size: tuple[int, int], grid_hw: tuple[int
     return labels.reshape(-1)
 
 
-OUTLINE_MIN_AREA = 24.0  # px (of a token's 784): a 3-px outline crossing a third of the token
+OUTLINE_MIN_AREA = 24.0  # px² of a token's 784: a 3-px outline along 8 px of it
 
 
 def collate(samples: list[dict], tokenizer, image_processor, with_answers: bool = True) -> dict:

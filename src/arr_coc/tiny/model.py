@@ -60,7 +60,7 @@ class DenseGlyphHead(nn.Module):
     per merged token the char / index / group of each of its 2 x 6 character slots (`forward`) and the colour of
     the box outline through it (``outline``: palette colours + "none")."""
 
-    NEW_SINCE_0_4_0 = ("outline.weight", "outline.bias")  # heads saved before the outline target start these fresh
+    OUTLINE_PARAMETERS = ("outline.weight", "outline.bias")  # a head saved before the outline target lacks them
 
     def __init__(self, hidden_size: int, patch_size: int):
         super().__init__()
@@ -70,6 +70,6 @@ class DenseGlyphHead(nn.Module):
         self.outline = nn.Linear(hidden_size, len(PALETTE) + 1)
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """tokens [n, d] -> [char [n, 8, C], index [n, 8, I], group [n, 8, G]]."""
+        """tokens [n, d] -> [char [n, 12, C], index [n, 12, I], group [n, 12, G]] (12 = 2 x 6 slots)."""
         logits = self.proj(tokens).view(tokens.shape[0], SLOT_ROWS * SLOT_COLS, sum(self.sizes))
         return list(logits.split(self.sizes, dim=-1))

@@ -135,9 +135,12 @@ def load_run(run: str, device: str = "cpu"):
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).to(device)
     head = DenseGlyphHead(model.config.text_config.hidden_size, model.config.vision_config.embed_dim).to(device)
     missing, unexpected = head.load_state_dict(load_file(os.path.join(ckpt, "dense_head.safetensors")), strict=False)
-    if unexpected or set(missing) - set(DenseGlyphHead.NEW_SINCE_0_4_0):
+    if unexpected or set(missing) - set(DenseGlyphHead.OUTLINE_PARAMETERS):
         raise ValueError(f"{ckpt}/dense_head.safetensors does not match the dense head (missing {missing}, unexpected "
                          f"{unexpected}): it was not written by arr_coc.tiny train")  # fmt: skip
+    if missing:  # a head saved before the outline target: its layer starts at zero, so a resumed run is reproducible
+        torch.nn.init.zeros_(head.outline.weight)
+        torch.nn.init.zeros_(head.outline.bias)
     with open(os.path.join(ckpt, "state.json")) as f:
         state = RunState(**json.load(f))
     opt_path = os.path.join(ckpt, "optimizer.pt")
@@ -181,12 +184,16 @@ def dense_loss(head: DenseGlyphHead, vision, batch: dict) -> tuple[torch.Tensor,
 
 
 def with_new_head_parameters(opt_state: dict, head_count: int) -> dict:
-    """The optimizer state of a checkpoint whose dense head predates parameters the head has now
-    (`DenseGlyphHead.NEW_SINCE_0_4_0`, last in its parameter order): they join the head's group with no moments
-    (AdamW starts them as new). Any other mismatch is left for `torch.optim.Optimizer.load_state_dict` to refuse."""
+    """The optimizer state of a checkpoint whose dense head predates its outline layer
+    (`DenseGlyphHead.OUTLINE_PARAMETERS`, last in the head's parameter order): `torch.optim.Optimizer.state_dict`
+    numbers parameters across groups in order (backbone 0..B-1, head B..B+H-1), so the new ones join the head's group
+    as B+H, B+H+1 with no moments (AdamW starts them as new). Any other mismatch is left for
+    `torch.optim.Optimizer.load_state_dict` to refuse."""
+    if len(opt_state["param_groups"]) != 2:
+        return opt_state
     backbone, head = opt_state["param_groups"]
     missing = head_count - len(head["params"])
-    if missing != len(DenseGlyphHead.NEW_SINCE_0_4_0):
+    if missing != len(DenseGlyphHead.OUTLINE_PARAMETERS):
         return opt_state
     first = len(backbone["params"]) + len(head["params"])
     head = dict(head, params=[*head["params"], *range(first, first + missing)])
