@@ -247,3 +247,30 @@ def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):
         main(["ship-heads", "--model", str(shipped), "--heads", str(tmp_path / "heads"), "--notes-file",
               str(tmp_path / "notes.md"), "--set", "budget_confidance=0.8"])  # fmt: skip
     assert (shipped_model.config.max_tokens, shipped_model.config.budget_confidence) == (300, 0.8)
+
+
+def test_export_carries_the_shipped_heads_and_their_language_model_lora_onto_a_runs_backbone(fresh_run, tmp_path,
+                                                                                           monkeypatch):  # fmt: skip
+    """Re-shipping starts from the shipped heads: export a run's backbone with them (the reading report, measured
+    elsewhere, stubbed): the heads and the scoped LoRA come over exactly, the backbone is the run's."""
+    import arr_coc
+    from arr_coc.scoped_lora import backbone_state
+    from arr_coc.tiny import card
+
+    report = {"box-codes": 0.5, "doc-fields": 0.5, "first_40": {"box-codes": 0.5, "doc-fields": 0.5}}
+    monkeypatch.setattr(card, "reading_report", lambda *a, **k: {c: report for c in ("full", "crop")})
+    import shutil
+
+    run, out = tmp_path / "run", tmp_path / "model"
+    shutil.copytree(fresh_run, run)
+    (run / "log.jsonl").write_text("")  # a run not trained yet
+    card.export_model(str(run), str(out), heads="arr-coc-tiny", eval_n=40)
+    exported = arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(out))
+    shipped = arr_coc.ArrCocForConditionalGeneration.from_pretrained("arr-coc-tiny")
+    assert exported.config.scoped_lora == shipped.config.scoped_lora and exported.config.mode == "trained"
+    mine, theirs = exported.state_dict(), shipped.state_dict()
+    carried = [k for k in theirs if k.startswith("relevance.") or ".lora_" in k]
+    assert any(".lora_" in k for k in carried) and all(torch.equal(mine[k], theirs[k]) for k in carried)
+    run_backbone = tiny_train.load_run(str(run))[0].state_dict()
+    base = backbone_state(exported)
+    assert all(torch.equal(v, run_backbone[k]) for k, v in base.items() if k in run_backbone) and base

@@ -206,19 +206,34 @@ CONDITION_NAMES = {
 }
 
 
+def heads_weight_settings(heads: str) -> dict:
+    """The settings that shape the weights (`configuration_arr_coc.WEIGHT_FIELDS`: the heads' widths, the scoped
+    LoRA) that ``heads`` – an arr-coc model folder or a heads-only folder – was saved with."""
+    from ..configuration_arr_coc import WEIGHT_FIELDS, ArrCocConfig
+    from ..loading import heads_only_settings
+
+    found = heads_only_settings(heads)
+    settings = found[1] if found else ArrCocConfig.from_pretrained(heads).to_dict()
+    return {k: settings[k] for k in WEIGHT_FIELDS if k in settings}
+
+
 def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200, commands: str = "",
                  notes: str = "") -> str:  # fmt: skip
     """Write the run's backbone (with the trained relevance heads of ``heads``, an arr-coc model or heads-only
-    folder) as an arr-coc model folder: model, processor, model card, and ``heldout_accuracy.json`` with
+    folder – e.g. the shipped model's, as the start for heads retrained on the new backbone – and any scoped LoRA
+    saved with them) as an arr-coc model folder: model, processor, model card, and ``heldout_accuracy.json`` with
     `reading_report` (the test suite's guards recompute its ``first_40`` entries). Raises as `check_eval_n`, before
     writing anything."""
     check_eval_n(eval_n)
+    from ..assets import resolve_model_path
     from ..loading import load_relevance_heads
     from ..modeling_arr_coc import ArrCocForConditionalGeneration
     from ..processing_arr_coc import ArrCocProcessor
 
     backbone, _, tokenizer, image_processor, _, _ = load_run(run)
-    model = ArrCocForConditionalGeneration.from_backbone(backbone.eval(), **TINY_SETTINGS)
+    heads = str(resolve_model_path(heads)) if heads else None
+    shapes = heads_weight_settings(heads) if heads else {}
+    model = ArrCocForConditionalGeneration.from_backbone(backbone.eval(), **{**TINY_SETTINGS, **shapes})
     if heads:
         load_relevance_heads(model, heads)
         model.config.mode = "trained"
