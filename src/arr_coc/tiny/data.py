@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..data.boxes import box_overlap_map
 from ..data.synthetic import PALETTE, TASKS, dark_colour, draw_text, font_at, generate
 from ..padding import left_pad
 from ..processing_arr_coc import chat_prompt
@@ -161,32 +162,21 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
 def outline_targets(items: list[dict], size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
     """[(gh // 2) * (gw // 2)] per merged token (28 x 28 px of the image as the processor resized it to the patch
     grid): the palette index (`data.spec.PALETTE` order) of the box outline covering the most of the token, if it
-    covers at least ``OUTLINE_MIN_AREA`` px² of it (in those resized px), else ``len(PALETTE)`` ("none").
+    covers at least ``OUTLINE_MIN_AREA`` px² of its 784 (in those resized px), else ``len(PALETTE)`` ("none").
 
     ``items``: the sample's layout items (box-codes' boxes carry ``colour`` and ``thickness``; others are skipped);
     ``size``: the image's (W, H) in px; ``grid_hw``: its 14-px patch grid (gh, gw). A box's outline is its rectangle
-    less the rectangle ``thickness`` px inside it; the part of a box a crop cut off counts for nothing.
+    less the rectangle ``thickness`` px inside it (each a `data.boxes.box_overlap_map`); the part of a box a crop
+    cut off counts for nothing.
     """
-    W, H = size
-    gh, gw = grid_hw
-    sx, sy = gw * 14 / W, gh * 14 / H
-    th, tw = gh // 2, gw // 2
-    edges_y, edges_x = torch.arange(th + 1, dtype=torch.float64) * 28, torch.arange(tw + 1, dtype=torch.float64) * 28
-
-    def covered(x0: float, y0: float, x1: float, y1: float) -> torch.Tensor:  # [th, tw] px of the box in each token
-        ys = (edges_y[1:].clamp(max=y1) - edges_y[:-1].clamp(min=y0)).clamp_min(0)
-        xs = (edges_x[1:].clamp(max=x1) - edges_x[:-1].clamp(min=x0)).clamp_min(0)
-        return ys[:, None] * xs[None, :]
-
-    best = torch.full((th, tw), OUTLINE_MIN_AREA)
-    labels = torch.full((th, tw), len(PALETTE), dtype=torch.long)
+    grid = (grid_hw[0] // 2, grid_hw[1] // 2)
+    best = torch.full(grid, OUTLINE_MIN_AREA / 28**2)
+    labels = torch.full(grid, len(PALETTE), dtype=torch.long)
     for item in items:
         if "colour" not in item:
             continue
-        x0, y0, x1, y1 = item["box"]
-        x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
-        tx, ty = item["thickness"] * sx, item["thickness"] * sy
-        ring = (covered(x0, y0, x1, y1) - covered(x0 + tx, y0 + ty, x1 - tx, y1 - ty)).float()
+        (x0, y0, x1, y1), t = item["box"], item["thickness"]
+        ring = box_overlap_map(item["box"], size, grid) - box_overlap_map((x0 + t, y0 + t, x1 - t, y1 - t), size, grid)
         wins = ring >= best
         best = torch.where(wins, ring, best)
         labels[wins] = list(PALETTE).index(item["colour"])
