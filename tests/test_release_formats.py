@@ -1,6 +1,7 @@
 """Checkpoints and heads-only folders saved by earlier releases (fixtures in tests/fixtures/arr_coc_<version>, each
 written by that release's code over one tiny random Qwen2-VL backbone; 0.2.0's with a scoped LoRA on the language
-model; 0.3.0's with every head weight and the adapter moved off its start) still load: their heads and adapters come
+model; 0.3.0's and 0.4.0's with every head weight and the adapter moved off its start, 0.4.0's with its relevance
+shaping set) still load: their heads and adapters come
 back as saved, the weights added since start at their documented values (0.2.0: the budget head's survival slope at 0;
 0.3.0: the coupling scorer's context correction at 0), and the model answers – exactly the stock backbone at full budget, within its bounds with no budget."""
 
@@ -18,7 +19,7 @@ import arr_coc
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BACKBONE = os.path.join(FIXTURES, "arr_coc_0.1.0", "backbone")  # every release's fixtures sit on this backbone
-RELEASES = ["0.1.0", "0.2.0", "0.3.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]
 CONTEXT = "relevance.coupling.context.2"  # 0.3.0's context correction: its output layer
 
 
@@ -29,19 +30,25 @@ def inputs(make_processor, samples):
     )
 
 
+def _since(release: str, first: str) -> bool:
+    return RELEASES.index(release) >= RELEASES.index(first)
+
+
 def _saved(release: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(FIXTURES, f"arr_coc_{release}", "heads", "arr_coc_heads.safetensors"))
 
 
 def _check(model, inputs, backbone, release: str) -> None:
     state, saved = model.state_dict(), _saved(release)
-    assert (f"{CONTEXT}.weight" in saved) == (release == "0.3.0")  # the fixtures are really their releases' formats
+    assert (f"{CONTEXT}.weight" in saved) == _since(release, "0.3.0")  # the fixtures are really their releases' formats
     assert ("relevance.budget.log_slope" in saved) == (release != "0.1.0")
-    assert ("lora_A" in " ".join(saved)) == (release != "0.1.0")  # 0.2.0's and 0.3.0's carry the LM's LoRA
+    assert ("lora_A" in " ".join(saved)) == (release != "0.1.0")  # 0.2.0's and later carry the LM's LoRA
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     if release == "0.1.0":
         assert float(model.relevance.budget.log_slope) == 0.0  # the documented start: s = MIN_SLOPE + softplus(0)
-    if release != "0.3.0":  # scores as it did
+    shaping = (model.config.relevance_spread, model.config.relevance_floor)
+    assert shaping == ((1, 0.3) if release == "0.4.0" else (0, 0.0))  # 0.4.0's allocator input shaping comes back
+    if not _since(release, "0.3.0"):  # scores as it did
         assert not state[f"{CONTEXT}.weight"].any() and not state[f"{CONTEXT}.bias"].any()
     with torch.no_grad():
         full = model(**inputs, compression=1).logits[:, -1]
