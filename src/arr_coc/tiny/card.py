@@ -105,7 +105,7 @@ that the question names). It reads only those tasks' codes: a real receipt's num
 - **Checkpoint**: safetensors, {size_mb:.1f} MB.
 
 ## Allocator settings and why
-`allocator="quadtree"`, automatic budget in [{min_tokens}, {max_tokens}] at `budget_confidence` {budget_confidence}. The tasks' images have
+`allocator="quadtree"`, automatic budget in [{min_tokens}, {max_tokens}] at `budget_confidence` {budget_confidence}, the allocator's input shaped (`relevance_spread` {relevance_spread}, `relevance_floor` {relevance_floor}). The tasks' images have
 256–768 native tokens, so 1/16 of native is 16–48 tokens, while the answer's box spans 6–35 tokens. A
 ladder of fixed regions cannot reach that: every region costs at least one token and a region holding
 the answer costs its whole area at full detail (with `region_size=20` a region is most of the image).
@@ -117,7 +117,7 @@ reachable while the answer's region keeps full detail. `region_size={region_size
 ## How it was trained (this project's commands)
 ```bash
 {commands}
-python -m arr_coc.tiny export --run runs/tiny --out src/arr_coc/assets/arr-coc-tiny{heads_flag}
+python -m arr_coc.tiny export --run {run} --out src/arr_coc/assets/arr-coc-tiny{heads_flag}
 ```
 | stage | steps | what it learns | where (steps) | wall time |
 |---|---|---|---|---|
@@ -253,7 +253,8 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
         heads="trained with `arr-coc train` (mode `trained`)" if heads else "untrained (the model runs `training_free`)",
         size_mb=os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20, region_size=TINY_SETTINGS["region_size"],
         lod_ladder=TINY_SETTINGS["lod_ladder"], min_tokens=TINY_SETTINGS["min_tokens"], max_tokens=TINY_SETTINGS["max_tokens"],
-        budget_confidence=TINY_SETTINGS["budget_confidence"],
+        budget_confidence=TINY_SETTINGS["budget_confidence"], relevance_spread=TINY_SETTINGS["relevance_spread"],
+        relevance_floor=TINY_SETTINGS["relevance_floor"], run=run,
         commands=commands.strip(), notes=notes.strip(), heads_flag=f" --heads {heads}" if heads else "",
         stages=stages,
     )  # fmt: skip
