@@ -274,3 +274,24 @@ def test_export_carries_the_shipped_heads_and_their_language_model_lora_onto_a_r
     run_backbone = tiny_train.load_run(str(run))[0].state_dict()
     base = backbone_state(exported)
     assert all(torch.equal(v, run_backbone[k]) for k, v in base.items() if k in run_backbone) and base
+
+
+def test_the_stage_table_and_curves_read_the_log_as_the_run_continued(tmp_path):
+    """A call stopped after its last checkpoint logged steps that the next call logs again: the later rows replace
+    them, so steps, devices and wall time count the curve the run kept, not the work thrown away."""
+    from arr_coc.tiny.card import log_rows, stage_summary
+
+    def row(stage, step, wall, device="CPU, 1 threads"):
+        return {"stage": stage, "step": step, "total_steps": step, "wall_s": wall, "device": device}
+
+    rows = [row("crops", s, 10.0 * s) for s in (1, 2, 3)]  # checkpoint at 3
+    rows += [row("native", s, 10.0 * s, "CPU, 2 threads") for s in (4, 5, 6)]  # killed after 6, checkpoint at 4
+    rows += [row("native", s, 10.0 * s - 5.0) for s in (5, 6, 7)]  # resumed from 4's checkpoint
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = log_rows(str(tmp_path))
+    assert [r["total_steps"] for r in kept] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["wall_s"] for r in kept[-3:]] == [45.0, 55.0, 65.0]
+    crops, native = stage_summary(str(tmp_path))
+    assert (crops["steps"], crops["wall_s"], crops["devices"]) == (3, 30.0, {"CPU, 1 threads": 3})
+    assert (native["steps"], native["wall_s"]) == (7, 35.0)
+    assert native["devices"] == {"CPU, 2 threads": 1, "CPU, 1 threads": 3}

@@ -18,19 +18,30 @@ from .tokenizer import CHAT_TEMPLATE
 from .train import load_run, run_paths
 
 
-def stage_summary(run: str) -> list[dict]:
-    """Per stage of the run's log: steps, wall time, and the steps run on each device."""
-    stages: dict[str, dict] = {}
-    previous_wall = 0.0
+def log_rows(run: str) -> list[dict]:
+    """The run's log (one row per optimizer step) as its curve continued: a call resumed from a checkpoint logs
+    again from the checkpoint's step, and its rows replace those a stopped call had logged past that step."""
+    rows: list[dict] = []
     with open(run_paths(run)["log.jsonl"]) as f:
         for line in f:
             rec = json.loads(line)
-            row = stages.setdefault(rec["stage"], {"stage": rec["stage"], "steps": 0, "wall_s": 0.0, "devices": {}})
-            row["steps"] = rec["step"]
-            row["wall_s"] = round(row["wall_s"] + rec["wall_s"] - previous_wall, 1)
-            device = rec.get("device", "unrecorded")
-            row["devices"][device] = row["devices"].get(device, 0) + 1
-            previous_wall = rec["wall_s"]
+            while rows and rows[-1]["total_steps"] >= rec["total_steps"]:
+                rows.pop()
+            rows.append(rec)
+    return rows
+
+
+def stage_summary(run: str) -> list[dict]:
+    """Per stage of the run's log (`log_rows`): steps, wall time, and the steps run on each device."""
+    stages: dict[str, dict] = {}
+    previous_wall = 0.0
+    for rec in log_rows(run):
+        row = stages.setdefault(rec["stage"], {"stage": rec["stage"], "steps": 0, "wall_s": 0.0, "devices": {}})
+        row["steps"] = rec["step"]
+        row["wall_s"] = round(row["wall_s"] + rec["wall_s"] - previous_wall, 1)
+        device = rec.get("device", "unrecorded")
+        row["devices"][device] = row["devices"].get(device, 0) + 1
+        previous_wall = rec["wall_s"]
     return list(stages.values())
 
 
@@ -42,8 +53,7 @@ def plot_curves(run: str, out: str, window: int = 50) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(run_paths(run)["log.jsonl"]) as f:
-        rows = [json.loads(line) for line in f]
+    rows = log_rows(run)
     evals = []
     if os.path.exists(run_paths(run)["eval.jsonl"]):
         with open(run_paths(run)["eval.jsonl"]) as f:
