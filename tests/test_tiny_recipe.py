@@ -253,14 +253,14 @@ def test_export_carries_the_shipped_heads_and_their_language_model_lora_onto_a_r
                                                                                            monkeypatch):  # fmt: skip
     """Re-shipping starts from the shipped heads: export a run's backbone with them (the reading report, measured
     elsewhere, stubbed): the heads and the scoped LoRA come over exactly, the backbone is the run's."""
+    import shutil
+
     import arr_coc
     from arr_coc.scoped_lora import backbone_state
     from arr_coc.tiny import card
 
     report = {"box-codes": 0.5, "doc-fields": 0.5, "first_40": {"box-codes": 0.5, "doc-fields": 0.5}}
     monkeypatch.setattr(card, "reading_report", lambda *a, **k: {c: report for c in ("full", "crop")})
-    import shutil
-
     run, out = tmp_path / "run", tmp_path / "model"
     shutil.copytree(fresh_run, run)
     (run / "log.jsonl").write_text("")  # a run not trained yet

@@ -261,10 +261,7 @@ def export_model(run: str, out: str, heads: str | None = None, eval_n: int = 200
         vision_depth=vc.depth, vision_width=vc.embed_dim, text_layers=tc.num_hidden_layers, text_width=tc.hidden_size,
         parameters=sum(p.numel() for p in backbone.parameters()) / 1e6, vocab=len(tokenizer),
         heads="trained with `arr-coc train` (mode `trained`)" if heads else "untrained (the model runs `training_free`)",
-        size_mb=os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20, region_size=TINY_SETTINGS["region_size"],
-        lod_ladder=TINY_SETTINGS["lod_ladder"], min_tokens=TINY_SETTINGS["min_tokens"], max_tokens=TINY_SETTINGS["max_tokens"],
-        budget_confidence=TINY_SETTINGS["budget_confidence"], relevance_spread=TINY_SETTINGS["relevance_spread"],
-        relevance_floor=TINY_SETTINGS["relevance_floor"], run=run,
+        size_mb=os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20, **TINY_SETTINGS, run=run,
         commands=commands.strip(), notes=notes.strip(), heads_flag=f" --heads {heads}" if heads else "",
         stages=stages,
     )  # fmt: skip
