@@ -50,8 +50,12 @@ class ArrCocConfig(PreTrainedConfig):
         encoding (`str`): `"single"` (encode once, compress after the encoder) or `"saccade"` (encode a gist
             at 1/`gist_scale` of the resolution and allocate on it, then read only the regions finer than the
             gist at full resolution; `allocator`, `region_size` and `lod_ladder` apply to both).
-        gist_scale (`int`): the saccade gist's downscale per side: one gist token per `gist_scale**2` native
-            tokens; the gist cells under a region finer than that are encoded again at full resolution.
+        gist_scale (`int` or `"auto"`): the saccade gist's downscale per side: one gist token per `gist_scale**2`
+            native tokens; the gist cells under a region finer than that are encoded again at full resolution.
+            `"auto"` (the default) chooses it per image: the coarsest scale (2 to 8) at which the image's text stays
+            `gist_text_px` tall on the gist (`relevance.saccade.choose_gist_scale`; 4 for an image without text).
+        gist_text_px (`float`): with `gist_scale="auto"`, the text height in pixels (the median character's, on the
+            gist) the vision encoder still finds what a question names in – a property of the backbone (default 8).
         crop_margin (`int`): merged cells of context the saccade encodes around each crop and drops after the
             encoder, so a crop's tokens see what their neighbours saw in the whole image (crops whose margins overlap
             are encoded together); a call may choose its own (`crop_margin=`, like `encoding=`).
@@ -80,7 +84,8 @@ class ArrCocConfig(PreTrainedConfig):
     relevance_floor: float = 0.0
     mode: str = "training_free"
     encoding: str = "single"
-    gist_scale: int = 4
+    gist_scale: int | str = "auto"
+    gist_text_px: float = 8.0
     crop_margin: int = 0
     relevance_hidden_size: int = 128
     coupling_size: int = 64
@@ -103,7 +108,7 @@ class ArrCocConfig(PreTrainedConfig):
         family = getattr(self.vlm_config, "model_type", None)
         if family not in SUPPORTED_FAMILIES:
             _fail("vlm_config.model_type", family, f"one of {sorted(SUPPORTED_FAMILIES)}")
-        for name in ("min_tokens", "max_tokens", "region_size", "relevance_hidden_size", "coupling_size", "gist_scale"):
+        for name in ("min_tokens", "max_tokens", "region_size", "relevance_hidden_size", "coupling_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an integer >= 1")
@@ -128,8 +133,12 @@ class ArrCocConfig(PreTrainedConfig):
             check_margin(self.crop_margin)
         except ValueError:
             _fail("crop_margin", self.crop_margin, "an integer >= 0 (merged cells of context around each saccade crop)")
-        if self.gist_scale < 2:
-            _fail("gist_scale", self.gist_scale, "an integer >= 2 (the gist is the image at 1/gist_scale per side)")
+        g = self.gist_scale
+        if g != "auto" and (not isinstance(g, int) or isinstance(g, bool) or g < 2):
+            _fail("gist_scale", g, "an integer >= 2 (the gist is the image at 1/gist_scale per side) or 'auto'")
+        px = self.gist_text_px
+        if isinstance(px, bool) or not isinstance(px, (int, float)) or not px > 0 or not math.isfinite(px):
+            _fail("gist_text_px", px, "a text height in pixels > 0")
         if self.pooling not in POOLINGS:
             _fail("pooling", self.pooling, f"one of {POOLINGS}")
         ladder = self.lod_ladder

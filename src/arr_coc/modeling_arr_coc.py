@@ -306,7 +306,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             )
         if image.patches is None:
             raise ValueError("saccade encoding reads the image's pixels; this image came as encoder outputs only")
-        adapter, scale = self.adapter, self.config.gist_scale
+        adapter, scale = self.adapter, image.gist_scale(self.config.gist_scale, self.config.gist_text_px)
         _, h, w = image.grid
         with lora_scope(self, "vision"):  # the vision tower's scoped LoRA: on for the saccade's encodings
             gist = image.gist(scale)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..relevance.saccade import Box, PatchGeometry, context_groups
+from ..relevance.saccade import Box, PatchGeometry, choose_gist_scale, context_groups, text_height
 
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class (filled by each subclass)
 
@@ -67,6 +67,7 @@ class ImageInput:
         self.grid = adapter.merged_grid(thw.tolist())
         self._features = features
         self._gists: dict[int, VisionFeatures] = {}
+        self._text_height: list[float | None] = []  # measured on first use
 
     @classmethod
     def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
@@ -105,6 +106,13 @@ class ImageInput:
         if self._features is None:
             self._features = self.adapter.encode_images(self.patches, self.thw[None])[0]
         return self._features
+
+    def gist_scale(self, setting: int | str, text_px: float) -> int:
+        """The saccade gist's scale for this image (`choose_gist_scale`; for ``"auto"`` its text is measured once,
+        `text_height` on the processor's pixels)."""
+        if setting == "auto" and not self._text_height:
+            self._text_height.append(text_height(self.adapter.patch_geometry.unpatchify(self.patches, self.thw)[:, 0]))
+        return choose_gist_scale(setting, text_px, self._text_height[0] if self._text_height else None)
 
     def gist(self, scale: int) -> VisionFeatures:
         """The encoder's output on the image at 1/``scale`` per side (`PatchGeometry.gist`: the saccade's first

@@ -122,7 +122,10 @@ the answer costs its whole area at full detail (with `region_size=20` a region i
 The point quadtree starts from one gist token for the whole image and cuts the answer's box out
 exactly with two splits (at most 6 gist tokens around it), so every benchmark budget down to 1/16 is
 reachable while the answer's region keeps full detail. `region_size={region_size}` and
-`lod_ladder={lod_ladder}` are there for users who switch to the ladder.
+`lod_ladder={lod_ladder}` are there for users who switch to the ladder. With `encoding="saccade"` the gist's scale
+is chosen per image (`gist_scale="{gist_scale}"`): the coarsest at which the page's characters stay
+`gist_text_px={gist_text_px:g}` px tall – 2 on the tasks' pages (characters 12–19 px), where the fixed 4 of
+earlier releases left them 3–5 px tall and the gist could not find what the question names.
 
 ## How it was trained (this project's commands)
 ```bash

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backbones.base import ImageInput
 from ..data.boxes import box_overlap_map, oracle_allocation
 from ..relevance import ALL_TOKENS, RealizationRequest
 from ..relevance.saccade import gist_cell_means, random_crops
@@ -200,10 +201,11 @@ def consistency_loss(model, pixel_values: torch.Tensor, image_grid_thw: torch.Te
     """(e): mean over images of the squared error of the vision encoder's gist, crop and whole-image tokens
     (with any extra per-token features) against the teacher's whole-image tokens, relative to the teacher
     tokens' mean square. ``teacher``: a frozen copy of the vision tower from before training."""
-    adapter, scale = model.adapter, model.config.gist_scale
+    adapter, config = model.adapter, model.config
     terms, start = [], 0
     for thw in image_grid_thw:
         pixels, start = pixel_values[start : start + int(thw.prod())], start + int(thw.prod())
+        scale = ImageInput(adapter, pixels, thw, 0).gist_scale(config.gist_scale, config.gist_text_px)
         _, h, w = adapter.merged_grid(thw.tolist())
         with torch.no_grad(), vision_encoder_swapped(model, teacher):
             target = adapter.encode_images(pixels, thw[None])[0]
