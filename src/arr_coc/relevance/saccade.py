@@ -73,7 +73,6 @@ def choose_gist_scale(setting: int | str, text_px: float, height: float | None) 
     return min(max(int(height // text_px), low), high)
 
 
-
 def gist_grid(height: int, width: int, scale: int) -> tuple[int, int]:
     """The gist's merged grid: one gist token per ``scale x scale`` native tokens (edges rounded up)."""
     return -(-height // scale), -(-width // scale)
