@@ -306,12 +306,12 @@ def test_the_crop_margin_is_a_setting_and_a_call_option(make_model, make_process
         wide = model(**inputs, compression=4, encoding="saccade", crop_margin=2)
         model.config.crop_margin = 2
         configured = model(**inputs, compression=4, encoding="saccade")
-        zero = model(**inputs, compression=4, encoding="saccade", crop_margin=0)
+        default = model(**inputs, compression=4, encoding="saccade", crop_margin=1)  # the config's default
     assert plain.realizations[0].allocation == wide.realizations[0].allocation
     assert torch.equal(plain.tokens_used, wide.tokens_used) and saccade_crops(plain.realizations[0].allocation, 2)
     difference = float((plain.logits - wide.logits).abs().max())
     assert difference > 1e-5, difference
-    assert torch.equal(configured.logits, wide.logits) and torch.equal(zero.logits, plain.logits)
+    assert torch.equal(configured.logits, wide.logits) and torch.equal(default.logits, plain.logits)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="crop_margin=.* is invalid"):
             model(**inputs, encoding="saccade", crop_margin=bad)

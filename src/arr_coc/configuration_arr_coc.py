@@ -58,7 +58,7 @@ class ArrCocConfig(PreTrainedConfig):
             gist) the vision encoder still finds what a question names in – a property of the backbone (default 8).
         crop_margin (`int`): merged cells of context the saccade encodes around each crop and drops after the
             encoder, so a crop's tokens see what their neighbours saw in the whole image (crops whose margins overlap
-            are encoded together); a call may choose its own (`crop_margin=`, like `encoding=`).
+            are encoded together); a call may choose its own (`crop_margin=`, like `encoding=`). Default 1.
         relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
@@ -86,7 +86,7 @@ class ArrCocConfig(PreTrainedConfig):
     encoding: str = "single"
     gist_scale: int | str = "auto"
     gist_text_px: float = 8.0
-    crop_margin: int = 0
+    crop_margin: int = 1
     relevance_hidden_size: int = 128
     coupling_size: int = 64
     pooling: str = "relevance"

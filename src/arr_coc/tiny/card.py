@@ -125,7 +125,8 @@ reachable while the answer's region keeps full detail. `region_size={region_size
 `lod_ladder={lod_ladder}` are there for users who switch to the ladder. With `encoding="saccade"` the gist's scale
 is chosen per image (`gist_scale="{gist_scale}"`): the coarsest at which the page's characters stay
 `gist_text_px={gist_text_px:g}` px tall – 2 on the tasks' pages (characters 12–19 px), where the fixed 4 of
-earlier releases left them 3–5 px tall and the gist could not find what the question names.
+earlier releases left them 3–5 px tall and the gist could not find what the question names. Each crop is
+encoded with `crop_margin={crop_margin}` merged cell of context (on validation seeds it kept more than 0 on box-codes and as much as 2).
 
 ## How it was trained (this project's commands)
 ```bash

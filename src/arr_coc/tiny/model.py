@@ -22,7 +22,7 @@ IGNORE = -100
 # arr-coc settings of the embedded model (why: see the model card, assets/arr-coc-tiny/README.md).
 TINY_SETTINGS = dict(allocator="quadtree", min_tokens=16, max_tokens=512, budget_confidence=0.9, region_size=8,
                      lod_ladder=[1, 4, 16, 64], relevance_spread=1, relevance_floor=0.3, gist_scale="auto",
-                     gist_text_px=8.0)  # fmt: skip
+                     gist_text_px=8.0, crop_margin=1)  # fmt: skip
 
 
 def tiny_vlm_config(tokenizer):
