@@ -1,7 +1,8 @@
 """Checkpoints and heads-only folders saved by earlier releases (fixtures in tests/fixtures/arr_coc_<version>, each
 written by that release's code over one tiny random Qwen2-VL backbone; 0.2.0's with a scoped LoRA on the language
-model; 0.3.0's and 0.4.0's with every head weight and the adapter moved off its start, 0.4.0's with its relevance
-shaping set) still load: their heads and adapters come
+model; 0.3.0's and later with every head weight and the adapter moved off its start, 0.4.0's and 0.5.0's with their
+relevance shaping set, 0.5.0's with saccade encoding and that release's fixed gist scale and crop margin) still load:
+their settings, heads and adapters come
 back as saved, the weights added since start at their documented values (0.2.0: the budget head's survival slope at 0;
 0.3.0: the coupling scorer's context correction at 0), and the model answers – exactly the stock backbone at full budget, within its bounds with no budget."""
 
@@ -19,7 +20,7 @@ import arr_coc
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BACKBONE = os.path.join(FIXTURES, "arr_coc_0.1.0", "backbone")  # every release's fixtures sit on this backbone
-RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"]
 CONTEXT = "relevance.coupling.context.2"  # 0.3.0's context correction: its output layer
 
 
@@ -47,7 +48,11 @@ def _check(model, inputs, backbone, release: str) -> None:
     if release == "0.1.0":
         assert float(model.relevance.budget.log_slope) == 0.0  # the documented start: s = MIN_SLOPE + softplus(0)
     shaping = (model.config.relevance_spread, model.config.relevance_floor)
-    assert shaping == ((1, 0.3) if release == "0.4.0" else (0, 0.0))  # 0.4.0's allocator input shaping comes back
+    assert shaping == ((1, 0.3) if _since(release, "0.4.0") else (0, 0.0))  # the allocator input's shaping comes back
+    if release == "0.5.0":  # saved before gist_scale="auto" and crop_margin=1 became defaults: its own settings return
+        c = model.config
+        assert (c.encoding, c.gist_scale, c.crop_margin) == ("saccade", 4, 0)
+        assert model.realize_relevance(**inputs, compression=4)[0].gist_scale == 4
     if not _since(release, "0.3.0"):  # scores as it did
         assert not state[f"{CONTEXT}.weight"].any() and not state[f"{CONTEXT}.bias"].any()
     with torch.no_grad():
