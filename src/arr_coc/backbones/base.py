@@ -3,6 +3,7 @@ place positions, run the language model – plus the per-family hooks the evalua
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -67,7 +68,6 @@ class ImageInput:
         self.grid = adapter.merged_grid(thw.tolist())
         self._features = features
         self._gists: dict[int, VisionFeatures] = {}
-        self._text_height: list[float | None] = []  # measured on first use
 
     @classmethod
     def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
@@ -107,12 +107,15 @@ class ImageInput:
             self._features = self.adapter.encode_images(self.patches, self.thw[None])[0]
         return self._features
 
+    @functools.cached_property
+    def measured_text_height(self) -> float | None:
+        """The median height of the image's characters in the processor's pixels (`relevance.saccade.text_height`),
+        measured on first use; None without text."""
+        return text_height(self.adapter.patch_geometry.unpatchify(self.patches, self.thw)[:, 0])
+
     def gist_scale(self, setting: int | str, text_px: float) -> int:
-        """The saccade gist's scale for this image (`choose_gist_scale`; for ``"auto"`` its text is measured once,
-        `text_height` on the processor's pixels)."""
-        if setting == "auto" and not self._text_height:
-            self._text_height.append(text_height(self.adapter.patch_geometry.unpatchify(self.patches, self.thw)[:, 0]))
-        return choose_gist_scale(setting, text_px, self._text_height[0] if self._text_height else None)
+        """The saccade gist's scale for this image (`choose_gist_scale`; its text is measured only for "auto")."""
+        return choose_gist_scale(setting, text_px, self.measured_text_height if setting == "auto" else None)
 
     def gist(self, scale: int) -> VisionFeatures:
         """The encoder's output on the image at 1/``scale`` per side (`PatchGeometry.gist`: the saccade's first
