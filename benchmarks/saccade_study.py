@@ -28,9 +28,9 @@ def measure(model, processor, samples: list[dict], compression: int, margin: int
         chunk = samples[start : start + batch_size]
         inputs = processor(images=[s["image"] for s in chunk], text=[s["question"] for s in chunk])
         options = dict(compression=compression, encoding="saccade", crop_margin=margin)
-        out = model.generate(**inputs, **options, max_new_tokens=10, do_sample=False)
-        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for s, text, r in zip(chunk, texts, model.realize_relevance(**inputs, **options)):
+        out = model.generate(**inputs, **options, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+        texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for s, text, r in zip(chunk, texts, out.realizations):  # one image a sample, in order
             hits += normalize_answer(text) == s["answer"]
             localised += box_covered(r.detail_map(), s["answer_box"], s["image"].size)
             used += r.tokens_used
