@@ -24,7 +24,6 @@ from arr_coc.evaluation.harness import BUDGETS, KEPT_ABOVE_ONE, METHODS, kept_st
 from arr_coc.evaluation.methods import REGISTRY, bound_last, is_bound, table_name
 
 TARGET_BUDGETS = ("1/2", "1/4", "1/8", "1/16")
-SACCADE_HEADS = "arr-coc-saccade (saccade-trained heads)"
 # every budgeted method of the registry that is not arr-coc's own
 BASELINES = tuple(m for m, method in REGISTRY.items()
                   if method.budgeted and not method.bound and not m.startswith("arr-coc"))  # fmt: skip
@@ -61,7 +60,7 @@ def accuracy_section(table: list[dict]) -> list[str]:
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
     # an unbudgeted method's own label (besides full's): a column of its own
     budgets += sorted({r["budget"] for r in table if r["budget"] not in BUDGETS and r["method"] != "full"})
-    methods = [m for m in (*METHODS, SACCADE_HEADS) if m != "full" and any(r["method"] == m for r in table)]
+    methods = [m for m in METHODS if m != "full" and any(r["method"] == m for r in table)]
     methods = bound_last(methods)
     for task in tasks:
         full = next(r for r in table if r["task"] == task and r["method"] == "full")
@@ -165,9 +164,7 @@ SACCADE_TARGETS = {"1/8": 0.90, "1/4": 0.95}  # accuracy kept by the saccade (is
 
 def _saccade_kept(table: list[dict] | None) -> str:
     """Accuracy kept by the saccade at 1/8 and 1/4 per task (arr-coc-tiny's evaluation), against its targets."""
-    rows = [
-        r for r in table or [] if r["method"] in ("arr-coc-saccade", SACCADE_HEADS) and r["budget"] in SACCADE_TARGETS
-    ]
+    rows = [r for r in table or [] if r["method"] == "arr-coc-saccade" and r["budget"] in SACCADE_TARGETS]
     return "; ".join(
         f"{r['method']} keeps {_fmt(r['kept'])} of full on {r['task']} at {r['budget']} (target ≥ "
         f"{SACCADE_TARGETS[r['budget']]:.2f}): {'met' if r['kept'] >= SACCADE_TARGETS[r['budget']] else 'NOT met'}"
@@ -373,21 +370,10 @@ def main(argv=None) -> int:
     parser.add_argument("--loading", default="docs/results/loading.json")
     parser.add_argument("--app-load", default="docs/results/app_load.json")
     parser.add_argument("--eval-command", default="arr-coc eval --n 50 --out docs/results/eval")
-    parser.add_argument(
-        "--saccade-eval",
-        default="docs/results/eval_saccade/results.json",
-        help="an eval of a model whose heads were trained for saccades (its arr-coc-saccade rows)",
-    )
-    parser.add_argument("--saccade-eval-command", default="arr-coc train --config configs/train_tiny_saccade.yaml\n"
-                        "arr-coc eval --model runs/tiny-saccade-heads --methods full,arr-coc-saccade,low-res-first --n 50 "
-                        "--out docs/results/eval_saccade")  # fmt: skip
     args = parser.parse_args(argv)
     notes = kept_block(args.out, NOTES)
     result = json.load(open(args.eval)) if os.path.exists(args.eval) else None
     table = result["table"] if result else None
-    if table and os.path.exists(args.saccade_eval):  # the saccade with heads trained for it, beside the shared heads
-        table += [dict(r, method=SACCADE_HEADS) for r in json.load(open(args.saccade_eval))["table"]
-                  if r["method"] == "arr-coc-saccade"]  # fmt: skip
     runs = [json.load(open(path)) for path in args.speed if os.path.exists(path)]
     speed = None
     if runs:  # several runs (e.g. batch 8 only on the small model) read as one table
@@ -405,8 +391,6 @@ def main(argv=None) -> int:
         "",
     ]
     lines += ["## Commands", "", "```bash", args.eval_command]
-    if os.path.exists(args.saccade_eval):
-        lines.append(args.saccade_eval_command)
     if speed:
         lines.append(speed["command"])
     lines += ["python benchmarks/report.py", "```", ""]

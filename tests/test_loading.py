@@ -310,10 +310,15 @@ def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, ma
     torch.manual_seed(3)
     for p in model.relevance.parameters():  # heads that are not at their initial values
         p.data.add_(torch.randn_like(p) * 0.05)
+    for p in model.add_saccade_heads().parameters():  # the saccade's own, unlike the single encoding's
+        p.data.add_(torch.randn_like(p) * 0.05)
     processor = make_processor("qwen2_vl")
     paths = export_heads(model, str(tmp_path))
     assert os.path.getsize(paths["onnx"]) > 0 and os.path.getsize(paths["torch_export"]) > 0
-    runner = OnnxRelevance(str(tmp_path))
+    assert os.path.getsize(paths["saccade_onnx"]) > 0 and os.path.getsize(paths["saccade_torch_export"]) > 0
+    runner, saccade = OnnxRelevance(str(tmp_path)), OnnxRelevance(str(tmp_path), "saccade")
+    with pytest.raises(ValueError, match="encoding='tiles'"):
+        OnnxRelevance(str(tmp_path), "tiles")
     program = torch.export.load(paths["torch_export"]).module()
     unshaped = 0
     for s in samples:
@@ -326,6 +331,10 @@ def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, ma
             exported = program(features.tokens.view(h, w, -1), question)
         relevance, allocation = runner(features.tokens.detach().numpy(), question.detach().numpy(), h, w, budget=20)
         assert np.abs(relevance - realization.relevance.flatten().numpy()).max() < 1e-5
+        with torch.no_grad():  # the saccade's heads on the same tokens: their own numbers, not the single's
+            own = model.saccade_relevance.maps(features.tokens, (h, w), question, True).relevance.flatten().numpy()
+        on_gist, _ = saccade(features.tokens.detach().numpy(), question.detach().numpy(), h, w, budget=20)
+        assert np.abs(on_gist - own).max() < 1e-5 and np.abs(on_gist - relevance).max() > 1e-3
         assert torch.allclose(exported[3], realization.relevance.flatten(), atol=1e-6)
         assert allocation == realization.allocation
         flat = realization.relevance.flatten()

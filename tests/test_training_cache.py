@@ -78,6 +78,46 @@ def test_a_cached_step_equals_the_uncached_step_and_never_runs_the_vision_encode
         assert torch.equal(grads_cached[name], grad), name
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cached_saccade_step_equals_the_uncached_one_whose_crops_see_the_whole_image(
+    tmp_path, family, make_model, make_processor, samples
+):
+    model = make_model(family, mode="trained", encoding="saccade", allocator="quadtree", min_tokens=8, max_tokens=64,
+                       saccade_heads=True).train()  # fmt: skip
+    surgery.freeze(model, "all")
+    surgery.unfreeze(model, "saccade_relevance")
+    processor = make_processor(family)
+    examples = [dict(s) for s in samples]
+    folder = str(tmp_path / "pool")
+    build_cache(model, VQACollator(processor), examples, folder, {"test": family}, batch_size=3, progress=False,
+                saccade=True)  # fmt: skip
+    pool = CachedPool(folder, vision_fingerprint(model.vlm))
+    assert pool.meta["pool"]["gist"] == {"gist_scale": "auto", "gist_text_px": 8.0}
+    cached = CachedCollator(processor.tokenizer.pad_token_id)([pool[i] for i in range(len(pool))])
+    uncached = VQACollator(processor)(examples)
+    images = model.image_inputs(uncached["pixel_values"], uncached["image_grid_thw"])
+    scales = [f.gist_scale for f in cached["image_features"]]
+    assert scales == [image.gist_scale("auto", 8.0) for image in images]  # each image's own scale, cached
+
+    model.config.crop_margin = 10**4  # uncached crops whose context is the whole image
+    calls = []
+    hook = model.vlm.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    trainer = _trainer(model, tmp_path, pool, "answer=1,localise=1,distill=0.5,budget=0.1")
+    loss_uncached, grads_uncached = _step(trainer, model, uncached)
+    encoder_calls = len(calls)
+    loss_cached, grads_cached = _step(trainer, model, cached)
+    hook.remove()
+    assert encoder_calls > len(examples) and len(calls) == encoder_calls, "the encoder ran during the cached step"
+    # exact: the crops' tokens are the whole image's (with a crop_margin of 0 the loss differs by ~1e-5 here)
+    assert torch.equal(loss_cached, loss_uncached), (float(loss_cached), float(loss_uncached))
+    assert grads_cached.keys() == grads_uncached.keys() and grads_cached
+    assert all(n.startswith("saccade_relevance.") for n in grads_cached)
+    for name, grad in grads_uncached.items():
+        assert torch.equal(grads_cached[name], grad), name
+    with pytest.raises(ValueError, match="other data"):  # a whole-image pool is not a saccade pool
+        build_cache(model, VQACollator(processor), examples, folder, {"test": family}, progress=False)
+
+
 def test_a_pool_is_tied_to_its_encoder_resumes_and_refuses_other_data(tmp_path, make_model, make_processor, samples):
     model, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
     collator, examples, folder = VQACollator(processor), [dict(s) for s in samples], str(tmp_path / "pool")
@@ -105,8 +145,11 @@ def test_what_needs_the_vision_encoder_is_refused(tmp_path, make_model, make_pro
     surgery.unfreeze(model, "relevance")
     plain = ObjectiveWeights.parse("answer=1,localise=1")
     check_cached_training(model, plain, "single")  # heads only: fine
-    with pytest.raises(ValueError, match="saccade"):
-        check_cached_training(model, plain, "saccade")
+    check_cached_training(model, plain, "saccade")  # the saccade's too: gists cached, crops read from the whole image
+    with_vision_lora = make_model("qwen2_vl", mode="trained", scoped_lora={"vision": {"r": 2}})
+    surgery.freeze(with_vision_lora, "all")
+    with pytest.raises(ValueError, match="vision scoped LoRA encodes crops otherwise"):
+        check_cached_training(with_vision_lora, plain, "saccade")
     with pytest.raises(ValueError, match="consistency"):
         check_cached_training(model, ObjectiveWeights.parse("consistency=1"), "single")
     surgery.unfreeze(model, "merger")

@@ -59,6 +59,9 @@ class ArrCocConfig(PreTrainedConfig):
         crop_margin (`int`): merged cells of context the saccade encodes around each crop and drops after the
             encoder, so a crop's tokens see what their neighbours saw in the whole image (crops whose margins overlap
             are encoded together); a call may choose its own (`crop_margin=`, like `encoding=`). Default 1.
+        saccade_heads (`bool`): the saccade reads relevance on the gist with heads of its own (the model's
+            ``saccade_relevance``, trained with `arr-coc train --encoding saccade --saccade-heads`), so heads trained
+            for gists never change the single encoding's; False (the default): both encodings read ``relevance``.
         relevance_hidden_size (`int`): hidden width of the learned scorer, balancer and budget heads.
         coupling_size (`int`): width of the learned question/image coupling space.
         pooling (`str`): `"relevance"` (pooled tokens are relevance-weighted means) or `"mean"`.
@@ -87,6 +90,7 @@ class ArrCocConfig(PreTrainedConfig):
     gist_scale: int | str = "auto"
     gist_text_px: float = 8.0
     crop_margin: int = 1
+    saccade_heads: bool = False
     relevance_hidden_size: int = 128
     coupling_size: int = 64
     pooling: str = "relevance"
@@ -133,6 +137,8 @@ class ArrCocConfig(PreTrainedConfig):
             check_margin(self.crop_margin)
         except ValueError:
             _fail("crop_margin", self.crop_margin, "an integer >= 0 (merged cells of context around each saccade crop)")
+        if not isinstance(self.saccade_heads, bool):
+            _fail("saccade_heads", self.saccade_heads, "true or false")
         g = self.gist_scale
         if g != "auto" and (not isinstance(g, int) or isinstance(g, bool) or g < 2):
             _fail("gist_scale", g, "an integer >= 2 (the gist is the image at 1/gist_scale per side) or 'auto'")
@@ -201,7 +207,8 @@ class ArrCocConfig(PreTrainedConfig):
 ARR_COC_FIELDS = tuple(f for f in ArrCocConfig.__annotations__ if f != "vlm_config")
 
 
-WEIGHT_FIELDS = ("relevance_hidden_size", "coupling_size", "scoped_lora")  # the heads' and adapters' shapes
+# the heads' and adapters' shapes (and whether the saccade has heads of its own)
+WEIGHT_FIELDS = ("relevance_hidden_size", "coupling_size", "scoped_lora", "saccade_heads")
 
 
 def parse_settings(items: list[str]) -> dict:

@@ -6,7 +6,8 @@ AutoProcessor .from_pretrained(folder, trust_remote_code=True)`` work where arr-
 
 `export_heads(model, folder)`: the learned parts of the relevance realization – the three scorers,
 the balancer and the budget head, as one module from (visual tokens, question embeddings) to (the three
-maps, relevance, expected tokens) – with ``torch.export`` (a ``.pt2`` program) and to ONNX with dynamic
+maps, relevance, expected tokens), per set of heads (the saccade's own too, where a model has them) – with
+``torch.export`` (a ``.pt2`` program) and to ONNX with dynamic
 numbers of visual and question tokens; `OnnxRelevance` runs the ONNX file under onnxruntime and the
 allocator runs on its outputs in Python. A model's scoped LoRA adapters (`arr_coc.scoped_lora`) go beside them as
 standard PEFT adapter folders for the stock backbone, with the scope each is on for.
@@ -142,15 +143,15 @@ def _add_auto_map(path: str, entries: dict) -> None:
 
 
 class ExportableRelevance(nn.Module):
-    """The learned relevance heads of a (trained-mode) model, on one image.
+    """The learned relevance heads an ``encoding`` of a (trained-mode) model reads (`relevance_heads`), on one image.
 
-    grid_tokens [h, w, d] (the visual tokens on their grid), question [m, d_text] ->
+    grid_tokens [h, w, d] (the visual tokens on their grid; the gist's for the saccade), question [m, d_text] ->
     (information, salience, coupling, relevance [h*w], expected_tokens []).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, encoding: str = "single"):
         super().__init__()
-        self.heads = model.relevance
+        self.heads = model.relevance_heads(encoding)
         self.confidence = model.config.budget_confidence
 
     def forward(self, grid_tokens: torch.Tensor, question: torch.Tensor):
@@ -167,32 +168,40 @@ def _example(model, h: int = 6, w: int = 5, m: int = 7):
     return torch.randn(h, w, d, generator=g), torch.randn(m, d, generator=g)
 
 
+HEADS_FILES = {"single": "relevance_heads", "saccade": "saccade_relevance_heads"}  # file stem per encoding
+
+
 def export_heads(model, folder: str) -> dict:
-    """Write ``relevance_heads.pt2`` (torch.export) and ``relevance_heads.onnx``, and the model's scoped LoRA adapters
-    as standard PEFT adapter folders (``scoped_lora/<part>``, `scoped_lora.save_peft_adapter`; where each is on is
-    named in ``relevance_heads.json``); returns their paths."""
+    """Write ``relevance_heads.pt2`` (torch.export) and ``relevance_heads.onnx`` – and, for a model with saccade heads
+    of their own, ``saccade_relevance_heads.{pt2,onnx}`` – and the model's scoped LoRA adapters as standard PEFT
+    adapter folders (``scoped_lora/<part>``, `scoped_lora.save_peft_adapter`; which heads each encoding reads and where
+    each adapter is on are named in ``relevance_heads.json``); returns their paths."""
     from torch.export import Dim
 
     os.makedirs(folder, exist_ok=True)
-    module = ExportableRelevance(model).eval()
     example = _example(model)
     # AUTO: the exporter keeps sizes symbolic and turns always-true stride checks into runtime asserts
     shapes = {
         "grid_tokens": {0: Dim.AUTO(min=2, max=512), 1: Dim.AUTO(min=2, max=512)},
         "question": {0: Dim.AUTO(min=1, max=4096)},
     }
-    with torch.no_grad():
-        program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
-    paths = {
-        "torch_export": os.path.join(folder, "relevance_heads.pt2"),
-        "onnx": os.path.join(folder, "relevance_heads.onnx"),
-    }
-    torch.export.save(program, paths["torch_export"])
-    onnx_program = torch.onnx.export(
-        module, example, dynamo=True, dynamic_shapes=shapes, input_names=["grid_tokens", "question"],
-        output_names=["information", "salience", "coupling", "relevance", "expected_tokens"],
-    )  # fmt: skip
-    onnx_program.save(paths["onnx"])
+    paths, encodings = {}, {}
+    for encoding in ("single", "saccade") if model.saccade_relevance is not None else ("single",):
+        module, stem = ExportableRelevance(model, encoding).eval(), HEADS_FILES[encoding]
+        with torch.no_grad():
+            program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+        key = "" if encoding == "single" else f"{encoding}_"
+        paths[f"{key}torch_export"] = os.path.join(folder, f"{stem}.pt2")
+        paths[f"{key}onnx"] = os.path.join(folder, f"{stem}.onnx")
+        torch.export.save(program, paths[f"{key}torch_export"])
+        onnx_program = torch.onnx.export(
+            module, example, dynamo=True, dynamic_shapes=shapes, input_names=["grid_tokens", "question"],
+            output_names=["information", "salience", "coupling", "relevance", "expected_tokens"],
+        )  # fmt: skip
+        onnx_program.save(paths[f"{key}onnx"])
+        encodings[encoding] = f"{stem}.onnx"
+    if model.saccade_relevance is None:
+        encodings["saccade"] = encodings["single"]  # the saccade reads the single encoding's heads (on the gist)
     adapters = {}
     for part in model.config.scoped_lora or {}:
         paths[f"scoped_lora_{part}"] = save_peft_adapter(model, part, os.path.join(folder, "scoped_lora", part))
@@ -203,20 +212,25 @@ def export_heads(model, folder: str) -> dict:
                    "lod_ladder": model.config.lod_ladder, "relevance_spread": model.config.relevance_spread,
                    "relevance_floor": model.config.relevance_floor, "inputs": "grid_tokens [h, w, d], question [m, d]",
                    "outputs": "information, salience, coupling, relevance [n]; expected_tokens []",
-                   "scoped_lora": adapters}, f, indent=2)  # fmt: skip
+                   "heads": encodings, "scoped_lora": adapters}, f, indent=2)  # fmt: skip
     return paths
 
 
 class OnnxRelevance:
     """The exported heads under onnxruntime, and the allocator on their outputs (plain Python)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, encoding: str = "single"):
+        """``encoding``: whose heads to run, ``"single"`` or ``"saccade"`` (on the gist's tokens); raises `ValueError`
+        for another."""
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(
-            os.path.join(folder, "relevance_heads.onnx"), providers=["CPUExecutionProvider"]
-        )
         self.settings = json.load(open(os.path.join(folder, "relevance_heads.json")))
+        files = self.settings.get("heads", {"single": "relevance_heads.onnx", "saccade": "relevance_heads.onnx"})
+        if encoding not in files:  # folders before 0.7.0 name no heads: one set for both
+            raise ValueError(f"encoding={encoding!r}: expected one of {sorted(files)}")
+        self.session = onnxruntime.InferenceSession(
+            os.path.join(folder, files[encoding]), providers=["CPUExecutionProvider"]
+        )
 
     def __call__(self, tokens, question, h: int, w: int, budget: int | None = None):
         """numpy/torch tokens [h*w, d], question [m, d] -> (relevance [h*w] numpy, Allocation)."""

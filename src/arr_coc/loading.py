@@ -2,7 +2,8 @@
 a loaded model really takes. `ArrCocForConditionalGeneration.from_pretrained` / `from_backbone` use these.
 
 A heads-only folder (written by `training.trainer.save_heads`) holds ``arr_coc_heads.safetensors`` (the relevance
-heads, under ``relevance.``, and any scoped LoRA's weights under their names in the model), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
+heads, under ``relevance.`` – the saccade's own under ``saccade_relevance.`` – and any scoped LoRA's weights under their
+names in the model), ``arr_coc_heads.json`` (the backbone's name and the arr-coc settings) and a
 ``config.json``; the backbone is loaded by the name it carries.
 """
 
@@ -48,13 +49,31 @@ ADDED_SINCE_0_1_0 = (
 )  # fmt: skip
 
 
+def _saved_heads(state: dict, prefix: str, heads, path: str) -> dict:
+    """The weights under ``prefix`` in ``state`` for ``heads``; those added since 0.1.0 start at their init."""
+    saved = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    own = heads.state_dict()
+    missing = set(own) - set(saved)
+    if missing and missing <= set(ADDED_SINCE_0_1_0):  # saved by an older arr-coc: the new ones start at their init
+        saved.update({k: own[k] for k in missing})
+    elif missing:
+        raise RuntimeError(
+            f"{path} lacks {prefix}* weights {sorted(missing)[:6]} that this model's heads have: it was saved by another "
+            "version of arr-coc (this one loads heads saved by 0.1.0 and later) or for another configuration; load it "
+            "with the arr-coc version that saved it, or retrain the heads (docs/training.md)"
+        )
+    return saved
+
+
 def load_relevance_heads(model, folder: str) -> None:
-    """Put the relevance heads saved in ``folder`` on ``model``, with the weights of its scoped LoRA adapters
+    """Put the relevance heads saved in ``folder`` on ``model`` – the single encoding's (``relevance.*``) and, where the
+    model has them, the saccade's own (``saccade_relevance.*``) – with the weights of its scoped LoRA adapters
     (`scoped_lora`): a heads-only folder (``arr_coc_heads.safetensors``) or a whole arr-coc checkpoint
-    (``model.safetensors``, its ``relevance.*`` and scoped LoRA weights).
+    (``model.safetensors``).
 
     Raises `FileNotFoundError` when the folder has neither file, `RuntimeError` (from ``load_state_dict``) when
-    the weights do not fit the model's heads, and `ValueError` when its scoped LoRA weights do not match the model's.
+    the weights do not fit the model's heads, and `ValueError` when its scoped LoRA weights do not match the model's
+    or it holds saccade heads of their own and the model has none, or the other way round (`ArrCocConfig.saccade_heads`).
     """
     from safetensors.torch import load_file
 
@@ -66,17 +85,13 @@ def load_relevance_heads(model, folder: str) -> None:
             "(an arr-coc checkpoint)"
         )
     state = load_file(path)
-    heads = {k.removeprefix("relevance."): v for k, v in state.items() if k.startswith("relevance.")}
-    missing = set(model.relevance.state_dict()) - set(heads)
-    if missing and missing <= set(ADDED_SINCE_0_1_0):  # saved by an older arr-coc: the new ones start at their init
-        heads.update({k: model.relevance.state_dict()[k] for k in missing})
-    elif missing:
-        raise RuntimeError(
-            f"{path} lacks relevance weights {sorted(missing)} that this model's heads have: it was saved by another "
-            "version of arr-coc (this one loads heads saved by 0.1.0 and later) or for another configuration; load it "
-            "with the arr-coc version that saved it, or retrain the heads (docs/training.md)"
-        )
-    model.relevance.load_state_dict(heads)
+    saved = any(k.startswith("saccade_relevance.") for k in state)
+    if saved != (model.saccade_relevance is not None):
+        raise ValueError(f"{path} holds {'' if saved else 'no '}heads of the saccade's own, and this model has "
+                         f"{'no place for them' if saved else 'some'}: build it with saccade_heads={saved}")  # fmt: skip
+    for prefix, heads in (("relevance.", model.relevance), ("saccade_relevance.", model.saccade_relevance)):
+        if heads is not None:
+            heads.load_state_dict(_saved_heads(state, prefix, heads, path))
     load_scoped_lora(model, state, path)
 
 
@@ -175,13 +190,17 @@ def check_tied_placement(config, device_map: dict) -> None:
 
 def nested_device_map(path, device_map: dict) -> dict:
     """A ``device_map`` for an arr-coc checkpoint: one in the backbone's own module names (as for ``from_backbone``)
-    is placed under ``vlm.``, with the heads beside the first module not on disk; one already in arr-coc's names
-    (``vlm...``, ``relevance``) is returned as it is."""
-    if any(k.split(".")[0] in ("vlm", "relevance") for k in device_map):
+    is placed under ``vlm.``, with the heads (the saccade's own too) beside the first module not on disk; one already
+    in arr-coc's names (``vlm...``, ``relevance``, ``saccade_relevance``) is returned as it is."""
+    if any(k.split(".")[0] in ("vlm", "relevance", "saccade_relevance") for k in device_map):
         return device_map
-    check_tied_placement(AutoConfig.from_pretrained(path), device_map)
+    config = AutoConfig.from_pretrained(path)
+    check_tied_placement(config, device_map)
     heads = next((d for d in device_map.values() if d not in ("disk", "meta")), "cpu")
-    return {**{f"vlm.{k}" if k else "vlm": d for k, d in device_map.items()}, "relevance": heads}
+    placed = {**{f"vlm.{k}" if k else "vlm": d for k, d in device_map.items()}, "relevance": heads}
+    if getattr(config, "saccade_heads", False):
+        placed["saccade_relevance"] = heads
+    return placed
 
 
 def memory_footprint(model: torch.nn.Module, return_buffers: bool = True) -> int:

@@ -21,6 +21,7 @@ realize protocol of `relevance.realizing`, as the evaluation's baselines do.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ class ArrCocPreTrainedModel(PreTrainedModel):
 
 
 class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
-    """A backbone VLM (``self.vlm``, a stock ``*ForConditionalGeneration``) plus the relevance heads.
+    """A backbone VLM (``self.vlm``, a stock ``*ForConditionalGeneration``) plus the relevance heads (``self.relevance``;
+    the saccade's own in ``self.saccade_relevance`` where `ArrCocConfig.saccade_heads` asks for them).
 
     Extra call arguments of `forward`, `generate` and `realize_relevance` (together a `RealizationRequest`):
         question_mask ([B, L]): 1 on the question's tokens (the processor emits it).
@@ -149,6 +151,12 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         self.relevance = RelevanceHeads(
             visual_size, visual_size, config.relevance_hidden_size, config.coupling_size, config.balance_weights
         )
+        # the saccade's own heads (relevance on the gist), so heads trained for gists leave the single encoding's as
+        # they are; without them both encodings read `relevance`
+        self.saccade_relevance = (
+            RelevanceHeads(visual_size, visual_size, config.relevance_hidden_size, config.coupling_size,
+                           config.balance_weights) if config.saccade_heads else None
+        )  # fmt: skip
         self.post_init()
         if config.scoped_lora:  # after post_init, which would re-initialise the fresh adapters' weights
             inject_scoped_lora(self, config.scoped_lora)
@@ -156,6 +164,24 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     @property
     def adapter(self):
         return adapter_for(self.vlm)
+
+    def relevance_heads(self, encoding: str) -> RelevanceHeads:
+        """The heads an encoding reads (``"single"`` or ``"saccade"``): the saccade's own (``saccade_relevance``) when
+        the model has them (`ArrCocConfig.saccade_heads`), else ``relevance``."""
+        return (
+            self.saccade_relevance if encoding == "saccade" and self.saccade_relevance is not None else self.relevance
+        )
+
+    def add_saccade_heads(self) -> RelevanceHeads:
+        """Give the saccade heads of its own, starting as a copy of the single encoding's (the start for training them
+        on gists: `arr-coc train --encoding saccade --saccade-heads`); sets ``config.saccade_heads`` and returns them.
+        Raises `ValueError` when the model has them already."""
+        if self.saccade_relevance is not None:
+            raise ValueError("this model has saccade heads already (config.saccade_heads is True); train them as they "
+                             "are")  # fmt: skip
+        self.saccade_relevance = copy.deepcopy(self.relevance)
+        self.config.saccade_heads = True
+        return self.saccade_relevance
 
     @property
     def allocator(self) -> TokenAllocator:
@@ -212,7 +238,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         vlm = load_backbone(model_or_path, overrides)
         model = cls(ArrCocConfig(vlm_config=vlm.config, **config_fields), vlm=vlm)
         placed = [p.device for p in vlm.parameters() if p.device.type != "meta"]  # meta: offloaded to disk
-        model.relevance.to(device=placed[0] if placed else "cpu")  # heads stay fp32 whatever the backbone's dtype
+        for heads in (model.relevance, model.saccade_relevance):  # heads stay fp32 whatever the backbone's dtype
+            if heads is not None:
+                heads.to(device=placed[0] if placed else "cpu")
         model.generation_config = GenerationConfig.from_dict(vlm.generation_config.to_dict())
         return model
 
@@ -264,19 +292,19 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ one image: the realize protocol
 
-    def _relevance_maps(self, tokens: torch.Tensor, grid: tuple[int, int], question: torch.Tensor,
-                        mode: str) -> RelevanceMaps:  # fmt: skip
-        """knowing -> balancing on ``tokens`` [h*w, d] (the heads run in their own dtype, fp32)."""
-        dtype = next(self.relevance.parameters()).dtype
-        return self.relevance.maps(tokens.to(dtype), grid, question.to(dtype), mode == "trained")
+    def _relevance_maps(self, heads: RelevanceHeads, tokens: torch.Tensor, grid: tuple[int, int],
+                        question: torch.Tensor, mode: str) -> RelevanceMaps:  # fmt: skip
+        """knowing -> balancing by ``heads`` on ``tokens`` [h*w, d] (the heads run in their own dtype, fp32)."""
+        dtype = next(heads.parameters()).dtype
+        return heads.maps(tokens.to(dtype), grid, question.to(dtype), mode == "trained")
 
-    def _attend(self, maps: RelevanceMaps, question: torch.Tensor, h: int, w: int,
+    def _attend(self, heads: RelevanceHeads, maps: RelevanceMaps, question: torch.Tensor, h: int, w: int,
                 ask: ImageRequest) -> tuple[torch.Tensor, Allocation, BudgetDecision]:  # fmt: skip
-        """attending, from relevance on the native ``h x w`` grid: the budget head's estimate, then the budget
-        rules and the allocation -> (expected tokens [], allocation, decision)."""
+        """attending, from relevance on the native ``h x w`` grid: the budget head's estimate (of ``heads``), then the
+        budget rules and the allocation -> (expected tokens [], allocation, decision)."""
         config, trained = self.config, ask.mode == "trained"
-        question = question.to(next(self.relevance.parameters()).dtype)
-        expected = self.relevance.budget(maps.relevance, question, trained, config.budget_confidence)
+        question = question.to(next(heads.parameters()).dtype)
+        expected = heads.budget(maps.relevance, question, trained, config.budget_confidence)
         relevance = shape_relevance(maps.relevance, h, w, config.relevance_spread, config.relevance_floor)
         allocation, decision = self.allocator.decide(relevance, h, w, float(expected.detach()),
                                                      config.min_tokens, config.max_tokens, ask.budget,
@@ -288,8 +316,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         """One image encoded once: knowing -> balancing -> attending -> realizing."""
         features = image.features
         _, h, w = features.grid
-        maps = self._relevance_maps(features.tokens, (h, w), question, ask.mode)
-        expected, allocation, decision = self._attend(maps, question, h, w, ask)
+        maps = self._relevance_maps(self.relevance, features.tokens, (h, w), question, ask.mode)
+        expected, allocation, decision = self._attend(self.relevance, maps, question, h, w, ask)
         return realize_allocation([features.tokens, *features.extra], maps, expected, allocation, decision,
                                   ask.pooling)  # fmt: skip
 
@@ -304,17 +332,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 "allocation= fixes a tiling of the encoder's tokens, which saccade encoding does not compute; "
                 "pass budget= or compression=, or use encoding='single'"
             )
-        if image.patches is None:
-            raise ValueError("saccade encoding reads the image's pixels; this image came as encoder outputs only")
-        adapter, scale = self.adapter, image.gist_scale(self.config.gist_scale, self.config.gist_text_px)
+        scale = image.gist_scale(self.config.gist_scale, self.config.gist_text_px)
         _, h, w = image.grid
         with lora_scope(self, "vision"):  # the vision tower's scoped LoRA: on for the saccade's encodings
             gist = image.gist(scale)
-        maps = expand_maps(self._relevance_maps(gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
-        expected, allocation, decision = self._attend(maps, question, h, w, ask)
+        heads = self.relevance_heads("saccade")
+        maps = expand_maps(self._relevance_maps(heads, gist.tokens, gist.grid[1:], question, ask.mode), h, w, scale)
+        expected, allocation, decision = self._attend(heads, maps, question, h, w, ask)
         boxes = saccade_crops(allocation, scale)
         with lora_scope(self, "vision", allocation.tokens_used < h * w):  # at >= native: the single encoding
-            crops = adapter.encode_crops(image.patches, image.thw, boxes, ask.crop_margin)
+            crops = image.crops(boxes, ask.crop_margin)
         features = native_features([gist.tokens, *gist.extra], [[c.tokens, *c.extra] for c in crops], boxes, h, w,
                                    scale)  # fmt: skip
         return realize_allocation(features, maps, expected, allocation, decision, ask.pooling, "saccade", scale)

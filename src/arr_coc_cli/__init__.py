@@ -58,6 +58,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="train the heads for this encoding (saccade: relevance on the gist; needs localise/distill/budget terms)",
     )  # fmt: skip
     p.add_argument(
+        "--saccade-heads", action="store_true", default=None,
+        help="with --encoding saccade: train heads of the saccade's own (started from the single encoding's, which stay "
+        "as they are; config saccade_heads) – a model that has them trains them with --encoding saccade anyway",
+    )  # fmt: skip
+    p.add_argument(
         "--relevance-spread", type=int, default=None,
         help="train (and save) the model with this shaping of the allocator's input: tokens per side a relevance peak "
         "spreads over (config relevance_spread; default: the model's own)",
@@ -93,7 +98,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-parts",
         default=None,
-        help="comma-separated parts to train (default: relevance); see training/surgery.py",
+        help="comma-separated parts to train (default: the heads the run's encoding reads – relevance, or "
+        "saccade_relevance in a saccade run of a model with saccade heads); see training/surgery.py",
     )
     p.add_argument("--part-lr", default=None, help="per-part learning rates, e.g. 'relevance=1e-3,language_model=1e-5'")
     p.add_argument(

@@ -18,16 +18,30 @@ class VisionFeatures:
     """One image after the vision encoder and its spatial merge.
 
     tokens: [h*w, d] in raster order of the merged grid; grid: (t, h, w) of that grid;
-    extra: further per-token features compressed exactly like ``tokens`` (Qwen3-VL deepstack).
+    extra: further per-token features compressed exactly like ``tokens`` (Qwen3-VL deepstack);
+    gist / gist_scale: the saccade's first pass on the same image and its scale, where they were encoded ahead with it
+    (a pool cached for training saccade heads, `training.cache`).
     """
 
     tokens: torch.Tensor
     grid: tuple[int, int, int]
     extra: list[torch.Tensor] = field(default_factory=list)
+    gist: VisionFeatures | None = None
+    gist_scale: int | None = None
 
     def to(self, device) -> VisionFeatures:
         """The same features on ``device``."""
-        return VisionFeatures(self.tokens.to(device), self.grid, [x.to(device) for x in self.extra])
+        gist = self.gist.to(device) if self.gist is not None else None
+        return VisionFeatures(self.tokens.to(device), self.grid, [x.to(device) for x in self.extra], gist,
+                              self.gist_scale)  # fmt: skip
+
+    def box(self, box: Box) -> VisionFeatures:
+        """The tokens (and extra features) of a merged-grid box (y0, x0, y1, x1) in its raster order, grid
+        (1, rows, columns)."""
+        _, h, w = self.grid
+        y0, x0, y1, x1 = box
+        index = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten().to(self.tokens.device)
+        return VisionFeatures(self.tokens[index], (1, y1 - y0, x1 - x0), [x[index] for x in self.extra])
 
 
 def check_pixels(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> None:
@@ -59,7 +73,9 @@ class ImageInput:
     outputs); thw: [3] the patch grid; grid: (t, h, w) of the
     merged grid; index: the image's place among the batch's images. ``features`` is the vision encoder's output
     (`VisionFeatures`), encoded on first use and kept – every post-encoder method and budget then reuses one
-    encoding; the saccade never asks for it, and reuses its gist the same way (`gist`).
+    encoding; the saccade never asks for it, and reuses its gist the same way (`gist`). An image given by cached
+    encoder outputs with a gist (`VisionFeatures.gist`) takes the saccade too: its gist is the cached one and its crops
+    are read from the whole-image encoding (`crops`).
     """
 
     def __init__(self, adapter: BackboneAdapter, patches: torch.Tensor | None, thw: torch.Tensor, index: int,
@@ -68,6 +84,8 @@ class ImageInput:
         self.grid = adapter.merged_grid(thw.tolist())
         self._features = features
         self._gists: dict[int, VisionFeatures] = {}
+        if features is not None and features.gist is not None:
+            self._gists[features.gist_scale] = features.gist
 
     @classmethod
     def split(cls, adapter: BackboneAdapter, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
@@ -114,16 +132,35 @@ class ImageInput:
         return text_height(self.adapter.patch_geometry.unpatchify(self.patches, self.thw)[:, 0])
 
     def gist_scale(self, setting: int | str, text_px: float) -> int:
-        """The saccade gist's scale for this image (`choose_gist_scale`; its text is measured only for "auto")."""
+        """The saccade gist's scale for this image (`choose_gist_scale`; its text is measured only for "auto"); for an
+        image given by cached encoder outputs, the scale its gist was cached at (the pool was encoded under the same
+        settings). Raises `ValueError` for such an image without a cached gist."""
+        if self.patches is None:
+            if not self._gists:
+                raise ValueError("saccade encoding reads the image's pixels, and this image came as encoder outputs "
+                                 "without a gist: pass the pixels, or cache the pool for the saccade (training.cache)")  # fmt: skip
+            return next(iter(self._gists))
         return choose_gist_scale(setting, text_px, self.measured_text_height if setting == "auto" else None)
 
     def gist(self, scale: int) -> VisionFeatures:
         """The encoder's output on the image at 1/``scale`` per side (`PatchGeometry.gist`: the saccade's first
-        pass), encoded on first use and kept per scale."""
+        pass), encoded on first use and kept per scale. Raises `ValueError` for an image given by cached encoder
+        outputs without a gist at that scale."""
         if scale not in self._gists:
+            if self.patches is None:
+                raise ValueError(f"this image came as encoder outputs without a gist at scale {scale}: pass the pixels "
+                                 "or cache the pool under the model's gist settings")  # fmt: skip
             self._gists[scale] = self.adapter.encode_images(*self.adapter.patch_geometry.gist(self.patches, self.thw,
                                                                                               scale))[0]  # fmt: skip
         return self._gists[scale]
+
+    def crops(self, boxes: list[Box], margin: int) -> list[VisionFeatures]:
+        """The saccade's crops (merged-grid boxes) at full resolution with ``margin`` cells of context
+        (`BackboneAdapter.encode_crops`); for an image given by cached encoder outputs, the whole-image encoding's
+        tokens in each box – a crop whose margin covers the whole image, which the encoder never runs for."""
+        if self.patches is None:
+            return [self.features.box(box) for box in boxes]
+        return self.adapter.encode_crops(self.patches, self.thw, boxes, margin)
 
 
 class BackboneAdapter:

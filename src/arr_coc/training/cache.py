@@ -6,6 +6,11 @@ encoder's own dtype, with the token rows the processor made (input_ids, labels, 
 Training steps then read those (`CachedPool`, `CachedCollator`) and pass them to the model as ``image_features``:
 the vision encoder never runs in a step, and the step equals the uncached one (tests/test_training_cache.py).
 
+For a saccade run (``--encoding saccade``) each sample also keeps its gist, encoded at the scale the model's settings
+choose for it (`ImageInput.gist_scale`); a step then reads relevance on the cached gist and each crop from the cached
+whole-image encoding – the crop a margin covering the whole image would give (`ImageInput.crops`), so the step equals
+the uncached one with ``crop_margin`` that wide. The heads only ever see the gist; the crops enter the answer loss.
+
 Layout of DIR (one per pool): ``cache.json`` (format, the encoder's fingerprint, the pool's description, sample
 and shard counts) and ``shard-00000.safetensors``... of ``SHARD`` samples each, each written atomically, so a
 stopped build continues where it stopped. A pool encoded by other vision weights, or of other data, is refused.
@@ -25,6 +30,7 @@ from safetensors.torch import save_file
 
 from ..backbones.base import VisionFeatures
 from ..padding import left_pad
+from ..scoped_lora import has_scoped_lora, lora_scope
 from ..sequence import IGNORE_INDEX
 
 FORMAT = 1
@@ -44,18 +50,19 @@ def vision_fingerprint(vlm) -> str:
 
 def check_cached_training(model, objectives, encoding: str) -> None:
     """Raise `ValueError` when a trained part needs the vision encoder to run in the step: a trainable parameter in
-    the vision encoder or its merger, the saccade (it encodes a gist and crops per step), or the ``consistency``
-    objective (it trains the encoder)."""
+    the vision encoder or its merger, a saccade run of a model with a vision scoped LoRA (its crops are encoded
+    otherwise than the whole image the pool reads them from), or the ``consistency`` objective (it trains the
+    encoder)."""
     moving = [n for n, p in model.vlm.model.visual.named_parameters() if p.requires_grad]
     if moving:
         raise ValueError(
             f"--cache-encoder trains on a frozen vision encoder's outputs, but {len(moving)} of its parameters are "
             f"trainable (e.g. {moving[0]}): drop vision_encoder/merger from --train-parts, or train without the cache"
         )
-    if encoding == "saccade":
+    if encoding == "saccade" and has_scoped_lora(model, "vision"):
         raise ValueError(
-            "--cache-encoder caches whole-image encodings; the saccade encodes a gist and crops in every step: "
-            "train the saccade's heads without --cache-encoder, or use encoding single"
+            "--cache-encoder reads a saccade's crops from the whole image's encoding, but this model's vision scoped "
+            "LoRA encodes crops otherwise: train its saccade heads without --cache-encoder"
         )
     if objectives.consistency:
         raise ValueError(
@@ -70,9 +77,10 @@ def _describe(dataset, processor, extra: dict) -> dict:
 
 @torch.no_grad()
 def build_cache(model, collator, dataset, directory: str, description: dict | None = None, batch_size: int = 8,
-                progress: bool = True) -> str:  # fmt: skip
+                progress: bool = True, saccade: bool = False) -> str:  # fmt: skip
     """Encode every sample of ``dataset`` (examples as ``collator`` – a `VQACollator` – takes them, one image each)
-    with ``model``'s vision encoder into ``directory``; returns it.
+    with ``model``'s vision encoder into ``directory``; returns it. ``saccade``: also each image's gist, at the scale
+    the model's ``gist_scale`` / ``gist_text_px`` choose for it (the pool records them).
 
     ``description``: what the pool is (data spec, counts, seeds), stored and compared so another pool is never
     read as this one. Continues a stopped build. Raises `ValueError` when ``directory`` holds a pool of other
@@ -81,8 +89,11 @@ def build_cache(model, collator, dataset, directory: str, description: dict | No
     """
     from tqdm.auto import tqdm
 
+    description = dict(description or {})
+    if saccade:
+        description["gist"] = {"gist_scale": model.config.gist_scale, "gist_text_px": model.config.gist_text_px}
     meta = {"format": FORMAT, "encoder": vision_fingerprint(model.vlm), "shard_size": SHARD,
-            "pool": _describe(dataset, collator.processor, description or {})}  # fmt: skip
+            "pool": _describe(dataset, collator.processor, description)}  # fmt: skip
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, META)
     if os.path.exists(path):
@@ -105,25 +116,34 @@ def build_cache(model, collator, dataset, directory: str, description: dict | No
         tensors = {}
         for first in range(shard * SHARD, min(n, (shard + 1) * SHARD), batch_size):
             indices = list(range(first, min(first + batch_size, n, (shard + 1) * SHARD)))
-            tensors.update(_encode_batch(model, collator, [dataset[i] for i in indices], indices))
+            tensors.update(_encode_batch(model, collator, [dataset[i] for i in indices], indices, saccade))
         save_file(tensors, file + ".tmp")
         os.replace(file + ".tmp", file)
     return directory
 
 
-def _encode_batch(model, collator, examples: list[dict], indices: list[int]) -> dict[str, torch.Tensor]:
+def _encode_batch(model, collator, examples: list[dict], indices: list[int], saccade: bool) -> dict[str, torch.Tensor]:
     batch = collator(examples)
     grids = batch["image_grid_thw"]
     if grids.shape[0] != len(examples):
         raise ValueError(f"--cache-encoder takes one image per sample; a batch of {len(examples)} had {len(grids)}")
     device = next(model.vlm.parameters()).device
-    features = model.encode_images(batch["pixel_values"].to(device), grids.to(device))
+    images = model.image_inputs(batch["pixel_values"].to(device), grids.to(device))
     out = {}
-    for j, (i, encoded) in enumerate(zip(indices, features)):
+    for j, (i, image) in enumerate(zip(indices, images)):
+        encoded = image.features
         keep = batch["attention_mask"][j].bool()
         row = {name: batch[name][j][keep] for name in ROWS}
         row.update(grid=torch.tensor(encoded.grid), image_grid_thw=grids[j], tokens=encoded.tokens)
         row.update({f"extra.{k}": x for k, x in enumerate(encoded.extra)})
+        if saccade:
+            scale = image.gist_scale(model.config.gist_scale, model.config.gist_text_px)
+            with lora_scope(model, "vision"):
+                gist = image.gist(scale)
+            row.update(
+                {"gist.scale": torch.tensor(scale), "gist.grid": torch.tensor(gist.grid), "gist.tokens": gist.tokens}
+            )
+            row.update({f"gist.extra.{k}": x for k, x in enumerate(gist.extra)})
         if "answer_box" in batch:
             row.update(answer_box=batch["answer_box"][j], image_size=batch["image_size"][j])
         out.update({f"{i}.{name}": x.detach().cpu().clone().contiguous() for name, x in row.items()})
@@ -193,19 +213,21 @@ class CachedCollator:
             "labels": left_pad([s["labels"] for s in samples], IGNORE_INDEX),
             "question_mask": left_pad([s["question_mask"] for s in samples], 0),
             "image_grid_thw": torch.stack([s["image_grid_thw"] for s in samples]),
-            "image_features": [
-                VisionFeatures(
-                    s["tokens"],
-                    tuple(s["grid"].tolist()),
-                    [s[f"extra.{k}"] for k in range(sum(n.startswith("extra.") for n in s))],
-                )
-                for s in samples
-            ],  # fmt: skip
+            "image_features": [_features(s) for s in samples],
         }
         if any("answer_box" in s for s in samples):
             batch["answer_box"] = torch.stack([s.get("answer_box", torch.full((4,), -1.0)) for s in samples])
             batch["image_size"] = torch.stack([s.get("image_size", torch.zeros(2, dtype=torch.long)) for s in samples])
         return batch
+
+
+def _features(sample: dict, prefix: str = "") -> VisionFeatures:
+    """A cached sample's `VisionFeatures` (its gist with them, where the pool has gists)."""
+    extra = [sample[f"{prefix}extra.{k}"] for k in range(sum(n.startswith(f"{prefix}extra.") for n in sample))]
+    features = VisionFeatures(sample[f"{prefix}tokens"], tuple(sample[f"{prefix}grid"].tolist()), extra)
+    if not prefix and "gist.tokens" in sample:
+        features.gist, features.gist_scale = _features(sample, "gist."), int(sample["gist.scale"])
+    return features
 
 
 def cached_datasets(model, collator, train, valid, directory: str, descriptions: dict[str, dict], args):
@@ -222,7 +244,8 @@ def cached_datasets(model, collator, train, valid, directory: str, descriptions:
         with args.main_process_first(desc=f"encoding the {name} pool"):
             if args.should_save:
                 build_cache(model, collator, dataset, folder, descriptions[name],
-                            batch_size=args.per_device_train_batch_size)  # fmt: skip
+                            batch_size=args.per_device_train_batch_size,
+                            saccade=model.config.encoding == "saccade")  # fmt: skip
         pools.append(CachedPool(folder, fingerprint))
     pad = collator.processor.tokenizer.pad_token_id
     return pools[0], pools[1], CachedCollator(pad if pad is not None else 0)

@@ -20,7 +20,7 @@ TEST_KILL_ENV = "ARR_COC_TEST_KILL_AFTER_CHECKPOINT"  # test hook: SIGKILL this 
 
 DEFAULTS = {
     "data": "synthetic", "train_samples": 512, "eval_samples": 32, "objectives": "answer=1,localise=1",
-    "budget": "random", "compression_range": "2,16", "train_parts": "relevance", "learning_rate": 1e-3,
+    "budget": "random", "compression_range": "2,16", "learning_rate": 1e-3,
     "max_steps": 200, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "save_steps": 50,
     "eval_steps": 100, "logging_steps": 10, "seed": 0, "report_to": "none",
 }  # fmt: skip
@@ -78,6 +78,26 @@ def _kill_hook():
     return KillAfterCheckpoint()
 
 
+def _heads_parts(model, options: dict) -> list[str]:
+    """The parts to train (`surgery`): ``train_parts`` or, without it, the heads the run's encoding reads; adds the
+    saccade's own heads first for ``saccade_heads``. Raises `ValueError` for ``saccade_heads`` outside a saccade run,
+    and for heads the run's encoding never reads (they would get no gradient)."""
+    encoding = model.config.encoding
+    if options.get("saccade_heads"):
+        if encoding != "saccade":
+            raise ValueError("--saccade-heads trains the saccade's own heads: pass --encoding saccade too")
+        if model.saccade_relevance is None:
+            model.add_saccade_heads()
+    reads = "saccade_relevance" if model.relevance_heads(encoding) is model.saccade_relevance else "relevance"
+    parts = [p.strip() for p in str(options.get("train_parts") or reads).split(",") if p.strip()]
+    unread = [p for p in parts if p.split(".")[0] in ("relevance", "saccade_relevance") and p.split(".")[0] != reads]
+    if unread:
+        raise ValueError(f"--train-parts {','.join(unread)}: a run with --encoding {encoding} on this model reads the "
+                         f"heads in {reads!r}, so these would get no gradient; train {reads!r} (or leave "
+                         "--train-parts out)")  # fmt: skip
+    return parts
+
+
 def train(options: dict) -> dict:
     """Run one training job; returns a summary (paths, steps, final metrics)."""
     from transformers import TrainingArguments, set_seed
@@ -104,7 +124,7 @@ def train(options: dict) -> dict:
             setattr(model.config, field, options[field])
     model.config.check()
     surgery.freeze(model, "all")
-    surgery.unfreeze(model, *[p.strip() for p in str(options["train_parts"]).split(",") if p.strip()])
+    surgery.unfreeze(model, *_heads_parts(model, options))
     if options.get("lora_r"):
         surgery.add_lora(model, r=int(options["lora_r"]), alpha=2 * int(options["lora_r"]))
     consistency = ObjectiveWeights.parse(options["objectives"]).consistency

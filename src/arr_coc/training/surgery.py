@@ -10,6 +10,7 @@ Parts are named like the model's modules (the backbone adapter knows where they 
     "language_model.layers.3"   one decoder layer (any index)
     "lm_head"               the output projection (tied to the embeddings in small Qwen models)
     "relevance"             all relevance heads; "relevance.coupling" etc. for one
+    "saccade_relevance"     the saccade's own heads, likewise (only when the model has them: `add_saccade_heads`)
     "language_model.lora"   the language model's scoped LoRA, "vision_encoder.lora" the vision tower's (only when
                             the model has one: `arr_coc.scoped_lora`)
 
@@ -44,9 +45,12 @@ def part_modules(model) -> OrderedDict[str, nn.Module]:
     for i, layer in enumerate(language.layers):
         parts[f"language_model.layers.{i}"] = layer
     parts["lm_head"] = vlm.lm_head
-    parts["relevance"] = model.relevance
-    for name in HEADS:
-        parts[f"relevance.{name}"] = getattr(model.relevance, name)
+    for prefix in ("relevance", "saccade_relevance"):
+        heads = getattr(model, prefix)
+        if heads is not None:
+            parts[prefix] = heads
+            for name in HEADS:
+                parts[f"{prefix}.{name}"] = getattr(heads, name)
     for lora, name in (("language_model", "language_model.lora"), ("vision", "vision_encoder.lora")):
         if has_scoped_lora(model, lora):
             parts[name] = _Parameters(scoped_lora_parameters(model, lora).values())

@@ -157,7 +157,7 @@ class ArrCocTrainer(Trainer):
             with torch.no_grad():  # which answers the backbone reads with every visual token
                 full = core(**inputs, budget=ALL_TOKENS)
             readable = answer_survived(full.logits, full.labels)
-            head = core.relevance.budget
+            head = core.relevance_heads(core.config.encoding).budget
             term = budget_loss(realizations, survived, head.slope, core.config.budget_confidence, readable)
             loss, terms["budget"] = loss + w.budget * term, term.detach()
             terms["survived"], terms["slope"] = survived.float().mean(), head.slope.detach()
@@ -218,13 +218,19 @@ class ArrCocTrainer(Trainer):
 
 
 def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
-    """``arr_coc_heads.safetensors`` (the relevance heads and any scoped LoRA's weights) + ``arr_coc_heads.json``
+    """``arr_coc_heads.safetensors`` (the relevance heads – the saccade's own too, where the model has them – and any
+    scoped LoRA's weights) + ``arr_coc_heads.json``
     (the arr-coc config, scoped LoRA settings included, and the backbone's name – ``base_model`` or where the model's
     backbone came from, a local folder as an absolute path; pass the Hub id to share the folder) + ``config.json``, so
     `ArrCocForConditionalGeneration.from_pretrained(output_dir)` and the Auto classes load the backbone by name and
     put these heads (and adapters) on it."""
     os.makedirs(output_dir, exist_ok=True)
-    state = {f"relevance.{k}": v.detach().contiguous().cpu() for k, v in model.relevance.state_dict().items()}
+    state = {
+        f"{prefix}.{k}": v.detach().contiguous().cpu()
+        for prefix, heads in (("relevance", model.relevance), ("saccade_relevance", model.saccade_relevance))
+        if heads is not None
+        for k, v in heads.state_dict().items()
+    }
     state.update({k: v.detach().contiguous().cpu() for k, v in scoped_lora_parameters(model).items()})
     save_file(state, os.path.join(output_dir, HEADS_WEIGHTS), metadata={"format": "pt"})
     base = base_model or model.config.vlm_config.name_or_path or model.vlm.name_or_path
