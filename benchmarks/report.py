@@ -54,8 +54,8 @@ def methods_section() -> list[str]:
     return lines + [""]
 
 
-def accuracy_section(table: list[dict]) -> list[str]:
-    lines = ["## Accuracy kept per visual-token budget", "", KEPT_ABOVE_ONE, ""]
+def accuracy_section(table: list[dict], title: str = "Accuracy kept per visual-token budget") -> list[str]:
+    lines = [f"## {title}", "", KEPT_ABOVE_ONE, ""]
     tasks = sorted({r["task"] for r in table})
     budgets = [b for b in BUDGETS if any(r["budget"] == b for r in table)]
     # an unbudgeted method's own label (besides full's): a column of its own
@@ -163,17 +163,18 @@ SACCADE_TARGETS = {"1/8": 0.90, "1/4": 0.95}  # accuracy kept by the saccade (is
 
 
 def _saccade_kept(table: list[dict] | None) -> str:
-    """Accuracy kept by the saccade at 1/8 and 1/4 per task (arr-coc-tiny's evaluation), against its targets."""
+    """Accuracy kept by the saccade at 1/8 and 1/4 per task (arr-coc-tiny's evaluations), against its targets."""
     rows = [r for r in table or [] if r["method"] == "arr-coc-saccade" and r["budget"] in SACCADE_TARGETS]
     return "; ".join(
-        f"{r['method']} keeps {_fmt(r['kept'])} of full on {r['task']} at {r['budget']} (target ≥ "
+        f"{r['method']} keeps {r['kept']:.3f} of full on {r['task']} at {r['budget']}, n = {r['n']} (target ≥ "
         f"{SACCADE_TARGETS[r['budget']]:.2f}): {'met' if r['kept'] >= SACCADE_TARGETS[r['budget']] else 'NOT met'}"
         for r in rows
     )
 
 
-def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
-    """Targets from the issues, checked against the measured numbers."""
+def reading(table: list[dict] | None, speed: dict | None, saccade_table: list[dict] | None = None) -> list[str]:
+    """Targets from the issues, checked against the measured numbers (``saccade_table``: a larger evaluation of the
+    saccade, read beside the main one)."""
     lines = ["## Reading: targets against measurements", ""]
 
     def row(task, method, budget):
@@ -241,7 +242,11 @@ def reading(table: list[dict] | None, speed: dict | None) -> list[str]:
                 lines.append(f"- saccade, {r['model']} at {r['size']} px, batch {r['batch']}: time to first token at 1/8 is "
                              f"{r['ttft_speedup']:.2f}× faster than full (target ≥ 3×): {'met' if r['ttft_speedup'] >= 3 else 'NOT met'}; "
                              f"encoder {r['vision_speedup']:.2f}× faster, peak memory ×{r['memory_ratio']:.2f}.")  # fmt: skip
-        lines += [f"- saccade accuracy on arr-coc-tiny: {kept}." for kept in [_saccade_kept(table)] if kept]
+        lines += [
+            f"- saccade accuracy on arr-coc-tiny: {kept}."
+            for kept in [_saccade_kept((table or []) + (saccade_table or []))]
+            if kept
+        ]
         falls = []
         for key in sorted({(r["model"], r["size"], r["batch"]) for r in single}):
             series = [r["peak_mb"] for r in single if (r["model"], r["size"], r["batch"]) == key]
@@ -370,6 +375,13 @@ def main(argv=None) -> int:
     parser.add_argument("--loading", default="docs/results/loading.json")
     parser.add_argument("--app-load", default="docs/results/app_load.json")
     parser.add_argument("--eval-command", default="arr-coc eval --n 50 --out docs/results/eval")
+    parser.add_argument(
+        "--saccade-eval",
+        default="docs/results/eval_saccade/results.json",
+        help="a larger evaluation of the saccade beside the single encoding and low-res-first",
+    )
+    parser.add_argument("--saccade-eval-command", default="arr-coc eval --n 200 --methods full,arr-coc,arr-coc-saccade,"
+                        "low-res-first --budgets 1/4,1/8,1/16 --out docs/results/eval_saccade")  # fmt: skip
     args = parser.parse_args(argv)
     notes = kept_block(args.out, NOTES)
     result = json.load(open(args.eval)) if os.path.exists(args.eval) else None
@@ -390,7 +402,10 @@ def main(argv=None) -> int:
         "Written by `benchmarks/report.py` from runs on this machine; re-run the commands below to reproduce.",
         "",
     ]
+    saccade = json.load(open(args.saccade_eval))["table"] if os.path.exists(args.saccade_eval) else None
     lines += ["## Commands", "", "```bash", args.eval_command]
+    if saccade:
+        lines.append(args.saccade_eval_command)
     if speed:
         lines.append(speed["command"])
     lines += ["python benchmarks/report.py", "```", ""]
@@ -410,9 +425,11 @@ def main(argv=None) -> int:
         lines += [f"![accuracy against visual tokens]({rel})", ""]
         lines += decomposition_section(table)
         lines += cost_section(result)
+    if saccade:
+        lines += accuracy_section(saccade, "The saccade against the single encoding and low-res-first, more samples")
     if speed:
         lines += speed_section(speed)
-    lines += reading(table, speed)
+    lines += reading(table, speed, saccade)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(args.out)

@@ -271,11 +271,13 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 inputs = processor(images=[Image.open(i) for i in images], text=questions)
 with torch.no_grad():
     out = model(**inputs, budget=[10**6, 20])
-print(json.dumps({"lora": model.config.scoped_lora, "pooled": out.pooled.tolist(), "last": out.logits[:, -1].tolist()}))
+    saccade = model.realize_relevance(**inputs, budget=20, encoding="saccade")
+print(json.dumps({"lora": model.config.scoped_lora, "pooled": out.pooled.tolist(), "last": out.logits[:, -1].tolist(),
+                  "saccade": [r.relevance.flatten().tolist() for r in saccade]}))
 """
 
 
-def test_remote_code_checkpoint_carries_the_scoped_lora(tmp_path, make_model, make_processor, samples,
+def test_remote_code_checkpoint_carries_the_scoped_lora_and_the_saccades_heads(tmp_path, make_model, make_processor, samples,
                                                         venv_without_arr_coc):  # fmt: skip
     import json
 
@@ -283,9 +285,12 @@ def test_remote_code_checkpoint_carries_the_scoped_lora(tmp_path, make_model, ma
 
     model, processor = make_model("qwen2_vl"), make_processor("qwen2_vl")
     add_scoped_lora(model, "language_model", r=2)
+    model.config.mode = "trained"
     with torch.no_grad():
         for p in scoped_lora_parameters(model).values():
             p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+        for p in model.add_saccade_heads().parameters():  # and heads of the saccade's own
+            p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(tmp_path / "shared", remote_code=True)
     processor.save_pretrained(tmp_path / "shared", remote_code=True)
     names = []
@@ -300,8 +305,13 @@ def test_remote_code_checkpoint_carries_the_scoped_lora(tmp_path, make_model, ma
     inputs = processor(images=[Image.open(n) for n in names], text=questions)
     with torch.no_grad():
         expected = model(**inputs, budget=[10**6, 20])
+        saccade = model.realize_relevance(**inputs, budget=20, encoding="saccade")
+        single = model.realize_relevance(**inputs, budget=20, encoding="single")
     assert result["lora"] == model.config.scoped_lora and result["pooled"] == [False, True]
     assert torch.equal(torch.tensor(result["last"]), expected.logits[:, -1])
+    for r, remote in zip(saccade, result["saccade"]):  # the saccade's own heads travel with the remote code
+        assert torch.equal(torch.tensor(remote), r.relevance.flatten())
+    assert not torch.equal(saccade[0].relevance, single[0].relevance)
 
 
 def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, make_model, make_processor, samples):
