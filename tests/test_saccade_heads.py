@@ -47,6 +47,8 @@ def test_saccade_heads_change_the_saccade_and_leave_the_single_encoding_bit_iden
         assert tokens.shape[0] == 2
     with pytest.raises(ValueError, match="has saccade heads already"):
         model.add_saccade_heads()
+    with pytest.raises(ValueError, match="encoding='Saccade'"):
+        model.relevance_heads("Saccade")
     assert "saccade_relevance.coupling" in surgery.part_modules(model)
     with pytest.raises(ValueError, match="saccade_heads shapes the heads' weights"):
         parse_settings(["saccade_heads=true"])
@@ -94,6 +96,8 @@ def test_a_saccade_heads_run_trains_only_the_saccades_heads(tmp_path, make_backb
     with pytest.raises(ValueError, match="would get no gradient"):
         train(dict(options, train_parts="relevance"))
     train(options)
+    saved = ArrCocForConditionalGeneration.from_pretrained(tmp_path / "run")
+    assert saved.config.saccade_heads and saved.config.encoding == "single"  # the model's own default stays
     before, after = (
         load_file(tmp_path / "model" / "model.safetensors"),
         load_file(tmp_path / "run" / "model.safetensors"),

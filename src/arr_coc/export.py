@@ -210,7 +210,9 @@ def export_heads(model, folder: str) -> dict:
         json.dump({"min_tokens": model.config.min_tokens, "max_tokens": model.config.max_tokens,
                    "allocator": model.config.allocator, "region_size": model.config.region_size,
                    "lod_ladder": model.config.lod_ladder, "relevance_spread": model.config.relevance_spread,
-                   "relevance_floor": model.config.relevance_floor, "inputs": "grid_tokens [h, w, d], question [m, d]",
+                   "relevance_floor": model.config.relevance_floor, "gist_scale": model.config.gist_scale,
+                   "gist_text_px": model.config.gist_text_px, "crop_margin": model.config.crop_margin,
+                   "inputs": "grid_tokens [h, w, d], question [m, d]",
                    "outputs": "information, salience, coupling, relevance [n]; expected_tokens []",
                    "heads": encodings, "scoped_lora": adapters}, f, indent=2)  # fmt: skip
     return paths

@@ -55,6 +55,7 @@ from .loading import (
     nested_device_map,
 )
 from .relevance import (
+    ENCODINGS,
     Allocation,
     BudgetDecision,
     ImageRequest,
@@ -167,7 +168,10 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
     def relevance_heads(self, encoding: str) -> RelevanceHeads:
         """The heads an encoding reads (``"single"`` or ``"saccade"``): the saccade's own (``saccade_relevance``) when
-        the model has them (`ArrCocConfig.saccade_heads`), else ``relevance``."""
+        the model has them (`ArrCocConfig.saccade_heads`), else ``relevance``. Raises `ValueError` for another
+        encoding."""
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding={encoding!r}: expected one of {ENCODINGS}")
         return (
             self.saccade_relevance if encoding == "saccade" and self.saccade_relevance is not None else self.relevance
         )

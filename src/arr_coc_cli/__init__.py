@@ -55,7 +55,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="or a stock Qwen2-VL-family backbone to wrap with fresh heads")
     p.add_argument(
         "--encoding", choices=("single", "saccade"), default=None,
-        help="train the heads for this encoding (saccade: relevance on the gist; needs localise/distill/budget terms)",
+        help="train the heads for this encoding (saccade: relevance on the gist; see --saccade-heads)",
     )  # fmt: skip
     p.add_argument(
         "--saccade-heads", action="store_true", default=None,

@@ -57,7 +57,8 @@ def check_cached_training(model, objectives, encoding: str) -> None:
     if moving:
         raise ValueError(
             f"--cache-encoder trains on a frozen vision encoder's outputs, but {len(moving)} of its parameters are "
-            f"trainable (e.g. {moving[0]}): drop vision_encoder/merger from --train-parts, or train without the cache"
+            f"trainable (e.g. {moving[0]}): drop vision_encoder/merger from --train-parts and --vision-lora from the "
+            "command, or train without the cache"
         )
     if encoding == "saccade" and has_scoped_lora(model, "vision"):
         raise ValueError(

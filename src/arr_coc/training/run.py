@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 
 from arr_coc_cli import output_dir
 
+logger = logging.getLogger(__name__)
 TEST_KILL_ENV = "ARR_COC_TEST_KILL_AFTER_CHECKPOINT"  # test hook: SIGKILL this process right after checkpoint k
 
 
@@ -89,6 +91,10 @@ def _heads_parts(model, options: dict) -> list[str]:
         if model.saccade_relevance is None:
             model.add_saccade_heads()
     reads = "saccade_relevance" if model.relevance_heads(encoding) is model.saccade_relevance else "relevance"
+    if encoding == "saccade" and reads == "relevance":
+        logger.warning("a saccade run trains the heads the single encoding reads too (this model has no saccade heads): "
+                       "heads trained on gists cost the single encoding; pass --saccade-heads to train the saccade's "
+                       "own and keep the single encoding's as they are")  # fmt: skip
     parts = [p.strip() for p in str(options.get("train_parts") or reads).split(",") if p.strip()]
     unread = [p for p in parts if p.split(".")[0] in ("relevance", "saccade_relevance") and p.split(".")[0] != reads]
     if unread:
@@ -119,6 +125,7 @@ def train(options: dict) -> dict:
         model = ArrCocForConditionalGeneration.from_pretrained(options["model"])
         processor = ArrCocProcessor.from_pretrained(options["model"])
     model.config.mode = "trained"
+    own_encoding = model.config.encoding
     for field in ("encoding", "relevance_spread", "relevance_floor"):  # config fields the run trains (and saves) with
         if options.get(field) is not None:
             setattr(model.config, field, options[field])
@@ -180,6 +187,9 @@ def train(options: dict) -> dict:
     if trainer.is_world_process_zero():
         print(surgery.format_report(summary))
     result = trainer.train(resume_from_checkpoint=resume)
+    run_encoding = model.config.encoding
+    if model.saccade_relevance is not None:  # either encoding reads its own heads: the model's default stays its own
+        model.config.encoding = own_encoding
     trainer.save_model(out)
     if trainer.is_world_process_zero():
         processor.save_pretrained(out)
@@ -188,6 +198,7 @@ def train(options: dict) -> dict:
             from .trainer import save_heads
 
             save_heads(trainer.accelerator.unwrap_model(trainer.model), os.path.join(out, "heads"), base_model=base)
+    model.config.encoding = run_encoding  # the final evaluation reads the run's encoding
     metrics = dict(result.metrics)
     if valid_data is not None:
         metrics.update(trainer.evaluate())
