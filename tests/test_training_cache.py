@@ -126,7 +126,7 @@ def test_a_pool_is_tied_to_its_encoder_resumes_and_refuses_other_data(tmp_path, 
     stamp = shard.stat().st_mtime_ns
     build_cache(model, collator, examples, folder, {"seed": 1}, progress=False)  # complete: nothing re-encoded
     assert shard.stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="other data"):
+    with pytest.raises(ValueError, match="other data \\(seed: the pool's 1, asked 2\\)"):
         build_cache(model, collator, examples, folder, {"seed": 2}, progress=False)
     shard.unlink()
     with pytest.raises(ValueError, match="incomplete"):

@@ -102,8 +102,14 @@ def build_cache(model, collator, dataset, directory: str, description: dict | No
             old = json.load(f)
         _check_encoder(directory, old, meta["encoder"])
         if old != meta:
+            keys = sorted(set(old["pool"]) | set(meta["pool"]))
+            differ = [k for k in keys if old["pool"].get(k) != meta["pool"].get(k)]
+            shown = "; ".join(
+                f"{k}: the pool's {_brief(old['pool'].get(k))}, asked {_brief(meta['pool'].get(k))}" for k in differ
+            )
             raise ValueError(
-                f"{directory} holds an encoded pool of other data ({old['pool']}); remove it or pass another directory"
+                f"{directory} holds an encoded pool of other data ({shown or 'another layout'}); remove it or pass "
+                "another directory"
             )
     else:
         with open(path, "w") as f:
@@ -121,6 +127,12 @@ def build_cache(model, collator, dataset, directory: str, description: dict | No
         save_file(tensors, file + ".tmp")
         os.replace(file + ".tmp", file)
     return directory
+
+
+def _brief(value) -> str:
+    """A pool description's value for an error message (long ones, e.g. a processor's JSON, cut short)."""
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _encode_batch(model, collator, examples: list[dict], indices: list[int], saccade: bool) -> dict[str, torch.Tensor]:
