@@ -89,9 +89,8 @@ def load_relevance_heads(model, folder: str) -> None:
     if saved != (model.saccade_relevance is not None):
         raise ValueError(f"{path} holds {'' if saved else 'no '}heads of the saccade's own, and this model has "
                          f"{'no place for them' if saved else 'some'}: build it with saccade_heads={saved}")  # fmt: skip
-    for prefix, heads in (("relevance.", model.relevance), ("saccade_relevance.", model.saccade_relevance)):
-        if heads is not None:
-            heads.load_state_dict(_saved_heads(state, prefix, heads, path))
+    for name, heads in model.relevance_modules.items():
+        heads.load_state_dict(_saved_heads(state, f"{name}.", heads, path))
     load_scoped_lora(model, state, path)
 
 

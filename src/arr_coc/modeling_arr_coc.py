@@ -149,15 +149,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vlm = vlm if vlm is not None else AutoModelForImageTextToText.from_config(config.vlm_config)
         visual_size = config.vlm_config.get_text_config().hidden_size
-        self.relevance = RelevanceHeads(
-            visual_size, visual_size, config.relevance_hidden_size, config.coupling_size, config.balance_weights
-        )
+
+        def heads() -> RelevanceHeads:
+            return RelevanceHeads(
+                visual_size, visual_size, config.relevance_hidden_size, config.coupling_size, config.balance_weights
+            )
+
+        self.relevance = heads()
         # the saccade's own heads (relevance on the gist), so heads trained for gists leave the single encoding's as
         # they are; without them both encodings read `relevance`
-        self.saccade_relevance = (
-            RelevanceHeads(visual_size, visual_size, config.relevance_hidden_size, config.coupling_size,
-                           config.balance_weights) if config.saccade_heads else None
-        )  # fmt: skip
+        self.saccade_relevance = heads() if config.saccade_heads else None
         self.post_init()
         if config.scoped_lora:  # after post_init, which would re-initialise the fresh adapters' weights
             inject_scoped_lora(self, config.scoped_lora)
@@ -175,6 +176,13 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         return (
             self.saccade_relevance if encoding == "saccade" and self.saccade_relevance is not None else self.relevance
         )
+
+    @property
+    def relevance_modules(self) -> dict[str, RelevanceHeads]:
+        """Every set of relevance heads the model has, by its attribute name (and the prefix of its weights):
+        ``relevance`` and, where the model has them, ``saccade_relevance``."""
+        found = {"relevance": self.relevance, "saccade_relevance": self.saccade_relevance}
+        return {name: heads for name, heads in found.items() if heads is not None}
 
     def add_saccade_heads(self) -> RelevanceHeads:
         """Give the saccade heads of its own, starting as a copy of the single encoding's (the start for training them
@@ -242,9 +250,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         vlm = load_backbone(model_or_path, overrides)
         model = cls(ArrCocConfig(vlm_config=vlm.config, **config_fields), vlm=vlm)
         placed = [p.device for p in vlm.parameters() if p.device.type != "meta"]  # meta: offloaded to disk
-        for heads in (model.relevance, model.saccade_relevance):  # heads stay fp32 whatever the backbone's dtype
-            if heads is not None:
-                heads.to(device=placed[0] if placed else "cpu")
+        for heads in model.relevance_modules.values():  # heads stay fp32 whatever the backbone's dtype
+            heads.to(device=placed[0] if placed else "cpu")
         model.generation_config = GenerationConfig.from_dict(vlm.generation_config.to_dict())
         return model
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..relevance.saccade import Box, PatchGeometry, choose_gist_scale, context_groups, text_height
+from ..relevance.saccade import Box, PatchGeometry, box_index, choose_gist_scale, context_groups, text_height
 
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class (filled by each subclass)
 
@@ -38,9 +38,8 @@ class VisionFeatures:
     def box(self, box: Box) -> VisionFeatures:
         """The tokens (and extra features) of a merged-grid box (y0, x0, y1, x1) in its raster order, grid
         (1, rows, columns)."""
-        _, h, w = self.grid
         y0, x0, y1, x1 = box
-        index = (torch.arange(y0, y1)[:, None] * w + torch.arange(x0, x1)[None, :]).flatten().to(self.tokens.device)
+        index = box_index(box, self.grid[2]).to(self.tokens.device)
         return VisionFeatures(self.tokens[index], (1, y1 - y0, x1 - x0), [x[index] for x in self.extra])
 
 

@@ -45,12 +45,10 @@ def part_modules(model) -> OrderedDict[str, nn.Module]:
     for i, layer in enumerate(language.layers):
         parts[f"language_model.layers.{i}"] = layer
     parts["lm_head"] = vlm.lm_head
-    for prefix in ("relevance", "saccade_relevance"):
-        heads = getattr(model, prefix)
-        if heads is not None:
-            parts[prefix] = heads
-            for name in HEADS:
-                parts[f"{prefix}.{name}"] = getattr(heads, name)
+    for prefix, heads in model.relevance_modules.items():
+        parts[prefix] = heads
+        for name in HEADS:
+            parts[f"{prefix}.{name}"] = getattr(heads, name)
     for lora, name in (("language_model", "language_model.lora"), ("vision", "vision_encoder.lora")):
         if has_scoped_lora(model, lora):
             parts[name] = _Parameters(scoped_lora_parameters(model, lora).values())

@@ -226,9 +226,8 @@ def save_heads(model, output_dir: str, base_model: str | None = None) -> str:
     put these heads (and adapters) on it."""
     os.makedirs(output_dir, exist_ok=True)
     state = {
-        f"{prefix}.{k}": v.detach().contiguous().cpu()
-        for prefix, heads in (("relevance", model.relevance), ("saccade_relevance", model.saccade_relevance))
-        if heads is not None
+        f"{name}.{k}": v.detach().contiguous().cpu()
+        for name, heads in model.relevance_modules.items()
         for k, v in heads.state_dict().items()
     }
     state.update({k: v.detach().contiguous().cpu() for k, v in scoped_lora_parameters(model).items()})
