@@ -2,8 +2,8 @@
 written by that release's code over one tiny random Qwen2-VL backbone; 0.2.0's with a scoped LoRA on the language
 model; 0.3.0's and later with every head weight and the adapter moved off its start, 0.4.0's and 0.5.0's with their
 relevance shaping set, 0.5.0's with saccade encoding and that release's fixed gist scale and crop margin, 0.6.0's with
-saccade encoding, the gist's scale per image and its own text height and margin, from before heads per encoding) still
-load:
+saccade encoding, the gist's scale per image and its own text height and margin, from before heads per encoding; 0.7.0's
+with the saccade's own heads) still load:
 their settings, heads and adapters come
 back as saved, the weights added since start at their documented values (0.2.0: the budget head's survival slope at 0;
 0.3.0: the coupling scorer's context correction at 0), and the model answers – exactly the stock backbone at full budget, within its bounds with no budget."""
@@ -22,7 +22,7 @@ import arr_coc
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BACKBONE = os.path.join(FIXTURES, "arr_coc_0.1.0", "backbone")  # every release's fixtures sit on this backbone
-RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0"]
 CONTEXT = "relevance.coupling.context.2"  # 0.3.0's context correction: its output layer
 
 
@@ -55,11 +55,13 @@ def _check(model, inputs, backbone, release: str) -> None:
         c = model.config
         assert (c.encoding, c.gist_scale, c.crop_margin) == ("saccade", 4, 0)
         assert model.realize_relevance(**inputs, compression=4)[0].gist_scale == 4
-    if release == "0.6.0":
+    if _since(release, "0.6.0"):
         c = model.config
         assert (c.encoding, c.gist_scale, c.gist_text_px, c.crop_margin) == ("saccade", "auto", 6.0, 2)
-    # saved before heads per encoding: the saccade reads the single encoding's heads, as it did
-    assert not model.config.saccade_heads and model.relevance_heads("saccade") is model.relevance
+    has_own = _since(release, "0.7.0")  # before heads per encoding the saccade reads the single encoding's, as it did
+    assert any(k.startswith("saccade_relevance.") for k in saved) == has_own
+    assert model.config.saccade_heads == has_own
+    assert model.relevance_heads("saccade") is (model.saccade_relevance if has_own else model.relevance)
     if not _since(release, "0.3.0"):  # scores as it did
         assert not state[f"{CONTEXT}.weight"].any() and not state[f"{CONTEXT}.bias"].any()
     with torch.no_grad():
