@@ -106,6 +106,7 @@ def test_eval_help_names_every_registered_method_and_the_default_budgets():
     [(["eval", "--n", "0", "--methods", "full"], "--n 0 is invalid"),
      (["eval", "--n", "1", "--methods", "full", "--budgets", "1/0"], "budget spec '1/0' is invalid"),
      (["eval", "--n", "1", "--methods", "full,nope"], "unknown methods"),
+     (["eval", "--n", "1", "--encoding", "saccade"], "each method fixes its own encoding"),
      (["run", "--image", "x.png", "--question", "  "], "--question is empty")],
 )  # fmt: skip
 def test_bad_command_lines_are_refused_before_the_model_loads(argv, message, no_model_loads, capsys):

@@ -480,8 +480,8 @@ def test_consistency_pulls_gist_and_crop_tokens_toward_the_whole_images_and_leav
         return _trainer(model, processor, examples, tmp_path, "consistency=1", steps, 1e-4)
 
     surgery.freeze(model, "all")
-    with pytest.raises(ValueError, match="consistency= for the vision encoder"):
-        trainer(1).train()
+    with pytest.raises(ValueError, match="is frozen: unfreeze it \\(--train-parts vision_encoder,merger\\)"):
+        trainer(1)  # refused when built, naming the parts to unfreeze
     surgery.unfreeze(model, "vision_encoder", "merger")
     run = trainer(8)
 

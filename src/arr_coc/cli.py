@@ -196,6 +196,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.harness import BUDGETS, METHODS, evaluate, example_allocations, synthetic_samples, write_outputs
     from .relevance import budget_options
 
+    if args.encoding:  # accepted by every command that loads a model; eval's methods each fix their own
+        raise ValueError(f"--encoding {args.encoding} is not an option of arr-coc eval: each method fixes its own "
+                         "encoding (arr-coc-saccade the saccade, every other method the single encoding); choose the "
+                         "methods with --methods, e.g. --methods full,arr-coc-saccade")  # fmt: skip
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:

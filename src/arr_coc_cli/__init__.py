@@ -23,14 +23,20 @@ def output_dir() -> str:
     return os.environ.get("ARR_COC_OUTPUT") or os.path.join(cache, "arr-coc")
 
 
-def _model_arg(parser: argparse.ArgumentParser) -> None:
+EVAL_ENCODING = (
+    "refused: each method fixes its own encoding (arr-coc-saccade the saccade, every other the single "
+    "encoding) – pick them with --methods"
+)
+
+
+def _model_arg(parser: argparse.ArgumentParser, encoding_help: str | None = None) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="an arr-coc model: 'arr-coc-tiny', a local folder or a Hub id"
     )
     parser.add_argument(
         "--encoding", choices=("single", "saccade"), default=None,
-        help="'single': encode the whole image, then compress; 'saccade': encode a gist, then only the regions "
-        "that matter at full resolution (saves encoder time). Default: the model's config",
+        help=encoding_help or "'single': encode the whole image, then compress; 'saccade': encode a gist, then only the "
+        "regions that matter at full resolution (saves encoder time). Default: the model's config",
     )  # fmt: skip
     parser.add_argument(
         "--crop-margin", type=int, default=None,
@@ -198,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy kept per token budget, arr-coc against every baseline, in one run",
                        description="Methods x budgets x tasks on the same held-out samples: JSON, a markdown table "
                        "and plots.")  # fmt: skip
-    _model_arg(p)
+    _model_arg(p, encoding_help=EVAL_ENCODING)
     p.add_argument(
         "--data",
         default="synthetic",

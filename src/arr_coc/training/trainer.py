@@ -62,6 +62,10 @@ class ArrCocTrainer(Trainer):
         if self.objectives.consistency:
             if self.args.world_size > 1:  # (e) runs the encoder outside the DDP wrapper's forward
                 raise ValueError("the consistency objective trains in one process: run it without torchrun/accelerate")
+            if not any(p.requires_grad for p in self.model.vlm.model.visual.parameters()):
+                raise ValueError("the consistency objective trains the vision encoder, and every one of its parameters "
+                                 "is frozen: unfreeze it (--train-parts vision_encoder,merger) or give it a scoped LoRA "
+                                 "(--vision-lora r=8), or drop consistency= from --objectives")  # fmt: skip
             self._teacher = copy.deepcopy(self.model.vlm.model.visual).requires_grad_(False).eval()
 
     def create_optimizer(self, model=None):
