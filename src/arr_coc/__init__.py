@@ -14,7 +14,7 @@ from .pipeline import register as register_pipeline
 from .processing_arr_coc import ArrCocProcessor
 from .relevance import Allocation, Region
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 AutoConfig.register(ArrCocConfig.model_type, ArrCocConfig, exist_ok=True)
 AutoModelForImageTextToText.register(ArrCocConfig, ArrCocForConditionalGeneration, exist_ok=True)
