@@ -122,3 +122,13 @@ def test_export_without_the_onnx_extra_names_it_before_loading(no_model_loads, m
     assert cli.main(["export", "--out", str(tmp_path / "x"), "--remote-code"]) == 2
     err = capsys.readouterr().err
     assert "arr-coc[export]" in err and "--no-heads" in err and not (tmp_path / "x").exists()
+
+
+def test_a_crop_margin_the_single_encoding_would_ignore_is_refused(bad_images, capsys):
+    """`--crop-margin` shapes the saccade's crops only: with the single encoding `run` refuses it instead of ignoring
+    it, naming --encoding saccade."""
+    good = str(bad_images["missing"][0].parent / "good.png")
+    assert cli.main(["run", "--image", good, "--question", "Which code?", "--crop-margin", "5"]) == 2
+    assert "add --encoding saccade" in capsys.readouterr().err
+    assert cli.main(["run", "--image", good, "--question", "Which code?", "--crop-margin", "5", "--encoding",
+                     "saccade", "--json"]) == 0  # fmt: skip

@@ -150,3 +150,18 @@ def test_a_heads_only_folder_names_its_local_backbone_absolutely_and_says_what_t
         FileNotFoundError, match=r"which is not there: point base_model_name_or_path in .*arr_coc_heads"
     ):
         arr_coc.ArrCocForConditionalGeneration.from_pretrained(str(tmp_path / "heads"))
+
+
+def test_a_heads_only_folder_gives_its_backbones_processor(tmp_path, make_model, make_processor):
+    """A heads-only folder holds no processor files: its processor is the backbone's it names, so the CLI, the
+    pipeline and `ArrCocProcessor.from_pretrained` take the folder like any model."""
+    from arr_coc.training.trainer import save_heads
+
+    make_model("qwen2_vl").vlm.save_pretrained(tmp_path / "backbone")
+    make_processor("qwen2_vl").save_pretrained(tmp_path / "backbone")
+    model = arr_coc.ArrCocForConditionalGeneration.from_backbone(str(tmp_path / "backbone"), mode="trained")
+    save_heads(model, tmp_path / "heads")
+    processor = arr_coc.ArrCocProcessor.from_pretrained(str(tmp_path / "heads"))
+    backbone = arr_coc.ArrCocProcessor.from_pretrained(str(tmp_path / "backbone"))
+    assert processor.tokenizer.get_vocab() == backbone.tokenizer.get_vocab()
+    assert processor.image_processor.to_dict() == backbone.image_processor.to_dict()

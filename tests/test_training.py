@@ -296,3 +296,19 @@ def test_two_ddp_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_
     assert any(not torch.equal(a[k], initial[k]) for k in a if k.startswith("relevance."))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-4, f"DDP and single-process weights differ by {worst}"
+
+
+def test_evaluating_on_one_local_file_warns_that_its_rows_are_the_training_rows(tmp_path, caplog):
+    """One local file has no splits: training and evaluation read the same rows, which is said, not hidden."""
+    from arr_coc.training.run import _datasets
+
+    _write_image(tmp_path / "a.png")
+    with open(tmp_path / "docvqa.jsonl", "w") as f:
+        f.write(json.dumps({"image": "a.png", "question": "What is written?", "answers": ["STOP"]}) + "\n")
+    options = {"data": f"docvqa:{tmp_path / 'docvqa.jsonl'}", "train_samples": 1, "seed": 0}
+    with caplog.at_level("WARNING", logger="arr_coc.training.run"):
+        _datasets(dict(options, eval_samples=0))
+        assert not caplog.records
+        train, valid = _datasets(dict(options, eval_samples=1))
+    assert train[0]["question"] == valid[0]["question"]
+    assert "not held out" in caplog.text and "--eval-samples 0" in caplog.text

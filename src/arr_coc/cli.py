@@ -14,13 +14,18 @@ import time
 from arr_coc_cli import main
 
 
-def _load(model_name: str, encoding: str | None = None, crop_margin: int | None = None):
+def _load(model_name: str, encoding: str | None = None, crop_margin: int | None = None, one_encoding: bool = False):
+    """The model and processor, with the command's encoding and crop margin; ``one_encoding`` (run, demo: every
+    answer uses the model's encoding) refuses a crop margin the single encoding would ignore."""
     import arr_coc
 
     model = arr_coc.ArrCocForConditionalGeneration.from_pretrained(model_name).eval()
     if encoding:
         model.config.encoding = encoding
     if crop_margin is not None:
+        if one_encoding and model.config.encoding != "saccade":
+            raise ValueError(f"--crop-margin {crop_margin} applies to the saccade encoding's crops, and this run uses "
+                             f"the {model.config.encoding!r} encoding: add --encoding saccade, or drop --crop-margin")  # fmt: skip
         model.config.crop_margin = crop_margin
     model.config.check()
     return model, arr_coc.ArrCocProcessor.from_pretrained(model_name)
@@ -45,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         sample = generate(args.task, eval_seeds(1, args.index)[0])
         image, question, expected = sample["image"], args.question or sample["question"], sample["answer"]
-    model, processor = _load(args.model, args.encoding, args.crop_margin)  # after the image is known to be readable
+    model, processor = _load(args.model, args.encoding, args.crop_margin, one_encoding=True)  # image checked first
     result = answer(model, processor, [image], [question], budget=args.budget, compression=args.compression)[0]
     realization = result["realization"]
     caption = f"Q: {question}   A: {result['answer']}"
@@ -137,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     mine = rows[rank::world]
     for row in mine:  # every image this process reads is there and readable before the model loads
         _open_image(row["image"])
-    model, processor = _load(args.model, args.encoding, args.crop_margin)
+    model, processor = _load(args.model, args.encoding, args.crop_margin, one_encoding=True)
     results = []
     for start in tqdm(
         range(0, len(mine), args.batch_size), desc=f"run (rank {rank}/{world})", disable=args.json or len(mine) <= 1
@@ -211,6 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--n {args.n} is invalid: expected at least 1 sample per task")
     model, processor = _load(args.model, args.encoding, args.crop_margin)
     kind, source = parse_data_spec(args.data)
+    notes = []
     if kind == "synthetic":
         samples = synthetic_samples(source, args.n)
     else:
@@ -221,9 +227,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = [dict(r, task=schema, answer_box=None, id=i) for i, r in enumerate(rows)]
         if args.methods == "all":  # the oracle reads each answer's box, which VQA data does not have
             methods = tuple(m for m in methods if m != "oracle")
+            notes.append(f"oracle left out: {schema} data has no answer boxes, which the oracle allocation reads")
     result = evaluate(model, processor, samples, methods, budgets, batch_size=args.batch_size,
                       timing_samples=args.timing_n, threads=args.threads, max_new_tokens=args.max_new_tokens,
                       prune_layer=args.prune_layer)  # fmt: skip
+    result.notes.extend(notes)
     paths = write_outputs(result, args.out, title=f"{args.model} on {args.data} (n={args.n} per task)")
     paths["examples"] = example_allocations(model, processor, samples, args.out)
     print(open(paths["markdown"]).read() if not args.json else json.dumps(paths))

@@ -10,6 +10,7 @@ the parts are loaded on their own and the video half is never touched.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 from .assets import resolve_model_path
 from .images import DEFAULT_MAX_PIXELS, load_image
 from .io import PROCESSOR_FILES, atomic_directory, prepare_local
+from .loading import heads_only_settings
 from .padding import left_pad
 
 # Every option `__call__` takes is honoured or refused with why and what to do instead. Options come flat or
@@ -79,9 +81,13 @@ class ArrCocProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ArrCocProcessor:
-        """From an arr-coc folder, a stock Qwen-VL checkpoint (local or Hub id) or ``"arr-coc-tiny"``."""
+        """From an arr-coc folder, a stock Qwen-VL checkpoint (local or Hub id) or ``"arr-coc-tiny"``; a heads-only
+        folder (`training.trainer.save_heads`) without processor files of its own gives its backbone's processor."""
         path = resolve_model_path(pretrained_model_name_or_path)
         prepare_local(path)
+        heads = heads_only_settings(path)
+        if heads is not None and not any(glob.glob(os.path.join(str(path), pattern)) for pattern in PROCESSOR_FILES):
+            return cls.from_pretrained(heads[0], **kwargs)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         config_path = os.path.join(str(path), "processor_config.json")

@@ -64,6 +64,10 @@ def _datasets(options: dict):
 
     train = load_vqa(kind, source, split="train", limit=n_train)
     valid = load_vqa(kind, source, split="validation", limit=n_eval) if n_eval else None
+    if valid is not None and source and os.path.isfile(source):  # one local file has no splits: both read it
+        logger.warning(f"--data {options['data']} is one local file, so the evaluation's {n_eval} rows are its first "
+                       "rows, the ones training reads too: its eval_loss is not held out (pass --eval-samples 0, or "
+                       "a Hub dataset with a validation split)")  # fmt: skip
     return train, valid
 
 
