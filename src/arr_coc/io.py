@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import os
 import re
 import shutil
 import signal
 
+HEADS_CONFIG = "arr_coc_heads.json"  # a heads-only folder's settings (`training.trainer.save_heads`)
 KILL_ENV = "ARR_COC_TEST_KILL_AT"  # test hook: SIGKILL this process at the named point of a save
 COMPLETE = "arr_coc_complete"
 MODEL_FILES = ("model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
@@ -173,3 +175,13 @@ def last_complete_checkpoint(run_dir: str) -> str | None:
         if m and os.path.isfile(os.path.join(run_dir, name, COMPLETE)):
             found.append((int(m.group(1)), os.path.join(run_dir, name)))
     return max(found)[1] if found else None
+
+
+def heads_only_settings(path) -> tuple[str, dict] | None:
+    """(the backbone's name or path, the arr-coc settings) of a heads-only folder; None for any other folder."""
+    file = os.path.join(str(path), HEADS_CONFIG)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        info = json.load(f)
+    return info["base_model_name_or_path"], info["arr_coc"]

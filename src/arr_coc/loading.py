@@ -10,7 +10,6 @@ names in the model), ``arr_coc_heads.json`` (the backbone's name and the arr-coc
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 
@@ -18,25 +17,14 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .assets import resolve_model_path
-from .io import prepare_local
+from .io import HEADS_CONFIG, heads_only_settings, prepare_local  # noqa: F401 (re-exported)
 from .scoped_lora import load_scoped_lora
 
-HEADS_CONFIG = "arr_coc_heads.json"
 HEADS_WEIGHTS = "arr_coc_heads.safetensors"
 # bitsandbytes' 4-bit blocks (Params4bit's default; transformers passes none) and the rows its CPU kernel packs together
 BNB_4BIT_BLOCKSIZE, BNB_CPU_BLOCK_N = 64, 32
 
 logger = logging.getLogger(__name__)
-
-
-def heads_only_settings(path) -> tuple[str, dict] | None:
-    """(the backbone's name or path, the arr-coc settings) of a heads-only folder; None for any other folder."""
-    file = os.path.join(str(path), HEADS_CONFIG)
-    if not os.path.isfile(file):
-        return None
-    with open(file) as f:
-        info = json.load(f)
-    return info["base_model_name_or_path"], info["arr_coc"]
 
 
 # relevance weights added after 0.1.0 – 0.2.0: the budget head's survival slope; 0.3.0: the coupling scorer's context

@@ -22,8 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 
 from .assets import resolve_model_path
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .io import PROCESSOR_FILES, atomic_directory, prepare_local
-from .loading import heads_only_settings
+from .io import PROCESSOR_FILES, atomic_directory, heads_only_settings, prepare_local
 from .padding import left_pad
 
 # Every option `__call__` takes is honoured or refused with why and what to do instead. Options come flat or
