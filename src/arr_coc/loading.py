@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .assets import resolve_model_path
-from .io import HEADS_CONFIG, heads_only_settings, prepare_local  # noqa: F401 (re-exported)
+from .io import prepare_local
 from .scoped_lora import load_scoped_lora
 
 HEADS_WEIGHTS = "arr_coc_heads.safetensors"

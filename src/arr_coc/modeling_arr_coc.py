@@ -43,12 +43,10 @@ from .decoding import (
     text_positions,
     with_counts,
 )
-from .io import MODEL_FILES, atomic_directory, prepare_local
+from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, heads_only_settings, prepare_local
 from .loading import (
     ADDED_SINCE_0_1_0,
-    HEADS_CONFIG,
     fit_4bit_to_cpu,
-    heads_only_settings,
     load_backbone,
     load_relevance_heads,
     memory_footprint,
@@ -205,7 +203,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Like `PreTrainedModel.from_pretrained`; also takes the embedded model's name (``"arr-coc-tiny"``)
         and heads-only folders (`training.trainer.save_heads`), whose backbone is loaded by the name they carry
-        (`loading.heads_only_settings`). A ``device_map`` may use the backbone's own module names."""
+        (`io.heads_only_settings`). A ``device_map`` may use the backbone's own module names."""
         path = resolve_model_path(pretrained_model_name_or_path)
         prepare_local(path)
         heads = heads_only_settings(path)

@@ -224,7 +224,7 @@ def heads_weight_settings(heads: str) -> dict:
     """The settings that shape the weights (`configuration_arr_coc.WEIGHT_FIELDS`: the heads' widths, the scoped
     LoRA) that ``heads`` – an arr-coc model folder or a heads-only folder – was saved with."""
     from ..configuration_arr_coc import WEIGHT_FIELDS, ArrCocConfig
-    from ..loading import heads_only_settings
+    from ..io import heads_only_settings
 
     found = heads_only_settings(heads)
     settings = found[1] if found else ArrCocConfig.from_pretrained(heads).to_dict()

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import Trainer
 
-from ..io import COMPLETE, last_complete_checkpoint, mark_complete
-from ..loading import HEADS_CONFIG, HEADS_WEIGHTS
+from ..io import COMPLETE, HEADS_CONFIG, last_complete_checkpoint, mark_complete
+from ..loading import HEADS_WEIGHTS
 from ..relevance import ALL_TOKENS, RealizationRequest, budget_options
 from ..scoped_lora import scoped_lora_parameters
 from .cache import CachedPool, check_cached_training
