@@ -157,6 +157,41 @@ def test_the_dense_loss_reads_the_outline_targets(fresh_run):
     assert not torch.isclose(tiny_train.dense_loss(head, vision, blank)[0], loss)
 
 
+def test_growing_the_vision_tower_keeps_the_function_and_trains_on(fresh_run, tmp_path):
+    """`grow` deepens and widens the run's vision tower without changing what the model computes (new blocks pass
+    their input through, new MLP units add nothing), keeps the dense head, and needs a new schedule to train on."""
+    import shutil
+
+    from arr_coc.tiny.data import collate
+
+    run = tmp_path / "run"
+    shutil.copytree(fresh_run, run)
+    before, head_before, tokenizer, image_processor, _, _ = tiny_train.load_run(str(run))
+    main(["grow", "--run", str(run), "--vision-depth", "6", "--vision-mlp-ratio", "4"])
+    after, head_after, *_ = tiny_train.load_run(str(run))
+    vision = after.config.vision_config
+    assert (vision.depth, vision.mlp_ratio, len(after.model.visual.blocks)) == (6, 4, 6)
+    assert after.model.visual.blocks[0].mlp.fc1.out_features == 4 * vision.embed_dim
+    new_blocks = [b for b in after.model.visual.blocks if not b.attn.proj.weight.any()]
+    assert len(new_blocks) == 2 and all(not b.mlp.fc2.weight.any() for b in new_blocks)
+    assert torch.equal(head_before.proj.weight, head_after.proj.weight)
+
+    batch = collate([generate(t, 7, layout=True) for t in ("box-codes", "doc-fields")], tokenizer, image_processor)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                    "mm_token_type_ids")}  # fmt: skip
+    with torch.no_grad():
+        expected, got = before.eval()(**inputs).logits, after.eval()(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match="needs --steps"):  # the moments and schedule of the old shapes are gone
+        tiny_train.train(str(run), "native", {}, eval_every=0, workers=0)
+    tiny_train.train(str(run), "native", dict(OPTIONS, steps=1, head_warmup=0), eval_every=0, workers=0)
+    trained = tiny_train.load_run(str(run))[0]
+    assert trained.model.visual.blocks[1].attn.proj.weight.any(), "the new blocks learn"
+    with pytest.raises(SystemExit, match="depth >= 6"):
+        main(["grow", "--run", str(run), "--vision-depth", "4", "--vision-mlp-ratio", "4"])
+
+
 def test_a_run_saved_before_the_outline_target_resumes_with_its_moments_and_a_zero_outline_layer(fresh_run, tmp_path):
     import shutil
 

@@ -7,6 +7,7 @@ started with::
     python -m arr_coc.tiny init-from --run runs/tiny --model arr-coc-tiny  # or continue from a shipped backbone
     python -m arr_coc.tiny train     --run runs/tiny --stage native --steps 3000 --lr 2e-4 --decay
     python -m arr_coc.tiny train     --run runs/tiny --stage native       # continue after a stop (same schedule)
+    python -m arr_coc.tiny grow      --run runs/tiny --vision-depth 6 --vision-mlp-ratio 4  # more capacity, same function
     python -m arr_coc.tiny cache     --run runs/tiny --stage select --n 4000   # encode a pool once (vision frozen)
     python -m arr_coc.tiny train     --run runs/tiny --stage select --steps 2000 --lr 2e-4 --decay
     python -m arr_coc.tiny evaluate  --run runs/tiny --n 200 --held-out
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-from", help="start a run from an exported arr-coc model's backbone (new dense head)")
     p.add_argument("--run", required=True)
     p.add_argument("--model", default="arr-coc-tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("grow", help="deepen / widen the run's vision tower, computing the same function (more capacity)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--vision-depth", type=int, required=True, help="vision blocks after growing (new ones pass through)")
+    p.add_argument("--vision-mlp-ratio", type=int, required=True, help="the blocks' MLP width over embed_dim")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="train one curriculum stage (resumes from the run's checkpoint and schedule)")
     p.add_argument("--run", required=True)
@@ -113,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         from .train import init_from_model
 
         init_from_model(args.run, args.model, args.seed)
+    elif args.cmd == "grow":
+        from .train import grow_run
+
+        try:
+            print(grow_run(args.run, args.vision_depth, args.vision_mlp_ratio, args.seed))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     elif args.cmd == "train":
         from .train import Schedule, train
 

@@ -74,3 +74,66 @@ class DenseGlyphHead(nn.Module):
         """tokens [n, d] -> [char [n, 12, C], index [n, 12, I], group [n, 12, G]] (12 = 2 x 6 slots)."""
         logits = self.proj(tokens).view(tokens.shape[0], SLOT_ROWS * SLOT_COLS, sum(self.sizes))
         return list(logits.split(self.sizes, dim=-1))
+
+
+def grow_vision_tower(model, depth: int, mlp_ratio: int, seed: int = 0):
+    """A copy of a Qwen2-VL-architecture ``model`` whose vision tower has ``depth`` blocks with MLPs of
+    ``mlp_ratio`` × ``embed_dim``, computing exactly the same function as ``model`` (function-preserving growth,
+    as Net2Net, Chen et al. 2016, and zero-initialised residual branches, Goyal et al. 2017 / ReZero):
+
+    - a new block's two residual branches end at zero (``attn.proj`` and ``mlp.fc2`` all zeros), so it passes
+      its input through; the new blocks are spread evenly between the old ones (4 → 6: one after blocks 0 and 2);
+    - a widened MLP keeps its old units and adds new ones with random ``fc1`` rows (the config's
+      ``initializer_range``) and zero ``fc2`` columns, so they add nothing until trained.
+
+    The vision tower is the cost of reading a whole page (attention over up to 3072 patches per block): deeper costs
+    about proportionally, a wider MLP less. Raises ValueError when ``depth`` or ``mlp_ratio`` would shrink the tower
+    (growth only: shrinking would change what the model computes)."""
+    import copy
+
+    vision = model.config.vision_config
+    old_depth, old_hidden = vision.depth, int(vision.embed_dim * vision.mlp_ratio)
+    hidden = int(vision.embed_dim * mlp_ratio)
+    if depth < old_depth or hidden < old_hidden:
+        raise ValueError(
+            f"growing the vision tower needs depth >= {old_depth} and mlp_ratio >= {vision.mlp_ratio} (its current "
+            f"size); got depth {depth}, mlp_ratio {mlp_ratio}"
+        )
+    config = copy.deepcopy(model.config)
+    config.vision_config.depth, config.vision_config.mlp_ratio = depth, mlp_ratio
+    torch.manual_seed(seed)
+    grown = type(model)(config).to(model.dtype)
+    # where each old block goes: the new blocks are spread evenly after the old ones
+    extra = depth - old_depth
+    after = [round((k + 1) * old_depth / (extra + 1)) - 1 for k in range(extra)]
+    slots, k = [], 0
+    for i in range(old_depth):
+        slots.append(i + k)
+        while k < extra and after[k] == i:
+            k += 1
+    source = model.state_dict()
+    target = grown.state_dict()
+    std = config.vision_config.initializer_range
+    with torch.no_grad():
+        for name, tensor in target.items():
+            if ".visual.blocks." in name:
+                prefix, rest = name.split(".visual.", 1)
+                index = int(rest.split(".")[1])
+                if index not in slots:  # a new block: identity through zeroed residual branches
+                    if rest.endswith(("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias")):
+                        tensor.zero_()
+                    continue
+                old_rest = rest.replace(f"blocks.{index}.", f"blocks.{slots.index(index)}.", 1)
+                old = source[f"{prefix}.visual.{old_rest}"]
+                if old.shape != tensor.shape:  # a widened MLP: old units kept, new ones inert
+                    if rest.endswith("mlp.fc1.weight"):
+                        tensor.normal_(0.0, std)
+                    else:
+                        tensor.zero_()
+                    tensor[tuple(slice(0, n) for n in old.shape)] = old
+                else:
+                    tensor.copy_(old)
+            else:
+                tensor.copy_(source[name])
+    grown.load_state_dict(target)
+    return grown

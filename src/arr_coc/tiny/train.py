@@ -18,7 +18,7 @@ from ..io import atomic_directory, recover
 from .cached import CachedBatches, cache_dir, vision_fingerprint
 from .data import STAGES, StepBatches
 from .evaluate import evaluate_model
-from .model import GLYPH_CHARS, IGNORE, DenseGlyphHead, tiny_image_processor, tiny_vlm_config
+from .model import GLYPH_CHARS, IGNORE, DenseGlyphHead, grow_vision_tower, tiny_image_processor, tiny_vlm_config
 from .tokenizer import train_tokenizer
 
 
@@ -111,6 +111,20 @@ def init_from_model(run: str, model_dir: str, seed: int = 0) -> None:
     tiny_image_processor().save_pretrained(base)
     save_checkpoint(run, model, head, None, RunState())
     print(f"initialised {run} from {path}")
+
+
+def grow_run(run: str, depth: int, mlp_ratio: int, seed: int = 0) -> str:
+    """Grow the run's vision tower in place (`model.grow_vision_tower`: the same function, more capacity), keeping its
+    dense head and data position. The optimizer's moments and the stage's schedule are dropped (the parameters
+    changed shape), so the next ``train`` call starts a new schedule (it needs ``--steps``)."""
+    model, head, _, _, state, _ = load_run(run)
+    before = sum(p.numel() for p in model.parameters())
+    grown = grow_vision_tower(model, depth, mlp_ratio, seed)
+    state.schedule = None
+    save_checkpoint(run, grown, head, None, state)
+    after = sum(p.numel() for p in grown.parameters())
+    return (f"grew {run}'s vision tower to {depth} blocks with MLPs of {mlp_ratio} x embed_dim: "
+            f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M parameters; continue with a new schedule (--steps ...)")
 
 
 def save_checkpoint(run: str, model, head, optimizer, state: RunState) -> None:
