@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--model", default="arr-coc-tiny")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("grow", help="deepen / widen the run's vision tower, computing the same function (more capacity)")
+    p = sub.add_parser(
+        "grow", help="deepen / widen the run's vision tower, computing the same function (more capacity)"
+    )
     p.add_argument("--run", required=True)
-    p.add_argument("--vision-depth", type=int, required=True, help="vision blocks after growing (new ones pass through)")
+    p.add_argument(
+        "--vision-depth", type=int, required=True, help="vision blocks after growing (new ones pass through)"
+    )
     p.add_argument("--vision-mlp-ratio", type=int, required=True, help="the blocks' MLP width over embed_dim")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="train one curriculum stage (resumes from the run's checkpoint and schedule)")

@@ -123,8 +123,10 @@ def grow_run(run: str, depth: int, mlp_ratio: int, seed: int = 0) -> str:
     state.schedule = None
     save_checkpoint(run, grown, head, None, state)
     after = sum(p.numel() for p in grown.parameters())
-    return (f"grew {run}'s vision tower to {depth} blocks with MLPs of {mlp_ratio} x embed_dim: "
-            f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M parameters; continue with a new schedule (--steps ...)")
+    return (
+        f"grew {run}'s vision tower to {depth} blocks with MLPs of {mlp_ratio} x embed_dim: "
+        f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M parameters; continue with a new schedule (--steps ...)"
+    )
 
 
 def save_checkpoint(run: str, model, head, optimizer, state: RunState) -> None:
