@@ -132,3 +132,16 @@ def test_a_crop_margin_the_single_encoding_would_ignore_is_refused(bad_images, c
     assert "add --encoding saccade" in capsys.readouterr().err
     assert cli.main(["run", "--image", good, "--question", "Which code?", "--crop-margin", "5", "--encoding",
                      "saccade", "--json"]) == 0  # fmt: skip
+
+
+def test_a_budget_above_native_is_reported_as_clipped(tmp_path, capsys):
+    """`demo --budget` beyond the image's native tokens answers with every token and says it clipped the budget
+    (text and JSON); a budget within native is printed as it is."""
+    out = str(tmp_path / "d.png")
+    assert cli.main(["demo", "--budget", "100000", "--out", out]) == 0
+    text = capsys.readouterr().out
+    native = int(text.split(" native visual tokens")[0].split(" of ")[-1])
+    assert f"(budget {native}: 100000 asked, clipped to the image's {native} native tokens)" in text
+    assert cli.main(["demo", "--budget", "40", "--out", out, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["budget"], report["requested_budget"], report["budget_clipped"]) == (40, 40, False)

@@ -323,5 +323,8 @@ def test_the_oracle_bounds_the_allocation_and_the_default_call_is_measured(make_
     without_full = markdown_table([r for r in rows if r["method"] != "full"], "t", [])
     assert "**box-codes** – no `full` in this run" in without_full and "**doc-fields** – no `full`" in without_full
     assert "Where exact match is lost" not in without_full and "EM " in without_full
+    full_only = markdown_table([r for r in rows if r["method"] == "full"], "t", [])
+    assert "**box-codes** – full: exact match" in full_only and "| method |" not in full_only
+    assert full_only.count("No method besides `full`") == 2  # no empty table: what to add, per task
     with pytest.raises(ValueError, match="answer_box"):
         evaluate(model, processor, [dict(eval_samples[0], answer_box=None)], ("oracle",), ("1/4",), progress=False)

@@ -310,8 +310,9 @@ def test_remote_code_checkpoint_carries_the_scoped_lora_and_the_saccades_heads(t
     assert result["lora"] == model.config.scoped_lora and result["pooled"] == [False, True]
     assert torch.equal(torch.tensor(result["last"]), expected.logits[:, -1])
     for r, remote in zip(saccade, result["saccade"]):  # the saccade's own heads travel with the remote code
-        assert torch.equal(torch.tensor(remote), r.relevance.flatten())
-    assert not torch.equal(saccade[0].relevance, single[0].relevance)
+        # the same computation in another process (bit-equal on most CPUs; within a float32 rounding on some)
+        torch.testing.assert_close(torch.tensor(remote), r.relevance.flatten(), rtol=0, atol=1e-6)
+    assert (saccade[0].relevance - single[0].relevance).abs().max() > 1e-3
 
 
 def test_exported_heads_match_pytorch_and_give_the_same_allocations(tmp_path, make_model, make_processor, samples):

@@ -91,3 +91,18 @@ def test_a_local_folder_of_that_name_wins_everywhere(no_network, tmp_path, monke
     assert cli.main(["run", "--model", NAME, "--image", "q.png", "--question", "Which?", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens_used"] <= 40
     assert no_network == []
+
+
+@pytest.mark.parametrize("name", ["runs/missing", "./missing", "a/b/c", "/no/such/folder"])
+def test_a_missing_local_folder_is_named_not_looked_up_on_the_hub(no_network, tmp_path, monkeypatch, capsys, name):
+    """A name that can only be a local path (a folder beside `runs/`, ./, more than one '/', absolute) and is not
+    there fails at once saying so, from Python and the CLI – not after the Hub's retries with a connection error."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for load in (arr_coc.ArrCocForConditionalGeneration.from_pretrained, arr_coc.ArrCocProcessor.from_pretrained,
+                 arr_coc.ArrCocForConditionalGeneration.from_backbone):  # fmt: skip
+        with pytest.raises(FileNotFoundError, match=f"no model folder at '{name}'.*not looked up on the Hub"):
+            load(name)
+    assert cli.main(["eval", "--model", name, "--n", "1"]) != 0
+    assert f"no model folder at '{name}'" in capsys.readouterr().err
+    assert no_network == []

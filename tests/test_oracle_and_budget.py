@@ -90,6 +90,37 @@ def test_budget_confidence_is_a_probability():
     assert arr_coc.ArrCocConfig(budget_confidence=0.5).budget_confidence == 0.5
 
 
+def test_budget_confidence_is_a_call_option_like_the_config_setting():
+    """`budget_confidence=` on a call chooses the automatic budget as the config's setting would, on a batch of two,
+    through `realize_relevance` and `generate`; higher asks for more tokens; a value outside (0, 1) is refused."""
+    model = arr_coc.ArrCocForConditionalGeneration.from_pretrained("arr-coc-tiny").eval()
+    processor = arr_coc.ArrCocProcessor.from_pretrained("arr-coc-tiny")
+    samples = synthetic_samples(["box-codes", "doc-fields"], 1)
+    inputs = processor(images=[s["image"] for s in samples], text=[s["question"] for s in samples],
+                       return_tensors="pt", padding=True)  # fmt: skip
+
+    def tokens(**options) -> list[int]:
+        return [r.tokens_used for r in model.realize_relevance(**inputs, **options)]
+
+    assert tokens() == tokens(budget_confidence=model.config.budget_confidence)
+    low, high = tokens(budget_confidence=0.3), tokens(budget_confidence=0.995)
+    assert all(a <= b for a, b in zip(low, high)) and low != high, (low, high)
+    model.config.budget_confidence = 0.995
+    assert tokens() == high
+    model.config.budget_confidence = 0.9
+    out = model.generate(**inputs, budget_confidence=0.995, max_new_tokens=2, do_sample=False,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert out.tokens_used.tolist() == high
+    from transformers import pipeline
+
+    pipe = pipeline("relevance-vqa", model=EMBEDDED_MODELS["arr-coc-tiny"])
+    items = [{"image": s["image"], "question": s["question"]} for s in samples]
+    assert [r["tokens_used"] for r in pipe(items, budget_confidence=0.995, max_new_tokens=2)] == high
+    for bad in (1.5, 0, "high"):
+        with pytest.raises(ValueError, match=f"budget_confidence={bad!r} is invalid"):
+            model.generate(**inputs, budget_confidence=bad, max_new_tokens=1)
+
+
 def test_the_cover_objective_is_zero_at_the_oracle_and_moves_relevance_toward_the_missed_box():
     """A 12 x 16 grid, the box on 3 x 4 tokens, a distractor of the same size elsewhere, budget 20: with relevance
     equal to the oracle's map the chosen allocation is the oracle's (loss 0); with the distractor more relevant than

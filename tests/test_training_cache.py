@@ -180,8 +180,8 @@ def test_the_real_backbone_recipe_runs_end_to_end_on_local_files(tmp_path, make_
          "--relevance-spread", "1", "--relevance-floor", "0.3", *common)  # fmt: skip
     shards = {p: p.stat().st_mtime_ns for p in (pool / "train").glob("shard-*")}
     assert shards and (heads / "heads" / "arr_coc_heads.safetensors").is_file()
-    _cli("--model", str(heads), "--output-dir", str(budget), "--objectives", "budget=1", "--train-parts",
-         "relevance.budget", "--compression-range", "1,32", "--learning-rate", "0.05", *common)  # fmt: skip
+    stderr = _cli("--model", str(heads), "--output-dir", str(budget), "--objectives", "budget=1", "--train-parts",
+                  "relevance.budget", "--compression-range", "1,32", "--learning-rate", "0.05", *common)  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in (pool / "train").glob("shard-*")} == shards, "the pool was encoded again"
     before, after = load_file(heads / "heads" / "arr_coc_heads.safetensors"), load_file(budget / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -190,12 +190,14 @@ def test_the_real_backbone_recipe_runs_end_to_end_on_local_files(tmp_path, make_
     # many tokens it needs: the step runs and leaves the head as it was (the objective's own test: test_oracle_and_budget)
     logged = json.loads((budget / "train_summary.json").read_text())
     assert not changed and logged["global_step"] == 2, (changed, logged)
+    assert "readable 0" in stderr and "nothing to learn" in stderr, "a budget run that learns nothing says so"
     saved = json.loads((budget / "config.json").read_text())  # the allocator's shaping, trained under and kept
     assert (saved["relevance_spread"], saved["relevance_floor"]) == (1, 0.3)
 
 
-def _cli(*args: str) -> None:
+def _cli(*args: str) -> str:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "arr_coc.cli", "train", *args], env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr

@@ -63,6 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "tokens_used": result["tokens_used"],
         "native_tokens": result["native_tokens"],
         "budget": realization.budget,
+        "requested_budget": realization.requested_budget,
+        "budget_clipped": realization.budget_clipped,
         "picture": os.path.abspath(args.out),
         "seconds": round(time.time() - started, 2),
     }
@@ -72,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"question: {question}")
         print(f"answer:   {result['answer']}" + (f"   (expected {expected})" if expected is not None else ""))
         print(
-            f"tokens:   {result['tokens_used']} of {result['native_tokens']} native visual tokens (budget {realization.budget})"
+            f"tokens:   {result['tokens_used']} of {result['native_tokens']} native visual tokens (budget {realization.budget_text})"
         )
         print(f"picture:  {report['picture']}")
     return 0
@@ -154,7 +156,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         for row, image, out in zip(batch, images, outs):
             record = {"id": row["id"], "question": row["question"], "answer": out["answer"], "tokens_used": out["tokens_used"],
-                      "native_tokens": out["native_tokens"], "budget": out["realization"].budget}  # fmt: skip
+                      "native_tokens": out["native_tokens"], "budget": out["realization"].budget,
+                      "requested_budget": out["realization"].requested_budget,
+                      "budget_clipped": out["realization"].budget_clipped}  # fmt: skip
             if "answer" in row:
                 record["expected"] = row["answer"]
             if args.heatmap and args.image:
@@ -179,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(results[0] if args.image else results))
     elif args.image:
         r = results[0]
-        print(f"answer: {r['answer']}\ntokens: {r['tokens_used']} of {r['native_tokens']} (budget {r['budget']})")
+        print(f"answer: {r['answer']}\ntokens: {r['tokens_used']} of {r['native_tokens']} (budget "
+              f"{outs[0]['realization'].budget_text})")  # fmt: skip
         if args.heatmap:
             print(f"heatmap: {r['heatmap']}")
     else:

@@ -11,7 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .assets import resolve_model_path
 from .backbones import SUPPORTED_FAMILIES
-from .relevance.realizing import ENCODINGS, MODES, POOLINGS, check_margin
+from .relevance.realizing import ENCODINGS, MODES, POOLINGS, check_confidence, check_margin
 from .scoped_lora import SCOPED_LORA_DEFAULTS, with_lora_defaults
 
 ALLOCATORS = ("ladder", "quadtree")
@@ -33,7 +33,7 @@ class ArrCocConfig(PreTrainedConfig):
         budget_confidence (`float`): in (0, 1); with trained heads the automatic budget is the smallest budget at
             which the budget head predicts the answer survives with this probability (its survival model,
             `relevance.BudgetCalculator`). Higher: more tokens, fewer lost answers. Unused by the training-free rule
-            and by explicit budgets.
+            and by explicit budgets. A call may choose its own (`budget_confidence=`, like `encoding=`).
         allocator (`str`): `"ladder"` (fixed square regions at `lod_ladder` levels) or `"quadtree"`
             (regions split where relevance is high, down to single tokens).
         region_size (`int`): side of a ladder region, in visual tokens (20 = 560 px on Qwen2-VL).
@@ -116,9 +116,10 @@ class ArrCocConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, value, "an integer >= 1")
-        c = self.budget_confidence
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
-            _fail("budget_confidence", c, "a probability strictly between 0 and 1")
+        try:
+            check_confidence(self.budget_confidence)
+        except ValueError:
+            _fail("budget_confidence", self.budget_confidence, "a probability strictly between 0 and 1")
         if self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
         spread = self.relevance_spread

@@ -103,14 +103,14 @@ def write_remote_code(folder: str, kind: str) -> None:
 
     from .backbones import SUPPORTED_FAMILIES
     from .relevance import ENCODINGS, MODES, POOLINGS
-    from .relevance.realizing import check_margin
+    from .relevance.realizing import check_confidence, check_margin
 
     if kind == "model":
         # the config's imports from the package: constants as values, functions as their source
         constants = {"SUPPORTED_FAMILIES": tuple(SUPPORTED_FAMILIES), "ENCODINGS": ENCODINGS, "MODES": MODES,
                      "POOLINGS": POOLINGS}  # fmt: skip
         extra = "".join(f"{name} = {value!r}\n" for name, value in constants.items())
-        extra += "\n\n" + inspect.getsource(check_margin)
+        extra += "".join("\n\n" + inspect.getsource(check) for check in (check_confidence, check_margin))
         config = _flatten(_CONFIGURATION, "configuration", {}, extra=extra)
         modeling = _flatten(
             _MODELING, "modeling", {"config": "from .configuration_arr_coc import ARR_COC_FIELDS, ArrCocConfig\n"}

@@ -80,7 +80,8 @@ def recover(path: str) -> None:
 
 def prepare_local(path) -> None:
     """Before loading from a local folder: finish a cut-short save, refuse pickled weights, and say clearly
-    when a local-looking path does not exist (Hub ids pass through untouched)."""
+    when a path that can only be local (`local_only_path`) does not exist – instead of looking it up on the Hub,
+    which retries and ends in an error that does not say the folder is missing (Hub ids pass through untouched)."""
     if not isinstance(path, (str, os.PathLike)):
         return
     text = str(path)
@@ -88,9 +89,25 @@ def prepare_local(path) -> None:
         recover(text)
         check_weights(text)
     elif not os.path.exists(text):
-        hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) and not text.startswith(".")
-        if not hub_id:
-            raise FileNotFoundError(f"{text}: no such folder")
+        why = local_only_path(text)
+        if why:
+            raise FileNotFoundError(
+                f"no model folder at {text!r} ({os.path.abspath(os.path.expanduser(text))} does not exist; {why}, so "
+                "it is not looked up on the Hub): check the path – e.g. the --output-dir a training run wrote – or "
+                "pass a Hub id (owner/name)"
+            )
+
+
+def local_only_path(name: str) -> str | None:
+    """Why ``name`` can only mean a local path (None when it may be a Hub id, ``name`` or ``owner/name``): it is not
+    of a Hub id's form (more than one ``/``, other characters), starts with ``.`` or ``~``, or starts with a folder
+    that exists here (``runs/x`` beside a ``runs`` folder)."""
+    if name.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return "it is a file-system path"
+    owner = name.split("/")[0]
+    if "/" in name and os.path.isdir(owner):
+        return f"{owner}/ is a folder here"
+    return None
 
 
 @contextlib.contextmanager

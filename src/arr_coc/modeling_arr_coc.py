@@ -138,8 +138,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         budget / compression: explicit T or N/T ratio – one value, one per sample, or per image.
         allocation: a fixed `Allocation` per image (bypasses the budget and the allocator).
         pooling: "relevance" or "mean" for the pooled tokens; encoding: "single" or "saccade"; mode:
-            "training_free" or "trained"; crop_margin: merged cells of context around each saccade crop (each
-            default: the config's).
+            "training_free" or "trained"; crop_margin: merged cells of context around each saccade crop;
+            budget_confidence: the automatic budget's survival probability, in (0, 1) (each default: the config's).
     """
 
     def __init__(self, config: ArrCocConfig, vlm: PreTrainedModel | None = None):
@@ -313,7 +313,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         budget rules and the allocation -> (expected tokens [], allocation, decision)."""
         config, trained = self.config, ask.mode == "trained"
         question = question.to(next(heads.parameters()).dtype)
-        expected = heads.budget(maps.relevance, question, trained, config.budget_confidence)
+        expected = heads.budget(maps.relevance, question, trained, ask.budget_confidence)
         relevance = shape_relevance(maps.relevance, h, w, config.relevance_spread, config.relevance_floor)
         allocation, decision = self.allocator.decide(relevance, h, w, float(expected.detach()),
                                                      config.min_tokens, config.max_tokens, ask.budget,
@@ -417,14 +417,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                           attention_mask: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                           mm_token_type_ids: torch.Tensor | None = None, budget=None, compression=None,
                           allocation=None, pooling: str | None = None, encoding: str | None = None,
-                          mode: str | None = None,
-                          crop_margin: int | None = None) -> list[RelevanceRealization]:  # fmt: skip
+                          mode: str | None = None, crop_margin: int | None = None,
+                          budget_confidence: float | None = None) -> list[RelevanceRealization]:  # fmt: skip
         """The relevance realization of every image, in input order, without running the language model.
 
         Takes the processor's outputs (``mm_token_type_ids`` is accepted and unused, as by `forward`) and the call
         options of `forward`; raises `ValueError` like `compress_inputs`, and `TypeError` naming any other argument.
         """
-        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
+        request = RealizationRequest(
+            budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
+        )
         images = self.image_inputs(pixel_values, image_grid_thw)
         return self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request).realizations
 
@@ -438,6 +440,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                 image_features: list[VisionFeatures] | None = None,
                 budget=None, compression=None, allocation=None, pooling: str | None = None,
                 encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
+                budget_confidence: float | None = None,
                 prefill_embeds: torch.Tensor | None = None, visual_pos_masks: torch.Tensor | None = None,
                 deepstack_visual_embeds: list[torch.Tensor] | None = None, pooled: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.LongTensor | None = None,
@@ -470,7 +473,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         past = cache_length(cache)
         if pixel_values is not None or image_features is not None:
-            request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
+            request = RealizationRequest(
+                budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
+            )
             images = self.image_inputs(pixel_values, image_grid_thw, image_features)
             c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
@@ -521,6 +526,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                  budget=None, compression=None, allocation=None, pooling: str | None = None,
                  encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
+                budget_confidence: float | None = None,
                  **kwargs):  # fmt: skip
         """Like the stock `generate` (returns ``input_ids`` [B, L] followed by the new tokens: [B * copies,
         L + new], KV cache, left-padded batches), with each image compressed to its budget first.
@@ -541,7 +547,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             nothing = torch.zeros(prompt.shape[0] if prompt is not None else 1, dtype=torch.long)
             return with_counts(out, nothing, nothing.clone(), [])
-        request = RealizationRequest(budget, compression, allocation, pooling, encoding, mode, crop_margin)
+        request = RealizationRequest(
+            budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
+        )
         images = self.image_inputs(pixel_values, image_grid_thw)
         c = self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request)
         # generate repeats every sample per beam / return sequence; the per-token deepstack features follow suit

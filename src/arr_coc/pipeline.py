@@ -23,15 +23,17 @@ def generate_answers(
 
 
 def answer(model, processor, images: list, questions: list[str], budget=None, compression=None,
-           max_new_tokens: int = MAX_NEW_TOKENS, streamer=None, encoding: str | None = None) -> list[dict]:  # fmt: skip
-    """Greedy answers for a batch of (image, question) pairs, with where each image's tokens went.
+           max_new_tokens: int = MAX_NEW_TOKENS, streamer=None, encoding: str | None = None,
+           budget_confidence: float | None = None) -> list[dict]:  # fmt: skip
+    """Greedy answers for a batch of (image, question) pairs, with where each image's tokens went (the options are
+    `generate`'s call options; None: the model config's).
 
     Returns per pair: ``answer``, ``tokens_used``, ``native_tokens`` (0 for a question without an image),
     ``realization`` (the `RelevanceRealization` of its first image; None without one).
     """
     texts, out = generate_answers(model, processor, processor(images=images, text=questions), max_new_tokens,
                                   budget=budget, compression=compression, streamer=streamer,
-                                  encoding=encoding)  # fmt: skip
+                                  encoding=encoding, budget_confidence=budget_confidence)  # fmt: skip
     return [
         {
             "answer": text,
@@ -65,8 +67,8 @@ class RelevanceVQAPipeline(Pipeline):
     (batched by ``batch_size``). Images may be PIL images, local paths or URLs. Each result holds
     ``answer``, ``tokens_used``, ``native_tokens``, ``budget``, ``relevance`` ([h][w] floats) and
     ``allocation`` (grid, regions as [y0, x0, y1, x1, k_h, k_w]). Call options: ``budget=``,
-    ``compression=``, ``encoding=`` ("single" / "saccade"), ``max_new_tokens=``, ``streamer=`` (a
-    transformers streamer).
+    ``compression=``, ``encoding=`` ("single" / "saccade"), ``budget_confidence=`` (the automatic budget's
+    survival probability, in (0, 1)), ``max_new_tokens=``, ``streamer=`` (a transformers streamer).
     """
 
     _load_processor = True
@@ -75,12 +77,21 @@ class RelevanceVQAPipeline(Pipeline):
     _load_tokenizer = False
 
     def _sanitize_parameters(
-        self, budget=None, compression=None, max_new_tokens=None, streamer=None, timeout=None, encoding=None, **kwargs
+        self,
+        budget=None,
+        compression=None,
+        max_new_tokens=None,
+        streamer=None,
+        timeout=None,
+        encoding=None,
+        budget_confidence=None,
+        **kwargs,
     ):
         if kwargs:
             raise TypeError(
                 f"relevance-vqa got unknown options {sorted(kwargs)}; "
-                "it takes budget, compression, encoding, max_new_tokens, streamer, timeout and batch_size"
+                "it takes budget, compression, encoding, budget_confidence, max_new_tokens, streamer, timeout and "
+                "batch_size"
             )
         forward = {
             k: v
@@ -90,6 +101,7 @@ class RelevanceVQAPipeline(Pipeline):
                 ("max_new_tokens", max_new_tokens),
                 ("streamer", streamer),
                 ("encoding", encoding),
+                ("budget_confidence", budget_confidence),
             )
             if v is not None
         }
@@ -136,9 +148,10 @@ class RelevanceVQAPipeline(Pipeline):
         max_new_tokens: int = 32,
         streamer=None,
         encoding=None,
+        budget_confidence=None,
     ) -> list[dict]:
         return answer(self.model, self.processor, model_inputs["images"], model_inputs["questions"], budget, compression,
-                      max_new_tokens, streamer, encoding)  # fmt: skip
+                      max_new_tokens, streamer, encoding, budget_confidence)  # fmt: skip
 
     def postprocess(self, outputs: list[dict]) -> list[dict]:
         return [

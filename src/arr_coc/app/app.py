@@ -164,7 +164,9 @@ def build_app(model, processor, max_bytes: int = 10 * 2**20, max_pixels: int = 4
         out = result["out"]
         realization = out.realizations[0]
         used, native = int(out.tokens_used[0]), int(out.native_tokens[0])
-        tokens = f"{used} of {native} native visual tokens ({100 * used / native:.0f}%), budget {realization.budget}"
+        tokens = (
+            f"{used} of {native} native visual tokens ({100 * used / native:.0f}%), budget {realization.budget_text}"
+        )
         picture = realization_figure(image, realization, f"Q: {question}   A: {partial.strip()}")
         knowing = realization_figure(
             image, realization, "what is there / what stands out / what the question needs", knowing_maps=True

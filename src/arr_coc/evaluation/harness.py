@@ -425,6 +425,10 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
             lines.append(f"**{task}** – no `full` in this run, so cells show exact match (EM); add `full` to "
                          "--methods for accuracy kept and (with `arr-coc` and `oracle`) where the accuracy goes")  # fmt: skip
         lines.append("")
+        if not any(r["task"] == task and r["method"] != "full" for r in rows):
+            lines += ["No method besides `full` in this run: add methods to --methods (e.g. --methods "
+                      "full,arr-coc,oracle) for the table of accuracy kept per budget.", ""]  # fmt: skip
+            continue
         lines.append("| method | " + " | ".join(budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
         for method in bound_last(m for m in REGISTRY if m != "full"):

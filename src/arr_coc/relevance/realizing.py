@@ -46,6 +46,15 @@ def check_margin(margin) -> int:
     return margin
 
 
+def check_confidence(confidence) -> float:
+    """``confidence`` if it is a probability strictly between 0 and 1 (the budget head's survival probability), else
+    `ValueError`."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"budget_confidence={confidence!r} is invalid: expected a probability strictly between 0 and "
+                         "1 (the chance the answer survives the automatic budget; higher: more tokens)")  # fmt: skip
+    return float(confidence)
+
+
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -71,7 +80,7 @@ Realize = Callable[[Any, torch.Tensor, "ImageRequest"], tuple[list[torch.Tensor]
 @dataclass(frozen=True)
 class ImageRequest:
     """One image's share of a `RealizationRequest`: its explicit budget or compression, or a fixed allocation, and
-    the resolved pooling, mode and crop margin (the saccade's)."""
+    the resolved pooling, mode, crop margin (the saccade's) and the automatic budget's survival probability."""
 
     budget: int | None
     compression: float | None
@@ -79,6 +88,7 @@ class ImageRequest:
     pooling: str
     mode: str
     crop_margin: int = 0
+    budget_confidence: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,9 @@ class RealizationRequest:
     budget / compression: an explicit T or N/T ratio – one value, one per sample, or per sample a list with one per
     image (None: the automatic budget). allocation: a fixed `Allocation`, broadcast alike (bypasses the budget and
     the allocator). pooling ("relevance" / "mean"), encoding ("single" / "saccade"), mode ("training_free" /
-    "trained"), crop_margin (merged cells of context around each saccade crop, an integer >= 0): this call's choices
-    (None: the config's). realize: another realize step for every image (the evaluation's post-encoder baselines;
+    "trained"), crop_margin (merged cells of context around each saccade crop, an integer >= 0), budget_confidence (the
+    automatic budget's survival probability, in (0, 1); unused by explicit budgets): this call's choices (None: the
+    config's). realize: another realize step for every image (the evaluation's post-encoder baselines;
     None: the model's own for the encoding).
     """
 
@@ -101,11 +112,12 @@ class RealizationRequest:
     encoding: str | None = None
     mode: str | None = None
     crop_margin: int | None = None
+    budget_confidence: float | None = None
     realize: Realize | None = None
 
     def resolve(self, config) -> RealizationRequest:
         """The config's choices where this call made none; `ValueError` naming the choices for a misspelt one (or the
-        range of a crop margin that is not an integer >= 0), and for a config setting changed since loading to a value
+        range of a crop margin that is not an integer >= 0, or of a budget_confidence outside (0, 1)), and for a config setting changed since loading to a value
         outside its range (`ArrCocConfig.check`)."""
         config.check()
         return replace(
@@ -114,6 +126,9 @@ class RealizationRequest:
             encoding=check_choice("encoding", self.encoding or config.encoding, ENCODINGS),
             mode=check_choice("mode", self.mode or config.mode, MODES),
             crop_margin=check_margin(config.crop_margin if self.crop_margin is None else self.crop_margin),
+            budget_confidence=check_confidence(
+                config.budget_confidence if self.budget_confidence is None else self.budget_confidence
+            ),
         )
 
     def per_image(self, images_per_sample: list[int]) -> list[ImageRequest]:
@@ -124,8 +139,8 @@ class RealizationRequest:
             for name, value in (("budget", self.budget), ("compression", self.compression),
                                 ("allocation", self.allocation))
         )  # fmt: skip
-        margin = self.crop_margin
-        return [ImageRequest(b, r, a, self.pooling, self.mode, margin) for b, r, a in zip(budgets, ratios, fixed)]
+        return [ImageRequest(b, r, a, self.pooling, self.mode, self.crop_margin, self.budget_confidence)
+                for b, r, a in zip(budgets, ratios, fixed)]  # fmt: skip
 
 
 def _per_image(value, name: str, images_per_sample: list[int]) -> list:
@@ -191,6 +206,13 @@ class RelevanceRealization:
     @property
     def tokens_used(self) -> int:
         return self.allocation.tokens_used
+
+    @property
+    def budget_text(self) -> str:
+        """The budget as the CLI and the app print it: T, and what was asked when the rules clipped it to native."""
+        if not self.budget_clipped:
+            return str(self.budget)
+        return f"{self.budget}: {self.requested_budget} asked, clipped to the image's {self.native_count} native tokens"
 
     @property
     def pooled(self) -> bool:

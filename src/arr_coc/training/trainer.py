@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import torch
 from safetensors.torch import save_file
@@ -175,6 +176,14 @@ class ArrCocTrainer(Trainer):
         for k, values in self._terms.items():
             if values:
                 logs[f"{k}"] = round(sum(values) / len(values), 4)
+        if logs.get("readable") == 0.0:
+            warnings.warn(
+                "the backbone answered none of the logged samples right with every visual token (readable 0), so "
+                "the budget objective had nothing to learn from them: the budget head learns only from answers the "
+                "backbone can read – check the data's answers and prompt format, or train the budget on data the "
+                "backbone reads",
+                stacklevel=2,
+            )
         self._terms = {}
         super().log(logs, *args, **kwargs)
 
