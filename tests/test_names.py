@@ -93,16 +93,33 @@ def test_a_local_folder_of_that_name_wins_everywhere(no_network, tmp_path, monke
     assert no_network == []
 
 
-@pytest.mark.parametrize("name", ["runs/missing", "./missing", "a/b/c", "/no/such/folder"])
+@pytest.mark.parametrize("name", ["./missing", "a/b/c", "/no/such/folder", "path:models/x"])
 def test_a_missing_local_folder_is_named_not_looked_up_on_the_hub(no_network, tmp_path, monkeypatch, capsys, name):
-    """A name that can only be a local path (a folder beside `runs/`, ./, more than one '/', absolute) and is not
-    there fails at once saying so, from Python and the CLI – not after the Hub's retries with a connection error."""
+    """A name that can only be a local path (./, more than one '/', absolute, a pathlib.Path) and is not there fails
+    at once saying so, from Python and the CLI – not after the Hub's retries with a connection error."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    path = Path(name.removeprefix("path:")) if name.startswith("path:") else name
+    for load in (arr_coc.ArrCocForConditionalGeneration.from_pretrained, arr_coc.ArrCocProcessor.from_pretrained,
+                 arr_coc.ArrCocForConditionalGeneration.from_backbone):  # fmt: skip
+        with pytest.raises(FileNotFoundError, match=f"no model folder at '{path}'.*not looked up on the Hub"):
+            load(path)
+    if isinstance(path, str):  # on the command line it is a string
+        assert cli.main(["eval", "--model", path, "--n", "1"]) != 0
+        assert f"no model folder at '{path}'" in capsys.readouterr().err
+    assert no_network == []
+
+
+def test_a_missing_folder_that_may_be_a_hub_id_says_both_when_the_hub_fails(no_network, tmp_path, monkeypatch):
+    """``runs/x`` beside a ``runs`` folder may be a Hub id (owner/name), so it is looked up; when that fails, the
+    error says no such local folder exists either (a Hub id whose owner is a local folder still loads from the Hub)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the lookup fails at once, no retries
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
     for load in (arr_coc.ArrCocForConditionalGeneration.from_pretrained, arr_coc.ArrCocProcessor.from_pretrained,
                  arr_coc.ArrCocForConditionalGeneration.from_backbone):  # fmt: skip
-        with pytest.raises(FileNotFoundError, match=f"no model folder at '{name}'.*not looked up on the Hub"):
-            load(name)
-    assert cli.main(["eval", "--model", name, "--n", "1"]) != 0
-    assert f"no model folder at '{name}'" in capsys.readouterr().err
-    assert no_network == []
+        with pytest.raises(OSError, match=r"'runs/x' is neither a local folder .*though runs/ does"):
+            load("runs/x")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -116,9 +117,18 @@ def test_budget_confidence_is_a_call_option_like_the_config_setting():
     pipe = pipeline("relevance-vqa", model=EMBEDDED_MODELS["arr-coc-tiny"])
     items = [{"image": s["image"], "question": s["question"]} for s in samples]
     assert [r["tokens_used"] for r in pipe(items, budget_confidence=0.995, max_new_tokens=2)] == high
-    for bad in (1.5, 0, "high"):
-        with pytest.raises(ValueError, match=f"budget_confidence={bad!r} is invalid"):
+    assert tokens(budget_confidence=torch.tensor(0.995)) == tokens(budget_confidence=np.float32(0.995)) == high
+    for bad in (1.5, 0, "high", [0.5, 0.9]):
+        with pytest.raises(ValueError, match=re.escape(f"budget_confidence={bad!r} is invalid")):
             model.generate(**inputs, budget_confidence=bad, max_new_tokens=1)
+    # given where no image would use it: refused, not ignored
+    for options in ({"budget": 40}, {"compression": 4}, {"budget": [40, 50]}, {"mode": "training_free"}):
+        with pytest.raises(ValueError, match="budget_confidence"):
+            tokens(budget_confidence=0.5, **options)
+    one_auto = [r.tokens_used for r in model.realize_relevance(**inputs, budget=[40, None], budget_confidence=0.995)]
+    assert one_auto == [40, high[1]]  # None in a per-sample list: that image's automatic budget uses it
+    saccade = [tokens(budget_confidence=c, encoding="saccade") for c in (0.3, 0.995)]
+    assert all(a <= b for a, b in zip(*saccade)) and saccade[0] != saccade[1]  # the saccade's budget heads too
 
 
 def test_the_cover_objective_is_zero_at_the_oracle_and_moves_relevance_toward_the_missed_box():

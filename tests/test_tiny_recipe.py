@@ -190,6 +190,18 @@ def test_growing_the_vision_tower_keeps_the_function_and_trains_on(fresh_run, tm
     assert trained.model.visual.blocks[1].attn.proj.weight.any(), "the new blocks learn"
     with pytest.raises(SystemExit, match="depth >= 6"):
         main(["grow", "--run", str(run), "--vision-depth", "4", "--vision-mlp-ratio", "4"])
+    with pytest.raises(SystemExit, match="one of them larger"):  # nothing to grow: the moments are kept
+        main(["grow", "--run", str(run), "--vision-depth", "6", "--vision-mlp-ratio", "4"])
+
+
+@pytest.mark.parametrize("old,new", [(4, 6), (4, 12), (2, 7), (1, 3), (4, 5)])
+def test_new_vision_blocks_are_spread_between_the_old_ones(old, new):
+    from arr_coc.tiny.model import old_block_slots
+
+    slots = old_block_slots(old, new)
+    assert slots[0] == 0 and slots == sorted(set(slots)) and slots[-1] < new
+    gaps = [b - a - 1 for a, b in zip(slots, [*slots, new][1:])]  # new blocks after each old one
+    assert sum(gaps) == new - old and max(gaps) - min(gaps) <= 2, gaps
 
 
 def test_a_run_saved_before_the_outline_target_resumes_with_its_moments_and_a_zero_outline_layer(fresh_run, tmp_path):
@@ -330,3 +342,17 @@ def test_the_stage_table_and_curves_read_the_log_as_the_run_continued(tmp_path):
     assert (crops["steps"], crops["wall_s"], crops["devices"]) == (3, 30.0, {"CPU, 1 threads": 3})
     assert (native["steps"], native["wall_s"]) == (7, 35.0)
     assert native["devices"] == {"CPU, 2 threads": 1, "CPU, 1 threads": 3}
+
+
+def test_a_glyph_cut_by_the_crop_with_its_centre_outside_marks_the_edge_token_ignored():
+    """A 119 x 28 crop (the `native` stage's step 262 drew one) whose cut glyphs are centred above and left of the
+    image: their half of the edge token is ignored, the glyphs inside keep their targets; no index leaves the grid."""
+    from arr_coc.tiny.data import dense_targets
+    from arr_coc.tiny.model import GLYPH_CHARS, IGNORE
+
+    glyphs = [("t", -4.9, -6.0, 0.5, 2.5, "Route", None), ("7", 17.0, -6.5, 25.3, 2.5, "Route", None),
+              ("A", 60.0, 16.0, 68.0, 27.0, "Route", 0)]  # fmt: skip
+    targets = dense_targets(glyphs, (119, 28), (2, 8))  # one row of 4 merged tokens
+    assert targets.shape == (4, 12, 3)
+    assert (targets[0, :6] == IGNORE).all()  # the top half the cut glyphs touch
+    assert targets[2, 6, 0] == GLYPH_CHARS.index("A") and (targets[1:, :6, 0] == len(GLYPH_CHARS)).all()

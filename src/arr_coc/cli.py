@@ -161,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "budget_clipped": out["realization"].budget_clipped}  # fmt: skip
             if "answer" in row:
                 record["expected"] = row["answer"]
+            budget_text = out["realization"].budget_text  # printed for a single --image
             if args.heatmap and args.image:
                 caption = f"Q: {row['question']}   A: {out['answer']}"
                 realization_figure(image, out["realization"], caption, expected=row.get("answer")).save(args.heatmap)
@@ -183,8 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(results[0] if args.image else results))
     elif args.image:
         r = results[0]
-        print(f"answer: {r['answer']}\ntokens: {r['tokens_used']} of {r['native_tokens']} (budget "
-              f"{outs[0]['realization'].budget_text})")  # fmt: skip
+        print(f"answer: {r['answer']}\ntokens: {r['tokens_used']} of {r['native_tokens']} (budget {budget_text})")
         if args.heatmap:
             print(f"heatmap: {r['heatmap']}")
     else:

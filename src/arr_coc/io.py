@@ -79,9 +79,10 @@ def recover(path: str) -> None:
 
 
 def prepare_local(path) -> None:
-    """Before loading from a local folder: finish a cut-short save, refuse pickled weights, and say clearly
-    when a path that can only be local (`local_only_path`) does not exist – instead of looking it up on the Hub,
-    which retries and ends in an error that does not say the folder is missing (Hub ids pass through untouched)."""
+    """Before loading from a local folder: finish a cut-short save, refuse pickled weights, and say clearly when a
+    path that can only be local (`local_only_path`) does not exist – instead of looking it up on the Hub, which
+    retries and ends in an error that does not say the folder is missing (Hub ids pass through untouched;
+    `hub_lookup_hint` adds the local folder's absence to a failed Hub lookup of an ``owner/name`` that may be either)."""
     if not isinstance(path, (str, os.PathLike)):
         return
     text = str(path)
@@ -89,25 +90,41 @@ def prepare_local(path) -> None:
         recover(text)
         check_weights(text)
     elif not os.path.exists(text):
-        why = local_only_path(text)
+        why = local_only_path(path)
         if why:
             raise FileNotFoundError(
-                f"no model folder at {text!r} ({os.path.abspath(os.path.expanduser(text))} does not exist; {why}, so "
-                "it is not looked up on the Hub): check the path – e.g. the --output-dir a training run wrote – or "
-                "pass a Hub id (owner/name)"
+                f"no model folder at {text!r} ({os.path.abspath(text)} does not exist; {why}, so it is not looked up "
+                "on the Hub): check the path – e.g. the --output-dir a training run wrote"
             )
 
 
-def local_only_path(name: str) -> str | None:
-    """Why ``name`` can only mean a local path (None when it may be a Hub id, ``name`` or ``owner/name``): it is not
-    of a Hub id's form (more than one ``/``, other characters), starts with ``.`` or ``~``, or starts with a folder
-    that exists here (``runs/x`` beside a ``runs`` folder)."""
-    if name.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        return "it is a file-system path"
-    owner = name.split("/")[0]
-    if "/" in name and os.path.isdir(owner):
-        return f"{owner}/ is a folder here"
+def local_only_path(path) -> str | None:
+    """Why ``path`` can only mean a local folder (None when it may be a Hub id, ``name`` or ``owner/name``): a
+    `pathlib.Path`, or a string not of a Hub id's form (a leading ``.`` or ``/``, more than one ``/``, other
+    characters)."""
+    if not isinstance(path, str):
+        return "it is a path object"
+    if path.startswith(".") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        return "it is a file-system path, not a Hub id (owner/name)"
     return None
+
+
+@contextlib.contextmanager
+def hub_lookup_hint(path):
+    """Around a load that may look ``path`` up on the Hub: an `OSError` from a failed lookup of an ``owner/name``
+    that is missing here while an ``owner/`` folder exists (``runs/x`` beside ``runs/``) is raised again saying that
+    no such local folder exists – the likelier meaning."""
+    try:
+        yield
+    except OSError as error:
+        text = str(path)
+        owner = text.split("/")[0]
+        if "/" not in text or os.path.exists(text) or not os.path.isdir(owner):
+            raise
+        raise OSError(
+            f"{text!r} is neither a local folder ({os.path.abspath(text)} does not exist, though {owner}/ does) nor a "
+            f"model the Hub gave ({error}): check the path – e.g. the --output-dir a training run wrote"
+        ) from error
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .assets import resolve_model_path
-from .io import prepare_local
+from .io import hub_lookup_hint, prepare_local
 from .scoped_lora import load_scoped_lora
 
 HEADS_WEIGHTS = "arr_coc_heads.safetensors"
@@ -93,7 +93,8 @@ def load_backbone(model_or_path, options: dict):
         return model_or_path
     path = resolve_model_path(model_or_path)
     prepare_local(path)
-    config = AutoConfig.from_pretrained(path)
+    with hub_lookup_hint(path):
+        config = AutoConfig.from_pretrained(path)
     if isinstance(options.get("device_map"), dict):
         check_tied_placement(config, options["device_map"])
     options = fit_4bit_to_cpu(options, config, lambda: AutoModelForImageTextToText.from_config(config))

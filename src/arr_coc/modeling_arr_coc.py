@@ -43,7 +43,7 @@ from .decoding import (
     text_positions,
     with_counts,
 )
-from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, heads_only_settings, prepare_local
+from .io import HEADS_CONFIG, MODEL_FILES, atomic_directory, heads_only_settings, hub_lookup_hint, prepare_local
 from .loading import (
     ADDED_SINCE_0_1_0,
     fit_4bit_to_cpu,
@@ -225,7 +225,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             kwargs["device_map"] = nested_device_map(path, kwargs["device_map"])
         config = kwargs.get("config")
         if not isinstance(config, ArrCocConfig):
-            config = ArrCocConfig.from_pretrained(path)
+            with hub_lookup_hint(path):
+                config = ArrCocConfig.from_pretrained(path)
         kwargs = fit_4bit_to_cpu(kwargs, config, lambda: cls(config))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
@@ -385,8 +386,9 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
         Raises `ValueError` when input_ids are missing or their placeholders do not match the images (process the
         text with the model's processor), for a budget / compression / allocation that breaks the budget rules of
-        docs/design.md or a per-sample list that does not match the batch, and for a misspelt pooling, encoding or
-        mode.
+        docs/design.md or a per-sample list that does not match the batch, for a misspelt pooling, encoding or
+        mode, and for a crop_margin or budget_confidence out of range or one no image would use
+        (`RealizationRequest.resolve`).
         """
         if input_ids is None:
             raise ValueError("pixel_values need the processor's input_ids (with the image placeholder tokens)")
@@ -467,7 +469,8 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
 
         Raises `ValueError` for video inputs, pixel_values without input_ids or image_grid_thw, bad pixel_values
         (not floating point, NaN/inf, not matching the grid), neither input_ids nor inputs_embeds, and everything
-        `compress_inputs` refuses (placeholders, budget rules, misspelt pooling / encoding / mode).
+        `compress_inputs` refuses (placeholders, budget rules, misspelt pooling / encoding / mode, a crop_margin or
+        budget_confidence out of range or one no image would use: `RealizationRequest.resolve`).
         """
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
@@ -526,8 +529,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
                  mm_token_type_ids: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                  budget=None, compression=None, allocation=None, pooling: str | None = None,
                  encoding: str | None = None, mode: str | None = None, crop_margin: int | None = None,
-                budget_confidence: float | None = None,
-                 **kwargs):  # fmt: skip
+                 budget_confidence: float | None = None, **kwargs):  # fmt: skip
         """Like the stock `generate` (returns ``input_ids`` [B, L] followed by the new tokens: [B * copies,
         L + new], KV cache, left-padded batches), with each image compressed to its budget first.
 

@@ -22,7 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 
 from .assets import resolve_model_path
 from .images import DEFAULT_MAX_PIXELS, load_image
-from .io import PROCESSOR_FILES, atomic_directory, heads_only_settings, prepare_local
+from .io import PROCESSOR_FILES, atomic_directory, heads_only_settings, hub_lookup_hint, prepare_local
 from .padding import left_pad
 
 # Every option `__call__` takes is honoured or refused with why and what to do instead. Options come flat or
@@ -87,7 +87,8 @@ class ArrCocProcessor(ProcessorMixin):
         heads = heads_only_settings(path)
         if heads is not None and not any(glob.glob(os.path.join(str(path), pattern)) for pattern in PROCESSOR_FILES):
             return cls.from_pretrained(heads[0], **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        with hub_lookup_hint(path):
+            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         config_path = os.path.join(str(path), "processor_config.json")
         saved = json.load(open(config_path)) if os.path.isfile(config_path) else {}

@@ -16,8 +16,8 @@ EMBEDDED_MODELS = {"arr-coc-tiny": os.path.join(ASSETS_DIR, "arr-coc-tiny")}
 
 
 def resolve_model_path(name_or_path):
-    """An embedded model's folder for its name; anything else unchanged (a local dir or a Hub id). A local
-    folder with the embedded model's name wins, as in transformers.
+    """An embedded model's folder for its name; a path starting with ``~`` expanded; anything else unchanged (a local
+    dir or a Hub id). A local folder with the embedded model's name wins, as in transformers.
 
     Raises `FileNotFoundError` if the installation lacks the embedded model's files."""
     key = str(name_or_path)
@@ -26,6 +26,8 @@ def resolve_model_path(name_or_path):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"the embedded model {key!r} is missing from this installation ({path})")
         return path
+    if key.startswith("~"):  # a home-relative path, which transformers does not expand
+        return os.path.expanduser(key)
     return name_or_path
 
 

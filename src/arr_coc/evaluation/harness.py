@@ -450,6 +450,8 @@ def markdown_table(rows: list[dict], title: str, notes: list[str]) -> str:
                       f"{r['anls']:.2f}, {r['tokens_used']:.0f} of {r['native_tokens']:.0f} native tokens "
                       f"({r['tokens_used'] / r['native_tokens']:.0%}).", ""]  # fmt: skip
     lines += decomposition_markdown(rows, budgets)
+    if not any(r["method"] != "full" for r in rows):  # no table, so no legend for its cells
+        return "\n".join([*lines, *(f"- {n}" for n in notes)]) + "\n"
     lines.append("Cells: accuracy kept (exact match / full's; \"EM\" marks exact match where there is no full to divide "
                  "by), mean visual tokens really used, localisation (– where the data has no answer boxes), and where "
                  "timed the median seconds to the first token of one sample alone.")  # fmt: skip

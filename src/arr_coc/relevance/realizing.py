@@ -47,12 +47,27 @@ def check_margin(margin) -> int:
 
 
 def check_confidence(confidence) -> float:
-    """``confidence`` if it is a probability strictly between 0 and 1 (the budget head's survival probability), else
-    `ValueError`."""
+    """``confidence`` as a float if it is a probability strictly between 0 and 1 (the budget head's survival
+    probability; a Python or NumPy number or a 0-d tensor), else `ValueError`."""
+    if hasattr(confidence, "item") and getattr(confidence, "ndim", 1) == 0:  # NumPy scalars, 0-d tensors
+        confidence = confidence.item()
+    if isinstance(confidence, (list, tuple)) or getattr(confidence, "ndim", 0) > 0:
+        raise ValueError(f"budget_confidence={confidence!r} is invalid: it takes one value per call (per-sample "
+                         "confidences are not supported); call once per value")  # fmt: skip
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ValueError(f"budget_confidence={confidence!r} is invalid: expected a probability strictly between 0 and "
                          "1 (the chance the answer survives the automatic budget; higher: more tokens)")  # fmt: skip
     return float(confidence)
+
+
+def _explicit_everywhere(value) -> bool:
+    """Whether a budget / compression / allocation call option gives every image its own (no None left to the
+    automatic budget)."""
+    if value is None:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_explicit_everywhere(v) for v in value)
+    return True
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -87,8 +102,8 @@ class ImageRequest:
     allocation: Allocation | None
     pooling: str
     mode: str
-    crop_margin: int = 0
-    budget_confidence: float = 0.9
+    crop_margin: int
+    budget_confidence: float
 
 
 @dataclass(frozen=True)
@@ -117,14 +132,25 @@ class RealizationRequest:
 
     def resolve(self, config) -> RealizationRequest:
         """The config's choices where this call made none; `ValueError` naming the choices for a misspelt one (or the
-        range of a crop margin that is not an integer >= 0, or of a budget_confidence outside (0, 1)), and for a config setting changed since loading to a value
+        range of a crop margin that is not an integer >= 0, or of a budget_confidence outside (0, 1)), for a
+        budget_confidence no image would use (training-free mode, an explicit budget for every image), and for a config setting changed since loading to a value
         outside its range (`ArrCocConfig.check`)."""
         config.check()
+        mode = check_choice("mode", self.mode or config.mode, MODES)
+        if self.budget_confidence is not None:  # an option no image would use is refused, not ignored
+            if mode == "training_free":
+                raise ValueError("budget_confidence applies to the trained budget head, and this call uses "
+                                 "mode='training_free' (its automatic budget is the tokens holding half the relevance "
+                                 "mass plus a gist): drop budget_confidence, or pass mode='trained'")  # fmt: skip
+            if any(_explicit_everywhere(v) for v in (self.budget, self.compression, self.allocation)):
+                raise ValueError("budget_confidence chooses the automatic budget, and this call gives every image an "
+                                 "explicit budget, compression or allocation: drop one of them (None in a per-sample "
+                                 "list leaves that image to the automatic budget)")  # fmt: skip
         return replace(
             self,
             pooling=check_choice("pooling", self.pooling or config.pooling, POOLINGS),
             encoding=check_choice("encoding", self.encoding or config.encoding, ENCODINGS),
-            mode=check_choice("mode", self.mode or config.mode, MODES),
+            mode=mode,
             crop_margin=check_margin(config.crop_margin if self.crop_margin is None else self.crop_margin),
             budget_confidence=check_confidence(
                 config.budget_confidence if self.budget_confidence is None else self.budget_confidence

@@ -143,7 +143,9 @@ def dense_targets(glyphs, size: tuple[int, int], grid_hw: tuple[int, int]) -> to
     halves: dict[tuple[int, int], list] = {}
     for ch, x0, y0, x1, y1, group, index in glyphs:
         cx, cy = (x0 + x1) / 2 * sx, (y0 + y1) / 2 * sy
-        token = min(int(cy // 28), th - 1) * tw + min(int(cx // 28), tw - 1)
+        # a glyph cut by the crop may have its centre outside the image: it marks the edge token's half
+        cx, cy = min(max(cx, 0.0), tw * 28 - 1e-3), min(max(cy, 0.0), th * 28 - 1e-3)
+        token = int(cy // 28) * tw + int(cx // 28)
         half = min(int((cy % 28) // 14), SLOT_ROWS - 1)
         halves.setdefault((token, half), []).append((cx, ch, group, index))
     for (token, half), chars in halves.items():

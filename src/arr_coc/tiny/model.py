@@ -82,35 +82,33 @@ def grow_vision_tower(model, depth: int, mlp_ratio: int, seed: int = 0):
     as Net2Net, Chen et al. 2016, and zero-initialised residual branches, Goyal et al. 2017 / ReZero):
 
     - a new block's two residual branches end at zero (``attn.proj`` and ``mlp.fc2`` all zeros), so it passes
-      its input through; the new blocks are spread evenly between the old ones (4 → 6: one after blocks 0 and 2);
+      its input through; the new blocks are spread evenly between the old ones (`old_block_slots`);
     - a widened MLP keeps its old units and adds new ones with random ``fc1`` rows (the config's
       ``initializer_range``) and zero ``fc2`` columns, so they add nothing until trained.
 
     The vision tower is the cost of reading a whole page (attention over up to 3072 patches per block): deeper costs
     about proportionally, a wider MLP less. Raises ValueError when ``depth`` or ``mlp_ratio`` would shrink the tower
-    (growth only: shrinking would change what the model computes)."""
+    (growth only: shrinking would change what the model computes) or leave it as it is, and for a model other than
+    Qwen2-VL's classes."""
     import copy
 
+    if model.config.model_type != "qwen2_vl":
+        raise ValueError(
+            f"growing a vision tower is implemented for Qwen2-VL's (arr-coc-tiny's), not {model.config.model_type}"
+        )
     vision = model.config.vision_config
     old_depth, old_hidden = vision.depth, int(vision.embed_dim * vision.mlp_ratio)
     hidden = int(vision.embed_dim * mlp_ratio)
-    if depth < old_depth or hidden < old_hidden:
+    if depth < old_depth or hidden < old_hidden or (depth, hidden) == (old_depth, old_hidden):
         raise ValueError(
             f"growing the vision tower needs depth >= {old_depth} and mlp_ratio >= {vision.mlp_ratio} (its current "
-            f"size); got depth {depth}, mlp_ratio {mlp_ratio}"
+            f"size), one of them larger; got depth {depth}, mlp_ratio {mlp_ratio}"
         )
     config = copy.deepcopy(model.config)
     config.vision_config.depth, config.vision_config.mlp_ratio = depth, mlp_ratio
     torch.manual_seed(seed)
     grown = type(model)(config).to(model.dtype)
-    # where each old block goes: the new blocks are spread evenly after the old ones
-    extra = depth - old_depth
-    after = [round((k + 1) * old_depth / (extra + 1)) - 1 for k in range(extra)]
-    slots, k = [], 0
-    for i in range(old_depth):
-        slots.append(i + k)
-        while k < extra and after[k] == i:
-            k += 1
+    slots = old_block_slots(old_depth, depth)
     source = model.state_dict()
     target = grown.state_dict()
     std = config.vision_config.initializer_range
@@ -137,3 +135,11 @@ def grow_vision_tower(model, depth: int, mlp_ratio: int, seed: int = 0):
                 tensor.copy_(source[name])
     grown.load_state_dict(target)
     return grown
+
+
+def old_block_slots(old_depth: int, depth: int) -> list[int]:
+    """Where each of ``old_depth`` blocks goes in a tower of ``depth``: the ``depth - old_depth`` new blocks spread
+    evenly after the old ones, ceil(i · extra / old_depth) of them before old block i (4 → 6: [0, 2, 3, 5], a new
+    block after blocks 0 and 2; 4 → 12: [0, 3, 6, 9])."""
+    extra = depth - old_depth
+    return [i + math.ceil(i * extra / old_depth) for i in range(old_depth)]

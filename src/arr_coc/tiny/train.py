@@ -116,7 +116,8 @@ def init_from_model(run: str, model_dir: str, seed: int = 0) -> None:
 def grow_run(run: str, depth: int, mlp_ratio: int, seed: int = 0) -> str:
     """Grow the run's vision tower in place (`model.grow_vision_tower`: the same function, more capacity), keeping its
     dense head and data position. The optimizer's moments and the stage's schedule are dropped (the parameters
-    changed shape), so the next ``train`` call starts a new schedule (it needs ``--steps``)."""
+    changed shape), so the next ``train`` call starts a new schedule (it needs ``--steps``). Stop any ``train`` call on
+    the run first: its next checkpoint would overwrite the grown one."""
     model, head, _, _, state, _ = load_run(run)
     before = sum(p.numel() for p in model.parameters())
     grown = grow_vision_tower(model, depth, mlp_ratio, seed)

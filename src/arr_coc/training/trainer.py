@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer
+from transformers.utils import logging
 
 from ..io import COMPLETE, HEADS_CONFIG, last_complete_checkpoint, mark_complete
 from ..loading import HEADS_WEIGHTS
@@ -28,6 +28,8 @@ from .objectives import (
     localisation_loss,
     zero_loss,
 )
+
+logger = logging.get_logger(__name__)
 
 
 class ArrCocTrainer(Trainer):
@@ -56,6 +58,7 @@ class ArrCocTrainer(Trainer):
         self.budget = budget
         self.compression_range = compression_range
         self._terms: dict[str, list[float]] = {}
+        self._readable = [0.0, 0, False]  # the budget objective's readable shares summed, steps, warned
         # (e)'s teacher: the vision tower as given (a resumed run loads its trained weights only later), frozen
         self._teacher = None
         if isinstance(self.train_dataset, CachedPool):  # the vision encoder never runs in a step
@@ -176,14 +179,19 @@ class ArrCocTrainer(Trainer):
         for k, values in self._terms.items():
             if values:
                 logs[f"{k}"] = round(sum(values) / len(values), 4)
-        if logs.get("readable") == 0.0:
-            warnings.warn(
-                "the backbone answered none of the logged samples right with every visual token (readable 0), so "
-                "the budget objective had nothing to learn from them: the budget head learns only from answers the "
-                "backbone can read – check the data's answers and prompt format, or train the budget on data the "
-                "backbone reads",
-                stacklevel=2,
-            )
+        readable = self._terms.get("readable")
+        if readable:  # whether any answer was readable so far: one unlucky logging window is not a warning
+            self._readable[0] += sum(readable)
+            self._readable[1] += len(readable)
+            steps_left = self.state.max_steps - self.state.global_step
+            if self._readable[0] == 0 and (self._readable[1] >= 16 or steps_left <= 0) and not self._readable[2]:
+                self._readable[2] = True
+                logger.warning(
+                    f"the backbone answered none of the {self._readable[1]} steps' samples right with every visual "
+                    "token (readable 0), so the budget objective had nothing to learn from them: the budget head "
+                    "learns only from answers the backbone can read – check the data's answers and prompt format, or "
+                    "train the budget on data the backbone reads"
+                )
         self._terms = {}
         super().log(logs, *args, **kwargs)
 
