@@ -121,9 +121,13 @@ def hub_lookup_hint(path):
         owner = text.split("/")[0]
         if "/" not in text or os.path.exists(text) or not os.path.isdir(owner):
             raise
+        from huggingface_hub import constants
+
+        hub = "the Hub was not asked: offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else (
+            f"a model the Hub gave ({error})")  # fmt: skip
         raise OSError(
-            f"{text!r} is neither a local folder ({os.path.abspath(text)} does not exist, though {owner}/ does) nor a "
-            f"model the Hub gave ({error}): check the path – e.g. the --output-dir a training run wrote"
+            f"{text!r} is neither a local folder ({os.path.abspath(text)} does not exist, though {owner}/ does) nor "
+            f"{hub}: check the path – e.g. the --output-dir a training run wrote"
         ) from error
 
 
