@@ -133,8 +133,7 @@ def grow_vision_tower(model, depth: int, mlp_ratio: int, seed: int = 0):
                     tensor.copy_(old)
             else:
                 tensor.copy_(source[name])
-    grown.load_state_dict(target)
-    return grown
+    return grown  # the state dict's tensors are the parameters themselves: written in place above
 
 
 def old_block_slots(old_depth: int, depth: int) -> list[int]:

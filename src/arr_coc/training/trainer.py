@@ -58,7 +58,8 @@ class ArrCocTrainer(Trainer):
         self.budget = budget
         self.compression_range = compression_range
         self._terms: dict[str, list[float]] = {}
-        self._readable = [0.0, 0, False]  # the budget objective's readable shares summed, steps, warned
+        self._readable_sum, self._readable_steps = 0.0, 0  # the budget objective's readable shares over the run
+        self._warned_unreadable = False
         # (e)'s teacher: the vision tower as given (a resumed run loads its trained weights only later), frozen
         self._teacher = None
         if isinstance(self.train_dataset, CachedPool):  # the vision encoder never runs in a step
@@ -181,13 +182,14 @@ class ArrCocTrainer(Trainer):
                 logs[f"{k}"] = round(sum(values) / len(values), 4)
         readable = self._terms.get("readable")
         if readable:  # whether any answer was readable so far: one unlucky logging window is not a warning
-            self._readable[0] += sum(readable)
-            self._readable[1] += len(readable)
+            self._readable_sum += sum(readable)
+            self._readable_steps += len(readable)
             steps_left = self.state.max_steps - self.state.global_step
-            if self._readable[0] == 0 and (self._readable[1] >= 16 or steps_left <= 0) and not self._readable[2]:
-                self._readable[2] = True
+            enough = self._readable_steps >= 16 or steps_left <= 0
+            if self._readable_sum == 0 and enough and not self._warned_unreadable:
+                self._warned_unreadable = True
                 logger.warning(
-                    f"the backbone answered none of the {self._readable[1]} steps' samples right with every visual "
+                    f"the backbone answered none of the {self._readable_steps} steps' samples right with every visual "
                     "token (readable 0), so the budget objective had nothing to learn from them: the budget head "
                     "learns only from answers the backbone can read – check the data's answers and prompt format, or "
                     "train the budget on data the backbone reads"
