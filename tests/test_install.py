@@ -73,6 +73,31 @@ def test_import_arr_coc_registers_the_auto_classes():
     assert "relevance-vqa" in PIPELINE_REGISTRY.get_supported_tasks()
 
 
+LAZY_SCRIPT = """
+import json, sys
+import arr_coc
+loaded = [m for m in ("arr_coc.data", "arr_coc.training", "arr_coc.tiny", "arr_coc.app") if m in sys.modules]
+sample = arr_coc.data.synthetic.generate("doc-fields", 0)
+names = [arr_coc.training.objectives.__name__, arr_coc.evaluation.harness.__name__, arr_coc.tiny.data.__name__]
+try:
+    arr_coc.data.no_such_module
+except AttributeError as error:
+    missing = str(error)
+print(json.dumps({"loaded": loaded, "answer": sample["answer"], "names": names, "missing": missing}))
+"""
+
+
+def test_import_arr_coc_loads_its_subpackages_on_first_use():
+    """``import arr_coc`` leaves the data, training, recipe and app modules unloaded; ``arr_coc.data.synthetic``
+    (and the others) then load on first access, and a name that is no module still raises AttributeError."""
+    proc = _python(LAZY_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == [] and result["answer"]
+    assert result["names"] == ["arr_coc.training.objectives", "arr_coc.evaluation.harness", "arr_coc.tiny.data"]
+    assert result["missing"] == "module 'arr_coc.data' has no attribute 'no_such_module'"
+
+
 def _extras(name: str) -> list[str]:
     """The import names of an optional-dependency group of pyproject.toml."""
     group = re.search(rf"^{name} = \[(.*?)\]", _pyproject(), re.M | re.S).group(1)

@@ -129,6 +129,12 @@ def test_budget_confidence_is_a_call_option_like_the_config_setting():
     assert one_auto == [40, high[1]]  # None in a per-sample list: that image's automatic budget uses it
     saccade = [tokens(budget_confidence=c, encoding="saccade") for c in (0.3, 0.995)]
     assert all(a <= b for a, b in zip(*saccade)) and saccade[0] != saccade[1]  # the saccade's budget heads too
+    # a text-only call (generate, forward, a decoding step): no image would use it, so it is refused too
+    text = processor.tokenizer(["What is the Code?"], return_tensors="pt")
+    for call in (model.generate, model.forward):
+        with pytest.raises(ValueError, match=r"encoding, budget_confidence apply to images, and this call has none"):
+            call(**text, budget_confidence=0.5, encoding="saccade")
+    assert model.generate(**text, max_new_tokens=2, do_sample=False).shape == (1, text["input_ids"].shape[1] + 2)
 
 
 def test_the_cover_objective_is_zero_at_the_oracle_and_moves_relevance_toward_the_missed_box():

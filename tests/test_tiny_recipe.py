@@ -32,7 +32,7 @@ def fresh_run(tmp_path_factory):
     return run
 
 
-def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, monkeypatch):
+def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, monkeypatch, capsys):
     import shutil
 
     torch.set_num_threads(1)  # the same kernels in both runs
@@ -40,6 +40,9 @@ def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, m
     shutil.copytree(fresh_run, uninterrupted)
     shutil.copytree(fresh_run, killed)
     tiny_train.train(str(uninterrupted), "native", OPTIONS, save_every=1, eval_every=0, workers=0)
+    out, err = capsys.readouterr()  # the progress bar counts every step; a closing line says where the run stands
+    assert "3/3" in err.replace("\r", "\n").splitlines()[-1]
+    assert out.startswith("native: step 3 (6 images seen in all)") and "schedule has ended" in out
 
     # The second checkpoint's write dies before its swap: the run keeps step 1's checkpoint (weights, optimizer,
     # data position, schedule) and the same command picks up from there.
@@ -57,7 +60,9 @@ def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, m
     monkeypatch.setattr(tiny_train, "save_checkpoint", save)
     state = tiny_train.load_run(str(killed))[4]
     assert state.step == 1 and state.schedule["steps"] == 3
+    capsys.readouterr()
     tiny_train.train(str(killed), "native", {}, save_every=1, eval_every=0, workers=0)  # no options: continue
+    assert "3/3" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
 
     a, b = _losses(uninterrupted), _losses(killed)
     assert len(a) == 3 and len(b) == 2 + 2  # steps 1, 2 (lost with the kill), then 2 and 3 again

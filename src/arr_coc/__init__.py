@@ -2,7 +2,8 @@
 
 ``import arr_coc`` registers the model with AutoConfig, AutoModelForImageTextToText and AutoProcessor, the
 ``relevance-vqa`` pipeline (its default model: the embedded arr-coc-tiny), and makes a Hub lookup of the
-embedded model's name fail at once (`arr_coc.assets.guard_hub_lookups`).
+embedded model's name fail at once (`arr_coc.assets.guard_hub_lookups`). Its other modules (``arr_coc.data``,
+``arr_coc.training``, ``arr_coc.tiny``, ...) load on first attribute access (`arr_coc.lazy`).
 """
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -12,6 +13,7 @@ from .configuration_arr_coc import ArrCocConfig
 from .modeling_arr_coc import ArrCocForConditionalGeneration, RelevanceRealization
 from .pipeline import register as register_pipeline
 from .processing_arr_coc import ArrCocProcessor
+from .lazy import submodule_getattr
 from .relevance import Allocation, Region
 
 __version__ = "0.8.0"
@@ -21,6 +23,8 @@ AutoModelForImageTextToText.register(ArrCocConfig, ArrCocForConditionalGeneratio
 AutoProcessor.register(ArrCocConfig, ArrCocProcessor, exist_ok=True)
 register_pipeline()
 guard_hub_lookups()
+
+__getattr__ = submodule_getattr(__name__, __path__)
 
 __all__ = [
     "Allocation", "ArrCocConfig", "ArrCocForConditionalGeneration", "ArrCocProcessor", "Region",

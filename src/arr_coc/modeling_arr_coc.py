@@ -470,15 +470,16 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         Raises `ValueError` for video inputs, pixel_values without input_ids or image_grid_thw, bad pixel_values
         (not floating point, NaN/inf, not matching the grid), neither input_ids nor inputs_embeds, and everything
         `compress_inputs` refuses (placeholders, budget rules, misspelt pooling / encoding / mode, a crop_margin or
-        budget_confidence out of range or one no image would use: `RealizationRequest.resolve`).
+        budget_confidence out of range or one no image would use: `RealizationRequest.resolve`), and for any of these
+        options in a call without images (`RealizationRequest.check_no_images`).
         """
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
         past = cache_length(cache)
+        request = RealizationRequest(
+            budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
+        )
         if pixel_values is not None or image_features is not None:
-            request = RealizationRequest(
-                budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
-            )
             images = self.image_inputs(pixel_values, image_grid_thw, image_features)
             c = self.compress_inputs(input_ids, attention_mask, images, question_mask, labels, request)
             inputs_embeds, attention_mask, position_ids = c.inputs_embeds, c.attention_mask, c.position_ids
@@ -486,6 +487,7 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
             counted = (c.tokens_used, c.native_tokens, c.realizations)
             pooled = c.pooled
         else:
+            request.check_no_images()
             if inputs_embeds is None:
                 if input_ids is None:
                     raise ValueError("pass input_ids, inputs_embeds, or input_ids with pixel_values")
@@ -539,19 +541,20 @@ class ArrCocForConditionalGeneration(ArrCocPreTrainedModel, GenerationMixin):
         ``max_length`` / ``min_length`` count against the caller's ``input_ids`` (`decoding.caller_lengths`).
         With ``return_dict_in_generate=True`` the output also carries ``tokens_used``, ``native_tokens`` ([B]; 0
         without images) and ``realizations`` ([] without images). Raises `ValueError` like `forward` (video, bad
-        pixel_values, everything `compress_inputs` refuses) before any token is generated, and for a ``max_length``
-        not above the caller's prompt length.
+        pixel_values, everything `compress_inputs` refuses, image options without images) before any token is
+        generated, and for a ``max_length`` not above the caller's prompt length.
         """
         if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
             raise ValueError("video input is not supported by arr-coc; pass images (one frame each) instead")
+        request = RealizationRequest(
+            budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
+        )
         if pixel_values is None:
+            request.check_no_images()
             out = super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             nothing = torch.zeros(prompt.shape[0] if prompt is not None else 1, dtype=torch.long)
             return with_counts(out, nothing, nothing.clone(), [])
-        request = RealizationRequest(
-            budget, compression, allocation, pooling, encoding, mode, crop_margin, budget_confidence
-        )
         images = self.image_inputs(pixel_values, image_grid_thw)
         c = self.compress_inputs(input_ids, attention_mask, images, question_mask, request=request)
         # generate repeats every sample per beam / return sequence; the per-token deepstack features follow suit

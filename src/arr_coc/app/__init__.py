@@ -1,0 +1,5 @@
+"""The Gradio app (`arr-coc app`)."""
+
+from ..lazy import submodule_getattr
+
+__getattr__ = submodule_getattr(__name__, __path__)  # arr_coc.app.<module> without importing it first

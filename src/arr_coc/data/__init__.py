@@ -3,6 +3,10 @@ visual-token grid (`boxes`)."""
 
 from __future__ import annotations
 
+from ..lazy import submodule_getattr
+
+__getattr__ = submodule_getattr(__name__, __path__)  # arr_coc.data.synthetic without importing it first
+
 
 def parse_data_spec(spec: str) -> tuple[str, list[str] | str | None]:
     """``--data`` of `arr-coc train` / `eval`: "synthetic" -> ("synthetic", both tasks);

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -156,6 +156,14 @@ class RealizationRequest:
                 config.budget_confidence if self.budget_confidence is None else self.budget_confidence
             ),
         )
+
+    def check_no_images(self) -> None:
+        """For a call without images (text only, or a decoding step): `ValueError` naming the options it was given,
+        since no image would use them (refused, not ignored)."""
+        given = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to images, and this call has none (no pixel_values): leave "
+                             "them out for a text-only prompt or a decoding step")  # fmt: skip
 
     def per_image(self, images_per_sample: list[int]) -> list[ImageRequest]:
         """One `ImageRequest` per image, in input order (call `resolve` first). Raises `ValueError` when a per-sample

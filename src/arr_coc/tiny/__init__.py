@@ -10,5 +10,9 @@
 - `card`: learning curves, the stage table and the export with its model card.
 
 Run it with ``python -m arr_coc.tiny`` (see `arr_coc.tiny.__main__`). Nothing here is imported by
-``import arr_coc``.
+``import arr_coc`` (``arr_coc.tiny.train`` and the others load on first access).
 """
+
+from ..lazy import submodule_getattr
+
+__getattr__ = submodule_getattr(__name__, __path__)

@@ -283,10 +283,9 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         pin_memory=device.startswith("cuda"),
     )  # fmt: skip
     log = open(run_paths(run)["log.jsonl"], "a")
-    bar = tqdm(zip(range(state.step, stop), batches), initial=state.step - schedule.start_step, total=schedule.steps,
-               desc=stage)  # fmt: skip
+    bar = tqdm(initial=state.step - schedule.start_step, total=schedule.steps, desc=stage)
     t_last = t_saved = time.time()
-    for step, batch in bar:
+    for step, batch in zip(range(state.step, stop), batches):
         if schedule.progress(step, state.stage_wall_s) >= 1.0:
             break
         head_only = step - schedule.start_step < schedule.head_warmup
@@ -330,7 +329,8 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
                "head_lr": optimizer.param_groups[1]["lr"], "device": hardware}  # fmt: skip
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(lm=f"{lm_loss:.3f}", dense=f"{d_loss.item():.3f}", patch=f"{accuracies['patch_acc']:.2f}",
-                        outline=f"{accuracies['outline_acc']:.2f}", ans=f"{tok_acc:.2f}")  # fmt: skip
+                        outline=f"{accuracies['outline_acc']:.2f}", ans=f"{tok_acc:.2f}", refresh=False)  # fmt: skip
+        bar.update(1)
         finished = schedule.progress(state.step, state.stage_wall_s) >= 1.0
         if state.step % save_every == 0 or finished or time.time() - t_saved >= save_minutes * 60:
             log.flush()
@@ -349,5 +349,10 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         t_last = time.time()  # checkpoints and evaluations are not training time
         if finished:
             break
+    bar.close()
     log.close()
+    ended = schedule.progress(state.step, state.stage_wall_s) >= 1.0
+    print(f"{stage}: step {state.step} ({state.seen} images seen in all), checkpoint {run_paths(run)['checkpoint']}; "
+          + ("its schedule has ended (more of this stage needs --new-schedule)" if ended else
+             f"continue with: python -m arr_coc.tiny train --run {run} --stage {stage}"))  # fmt: skip
     return state

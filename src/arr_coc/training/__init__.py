@@ -1,0 +1,6 @@
+"""Training the relevance heads, the scoped LoRA and the budget: `run` (the `arr-coc train` entry and its config),
+`trainer` (the loop), `objectives`, `data`, `cache` (encoder outputs encoded once) and `surgery`."""
+
+from ..lazy import submodule_getattr
+
+__getattr__ = submodule_getattr(__name__, __path__)  # arr_coc.training.<module> without importing it first
