@@ -10,10 +10,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .assets import guard_hub_lookups, resolve_model_path
 from .configuration_arr_coc import ArrCocConfig
+from .lazy import submodule_getattr
 from .modeling_arr_coc import ArrCocForConditionalGeneration, RelevanceRealization
 from .pipeline import register as register_pipeline
 from .processing_arr_coc import ArrCocProcessor
-from .lazy import submodule_getattr
 from .relevance import Allocation, Region
 
 __version__ = "0.8.0"
