@@ -13,7 +13,7 @@ import torch
 from arr_coc.data.synthetic import PALETTE, generate
 from arr_coc.tiny import train as tiny_train
 from arr_coc.tiny.__main__ import GPU_COMMAND, main
-from arr_coc.tiny.data import crop_sample, outline_targets, rescale_sample
+from arr_coc.tiny.data import STAGES, batch_samples, crop_sample, outline_targets, rescale_sample
 from arr_coc.tiny.evaluate import CROP_MARGIN, crop_around_answer
 from arr_coc.tiny.model import tiny_image_processor
 
@@ -255,6 +255,21 @@ def test_crops_around_the_answer_keep_a_margin_in_the_documented_range():
         full_box = sample["answer_box"]
         for margin, room in ((x0, full_box[0]), (y0, full_box[1])):
             assert min(room, CROP_MARGIN[0]) <= margin <= min(room, CROP_MARGIN[1])
+
+
+def test_the_reading_stage_gives_only_crops_around_the_answer():
+    """`reading`: every sample a crop (at most the stage's margin around the answer box on each side, at least the
+    processor's 56 px) with the answer inside it; the same step gives the same samples (a resumed run's)."""
+    spec = STAGES["reading"]
+    samples = batch_samples("reading", 3, spec.batch_size, seed=0)
+    assert len(samples) == spec.batch_size and spec.p_full == 0.0
+    for sample in samples:
+        W, H = sample["image"].size
+        x0, y0, x1, y1 = sample["answer_box"]
+        assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+        assert W <= max(56, x1 - x0 + 2 * spec.max_margin + 2) and H <= max(56, y1 - y0 + 2 * spec.max_margin + 2)
+    again = batch_samples("reading", 3, spec.batch_size, seed=0)
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) for a, b in zip(samples, again))
 
 
 def test_ship_heads_replaces_the_heads_and_keeps_the_backbone(tmp_path):

@@ -48,6 +48,12 @@ STAGES = {
         "images 80% of the time, 60% of images resized by a random factor in [0.45, 1]",
         min_scale=0.45, p_unscaled=0.4, cached=True,
     ),
+    "reading": Stage(
+        0.0, 224, 32, 1.0,
+        "reading where it is cheap: crops with up to 224 px of context around the answer, given as the image, 65% "
+        "resized by a random factor in [0.45, 1] (no whole pages: their attention is most of a `native` step)",
+        min_scale=0.45, p_unscaled=0.35,
+    ),
 }  # fmt: skip
 
 RESAMPLING = (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.LANCZOS)
