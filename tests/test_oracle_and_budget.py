@@ -134,7 +134,10 @@ def test_budget_confidence_is_a_call_option_like_the_config_setting():
     for call in (model.generate, model.forward):
         with pytest.raises(ValueError, match=r"encoding, budget_confidence apply to images, and this call has none"):
             call(**text, budget_confidence=0.5, encoding="saccade")
-    assert model.generate(**text, max_new_tokens=2, do_sample=False).shape == (1, text["input_ids"].shape[1] + 2)
+        with pytest.raises(ValueError, match=r"^budget_confidence applies to images"):
+            call(**text, budget_confidence=0.5)
+    out = model.generate(**text, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape == (1, text["input_ids"].shape[1] + 2)
 
 
 def test_the_cover_objective_is_zero_at_the_oracle_and_moves_relevance_toward_the_missed_box():

@@ -60,7 +60,8 @@ def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, m
     monkeypatch.setattr(tiny_train, "save_checkpoint", save)
     state = tiny_train.load_run(str(killed))[4]
     assert state.step == 1 and state.schedule["steps"] == 3
-    capsys.readouterr()
+    said = capsys.readouterr().out  # a stopped run says which checkpoint it keeps and how to continue
+    assert "checkpoint at step 1 in" in said and f"continue with: python -m arr_coc.tiny train --run {killed}" in said
     tiny_train.train(str(killed), "native", {}, save_every=1, eval_every=0, workers=0)  # no options: continue
     assert "3/3" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
 

@@ -24,7 +24,7 @@ AutoProcessor.register(ArrCocConfig, ArrCocProcessor, exist_ok=True)
 register_pipeline()
 guard_hub_lookups()
 
-__getattr__ = submodule_getattr(__name__, __path__)
+__getattr__ = submodule_getattr(__name__)
 
 __all__ = [
     "Allocation", "ArrCocConfig", "ArrCocForConditionalGeneration", "ArrCocProcessor", "Region",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..lazy import submodule_getattr
 
-__getattr__ = submodule_getattr(__name__, __path__)  # arr_coc.data.synthetic without importing it first
+__getattr__ = submodule_getattr(__name__)  # arr_coc.data.synthetic without importing it first
 
 
 def parse_data_spec(spec: str) -> tuple[str, list[str] | str | None]:

@@ -4,4 +4,4 @@ speed and plots."""
 
 from ..lazy import submodule_getattr
 
-__getattr__ = submodule_getattr(__name__, __path__)  # arr_coc.evaluation.<module> without importing it first
+__getattr__ = submodule_getattr(__name__)  # arr_coc.evaluation.<module> without importing it first

@@ -162,8 +162,9 @@ class RealizationRequest:
         since no image would use them (refused, not ignored)."""
         given = [f.name for f in fields(self) if getattr(self, f.name) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to images, and this call has none (no pixel_values): leave "
-                             "them out for a text-only prompt or a decoding step")  # fmt: skip
+            verb, it = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise ValueError(f"{', '.join(given)} {verb} to images, and this call has none (no pixel_values or "
+                             f"image_features): leave {it} out for a text-only prompt or a decoding step")  # fmt: skip
 
     def per_image(self, images_per_sample: list[int]) -> list[ImageRequest]:
         """One `ImageRequest` per image, in input order (call `resolve` first). Raises `ValueError` when a per-sample

@@ -31,6 +31,7 @@ class Stage:
     cached: bool = False  # vision encoder frozen: the language model trains on a pool encoded once (`cached`)
 
 
+# A stage's place in this dict seeds its data (`batch_samples`): new stages go at the end.
 STAGES = {
     "sheets": Stage(0.0, 0, 8, 0.0, "pages of random words: characters per 14-px patch and per token (no question yet)"),
     "glyphs": Stage(0.0, 28, 32, 1.0, "tight crops around the answer's box/line: reading the code in order"),

@@ -285,74 +285,84 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
     log = open(run_paths(run)["log.jsonl"], "a")
     bar = tqdm(initial=state.step - schedule.start_step, total=schedule.steps, desc=stage)
     t_last = t_saved = time.time()
-    for step, batch in zip(range(state.step, stop), batches):
-        if schedule.progress(step, state.stage_wall_s) >= 1.0:
-            break
-        head_only = step - schedule.start_step < schedule.head_warmup
-        for g, peak, is_head in zip(optimizer.param_groups, peaks, (False, True)):
-            g["lr"] = peak * schedule.factor(step, state.stage_wall_s, head=is_head)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if spec.cached:
-            split = (batch["image_grid_thw"].prod(-1) // 4).tolist()
-            vision = BaseModelOutputWithPooling(pooler_output=batch.pop("features").split(split))
-            d_loss, accuracies = torch.zeros((), device=device), dict.fromkeys(DENSE_ACCURACIES, float("nan"))
-        else:
-            with torch.set_grad_enabled(not head_only):
-                vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-            d_loss, accuracies = dense_loss(head, vision, batch)
-        loss, lm_loss, tok_acc = d_loss, float("nan"), float("nan")
-        if spec.lm_weight and not head_only:
-            out = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-                mm_encoder_outputs={"image": vision}, labels=batch["labels"],
-            )  # fmt: skip
-            loss = loss + spec.lm_weight * out.loss
-            lm_loss = out.loss.item()
-            with torch.no_grad():
-                mask = batch["labels"][:, 1:] != IGNORE
-                tok_acc = (out.logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[mask].float().mean().item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        now = time.time()
-        state.wall_s += now - t_last
-        state.stage_wall_s += now - t_last
-        t_last = now
-        state.step, state.total_steps = step + 1, state.total_steps + 1
-        state.seen += batch["image_grid_thw"].shape[0]
-        rec = {"stage": stage, "step": state.step, "total_steps": state.total_steps, "seen": state.seen,
-               "wall_s": round(state.wall_s, 1), "loss": round(loss.item(), 6), "lm_loss": round(lm_loss, 4),
-               "dense_loss": round(d_loss.item(), 4), **{k: round(v, 4) for k, v in accuracies.items()},
-               "answer_tok_acc": round(tok_acc, 4), "lr": optimizer.param_groups[0]["lr"],
-               "head_lr": optimizer.param_groups[1]["lr"], "device": hardware}  # fmt: skip
-        log.write(json.dumps(rec) + "\n")
-        bar.set_postfix(lm=f"{lm_loss:.3f}", dense=f"{d_loss.item():.3f}", patch=f"{accuracies['patch_acc']:.2f}",
-                        outline=f"{accuracies['outline_acc']:.2f}", ans=f"{tok_acc:.2f}", refresh=False)  # fmt: skip
-        bar.update(1)
-        finished = schedule.progress(state.step, state.stage_wall_s) >= 1.0
-        if state.step % save_every == 0 or finished or time.time() - t_saved >= save_minutes * 60:
-            log.flush()
-            save_checkpoint(run, model, head, optimizer, state)
-            t_saved = time.time()
-        if eval_every and spec.lm_weight and state.step % eval_every == 0:
-            result = evaluate_model(model, tokenizer, image_processor, n=40, device=device)
-            if spec.min_scale < 1.0:
-                at_07 = evaluate_model(model, tokenizer, image_processor, n=40, device=device, scale=0.7)
-                result.update({f"{task}@0.7": v for task, v in at_07.items()})
-            result.update(stage=stage, step=state.step, total_steps=state.total_steps, wall_s=round(state.wall_s, 1))
-            with open(run_paths(run)["eval.jsonl"], "a") as f:
-                f.write(json.dumps(result) + "\n")
-            bar.write(json.dumps(result))
-            model.train()
-        t_last = time.time()  # checkpoints and evaluations are not training time
-        if finished:
-            break
-    bar.close()
-    log.close()
-    ended = schedule.progress(state.step, state.stage_wall_s) >= 1.0
-    print(f"{stage}: step {state.step} ({state.seen} images seen in all), checkpoint {run_paths(run)['checkpoint']}; "
-          + ("its schedule has ended (more of this stage needs --new-schedule)" if ended else
-             f"continue with: python -m arr_coc.tiny train --run {run} --stage {stage}"))  # fmt: skip
+    saved = state.step  # the step of the run's last checkpoint
+    try:
+        for step, batch in zip(range(state.step, stop), batches):
+            if schedule.progress(step, state.stage_wall_s) >= 1.0:
+                break
+            head_only = step - schedule.start_step < schedule.head_warmup
+            for g, peak, is_head in zip(optimizer.param_groups, peaks, (False, True)):
+                g["lr"] = peak * schedule.factor(step, state.stage_wall_s, head=is_head)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if spec.cached:
+                split = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+                vision = BaseModelOutputWithPooling(pooler_output=batch.pop("features").split(split))
+                d_loss, accuracies = torch.zeros((), device=device), dict.fromkeys(DENSE_ACCURACIES, float("nan"))
+            else:
+                with torch.set_grad_enabled(not head_only):
+                    vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+                d_loss, accuracies = dense_loss(head, vision, batch)
+            loss, lm_loss, tok_acc = d_loss, float("nan"), float("nan")
+            if spec.lm_weight and not head_only:
+                out = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+                    mm_encoder_outputs={"image": vision}, labels=batch["labels"],
+                )  # fmt: skip
+                loss = loss + spec.lm_weight * out.loss
+                lm_loss = out.loss.item()
+                with torch.no_grad():
+                    mask = batch["labels"][:, 1:] != IGNORE
+                    tok_acc = (out.logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[mask].float().mean().item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            now = time.time()
+            state.wall_s += now - t_last
+            state.stage_wall_s += now - t_last
+            t_last = now
+            state.step, state.total_steps = step + 1, state.total_steps + 1
+            state.seen += batch["image_grid_thw"].shape[0]
+            rec = {"stage": stage, "step": state.step, "total_steps": state.total_steps, "seen": state.seen,
+                   "wall_s": round(state.wall_s, 1), "loss": round(loss.item(), 6), "lm_loss": round(lm_loss, 4),
+                   "dense_loss": round(d_loss.item(), 4), **{k: round(v, 4) for k, v in accuracies.items()},
+                   "answer_tok_acc": round(tok_acc, 4), "lr": optimizer.param_groups[0]["lr"],
+                   "head_lr": optimizer.param_groups[1]["lr"], "device": hardware}  # fmt: skip
+            log.write(json.dumps(rec) + "\n")
+            bar.set_postfix(lm=f"{lm_loss:.3f}", dense=f"{d_loss.item():.3f}", patch=f"{accuracies['patch_acc']:.2f}",
+                            outline=f"{accuracies['outline_acc']:.2f}", ans=f"{tok_acc:.2f}", refresh=False)  # fmt: skip
+            bar.update(1)
+            finished = schedule.progress(state.step, state.stage_wall_s) >= 1.0
+            if state.step % save_every == 0 or finished or time.time() - t_saved >= save_minutes * 60:
+                log.flush()
+                save_checkpoint(run, model, head, optimizer, state)
+                t_saved, saved = time.time(), state.step
+            if eval_every and spec.lm_weight and state.step % eval_every == 0:
+                result = evaluate_model(model, tokenizer, image_processor, n=40, device=device)
+                if spec.min_scale < 1.0:
+                    at_07 = evaluate_model(model, tokenizer, image_processor, n=40, device=device, scale=0.7)
+                    result.update({f"{task}@0.7": v for task, v in at_07.items()})
+                result.update(
+                    stage=stage, step=state.step, total_steps=state.total_steps, wall_s=round(state.wall_s, 1)
+                )
+                with open(run_paths(run)["eval.jsonl"], "a") as f:
+                    f.write(json.dumps(result) + "\n")
+                bar.write(json.dumps(result))
+                model.train()
+            t_last = time.time()  # checkpoints and evaluations are not training time
+            if finished:
+                break
+    finally:  # also when stopped (Ctrl-C, a kill's KeyboardInterrupt, an error): where the run stands
+        bar.close()
+        log.close()
+        ended = schedule.progress(state.step, state.stage_wall_s) >= 1.0
+        again = (
+            f"python -m arr_coc.tiny train --run {run} --stage {stage}"
+            + (f" --seed {seed}" if seed else "")
+            + (f" --device {device}" if device != "cpu" else "")
+        )
+        print(f"{stage}: step {state.step} ({state.seen} images seen in all), checkpoint at step {saved} in "
+              f"{run_paths(run)['checkpoint']}; " + ("its schedule has ended (more of this stage needs --new-schedule)"
+                                                    if ended else f"continue with: {again}"))  # fmt: skip
     return state

@@ -3,4 +3,4 @@
 
 from ..lazy import submodule_getattr
 
-__getattr__ = submodule_getattr(__name__, __path__)  # arr_coc.training.<module> without importing it first
+__getattr__ = submodule_getattr(__name__)  # arr_coc.training.<module> without importing it first
