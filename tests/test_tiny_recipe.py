@@ -42,7 +42,7 @@ def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, m
     tiny_train.train(str(uninterrupted), "native", OPTIONS, save_every=1, eval_every=0, workers=0)
     out, err = capsys.readouterr()  # the progress bar counts every step; a closing line says where the run stands
     assert "3/3" in err.replace("\r", "\n").splitlines()[-1]
-    assert out.startswith("native: step 3 (6 images seen in all)") and "schedule has ended" in out
+    assert out.startswith("native: step 3 (3 of this schedule's 3; 6 images seen in all)") and "has ended" in out
 
     # The second checkpoint's write dies before its swap: the run keeps step 1's checkpoint (weights, optimizer,
     # data position, schedule) and the same command picks up from there.
@@ -61,7 +61,9 @@ def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, m
     state = tiny_train.load_run(str(killed))[4]
     assert state.step == 1 and state.schedule["steps"] == 3
     said = capsys.readouterr().out  # a stopped run says which checkpoint it keeps and how to continue
-    assert "checkpoint at step 1 in" in said and f"continue with: python -m arr_coc.tiny train --run {killed}" in said
+    assert "checkpoint at step 1 in" in said
+    assert said.strip().endswith(f"continue with: python -m arr_coc.tiny train --run {killed} --stage native "
+                                 "--workers 0 --save-every 1 --eval-every 0")  # the call's own options  # fmt: skip
     tiny_train.train(str(killed), "native", {}, save_every=1, eval_every=0, workers=0)  # no options: continue
     assert "3/3" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
 
@@ -70,6 +72,28 @@ def test_resuming_a_killed_stage_continues_the_same_curve(fresh_run, tmp_path, m
     assert b[:2] == a[:2]
     assert b[2:] == a[1:], "the resumed run must continue the uninterrupted run's curve"
     assert a[1] != a[2]
+
+
+def test_a_new_schedule_stopped_before_its_first_checkpoint_says_to_start_it_again(fresh_run, tmp_path, monkeypatch,
+                                                                                   capsys):  # fmt: skip
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fresh_run, run)
+
+    def dying_save(*args, **kwargs):
+        raise KeyboardInterrupt("stopped before the first checkpoint")
+
+    monkeypatch.setattr(tiny_train, "save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_train.train(str(run), "native", OPTIONS, save_every=1, eval_every=0, workers=0)
+    said = capsys.readouterr().out
+    assert "no checkpoint of this new schedule was written" in said and "run the same command again" in said
+    assert tiny_train.load_run(str(run))[4].schedule is None  # the checkpoint is the run as it was
+    monkeypatch.setattr(tiny_train, "train", dying_save)  # the command line: exit status 130, no traceback
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--run", str(run), "--stage", "native"])
+    assert stopped.value.code == 130
 
 
 def test_continuing_with_other_schedule_options_is_refused(fresh_run, tmp_path):

@@ -25,6 +25,7 @@ register_pipeline()
 guard_hub_lookups()
 
 __getattr__ = submodule_getattr(__name__)
+del submodule_getattr  # not a name of this package
 
 __all__ = [
     "Allocation", "ArrCocConfig", "ArrCocForConditionalGeneration", "ArrCocProcessor", "Region",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..lazy import submodule_getattr
 
 __getattr__ = submodule_getattr(__name__)  # arr_coc.data.synthetic without importing it first
+del submodule_getattr  # not a name of this package
 
 
 def parse_data_spec(spec: str) -> tuple[str, list[str] | str | None]:

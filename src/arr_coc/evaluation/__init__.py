@@ -5,3 +5,4 @@ speed and plots."""
 from ..lazy import submodule_getattr
 
 __getattr__ = submodule_getattr(__name__)  # arr_coc.evaluation.<module> without importing it first
+del submodule_getattr  # not a name of this package

@@ -16,3 +16,4 @@ Run it with ``python -m arr_coc.tiny`` (see `arr_coc.tiny.__main__`). Nothing he
 from ..lazy import submodule_getattr
 
 __getattr__ = submodule_getattr(__name__)  # arr_coc.tiny.<module> without importing it first
+del submodule_getattr  # not a name of this package

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                   eval_every=args.eval_every, threads=args.threads, workers=args.workers)  # fmt: skip
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        except KeyboardInterrupt:  # stopped: the closing line above says where the run stands, no traceback
+            raise SystemExit(130) from None
     elif args.cmd == "cache":
         from .cached import build_cache
 

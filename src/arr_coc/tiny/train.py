@@ -258,7 +258,9 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
         torch.set_num_threads(threads)
     model, head, tokenizer, image_processor, state, opt_state = load_run(run, device)
     spec = STAGES[stage]
+    stored = (state.stage, state.schedule)
     schedule = resolve_schedule(state, stage, options, new_schedule)
+    started = (state.stage, state.schedule) != stored  # a new schedule: not in the checkpoint until its first save
     params = list(model.parameters()) + list(head.parameters())
     peaks = (schedule.lr, schedule.head_lr or schedule.lr)
     groups = [{"params": list(model.parameters()), "lr": peaks[0]}, {"params": list(head.parameters()), "lr": peaks[1]}]
@@ -285,7 +287,7 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
     log = open(run_paths(run)["log.jsonl"], "a")
     bar = tqdm(initial=state.step - schedule.start_step, total=schedule.steps, desc=stage)
     t_last = t_saved = time.time()
-    saved = state.step  # the step of the run's last checkpoint
+    saved = None if started else state.step  # the step of this schedule's last checkpoint
     try:
         for step, batch in zip(range(state.step, stop), batches):
             if schedule.progress(step, state.stage_wall_s) >= 1.0:
@@ -356,13 +358,26 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
     finally:  # also when stopped (Ctrl-C, a kill's KeyboardInterrupt, an error): where the run stands
         bar.close()
         log.close()
-        ended = schedule.progress(state.step, state.stage_wall_s) >= 1.0
-        again = (
-            f"python -m arr_coc.tiny train --run {run} --stage {stage}"
-            + (f" --seed {seed}" if seed else "")
-            + (f" --device {device}" if device != "cpu" else "")
-        )
-        print(f"{stage}: step {state.step} ({state.seen} images seen in all), checkpoint at step {saved} in "
-              f"{run_paths(run)['checkpoint']}; " + ("its schedule has ended (more of this stage needs --new-schedule)"
-                                                    if ended else f"continue with: {again}"))  # fmt: skip
+        print(where_it_stands(run, stage, state, schedule, saved, dict(
+            seed=seed, device=device, threads=threads, workers=workers, save_every=save_every,
+            save_minutes=save_minutes, eval_every=eval_every)))  # fmt: skip
     return state
+
+
+def where_it_stands(run: str, stage: str, state: RunState, schedule: Schedule, saved: int | None, call: dict) -> str:
+    """The closing line of a `train` call: the step reached, the checkpoint kept and what to run next (``saved``:
+    the step of this schedule's last checkpoint, None when a new schedule was never saved; ``call``: the call's
+    options, repeated in the command to continue where they differ from `train`'s defaults)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
+    done = f"{stage}: step {state.step} ({state.step - schedule.start_step} of this schedule's {schedule.steps}; "
+    done += f"{state.seen} images seen in all)"
+    if saved is None:
+        return (f"{done}; no checkpoint of this new schedule was written ({run_paths(run)['checkpoint']} keeps the "
+                "run as it was before this call): run the same command again to start it")  # fmt: skip
+    if schedule.progress(state.step, state.stage_wall_s) >= 1.0:
+        return f"{done}, checkpoint at step {saved}; its schedule has ended (more of this stage needs --new-schedule)"
+    options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in call.items() if v != defaults[k])
+    return (f"{done}, checkpoint at step {saved} in {run_paths(run)['checkpoint']}; continue with: python -m "
+            f"arr_coc.tiny train --run {run} --stage {stage}{options}")  # fmt: skip
