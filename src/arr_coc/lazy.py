@@ -3,7 +3,6 @@ works without importing each subpackage first, and a subpackage's dependencies s
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from collections.abc import Callable
 

@@ -49,6 +49,10 @@ class Schedule:
             done = max(done, (stage_wall_s - self.start_wall_s) / self.time_limit)
         return min(1.0, done)
 
+    def ended(self, state: RunState) -> bool:
+        """Whether the schedule is done at ``state``'s step and training time."""
+        return self.progress(state.step, state.stage_wall_s) >= 1.0
+
     def factor(self, step: int, stage_wall_s: float, head: bool = False) -> float:
         """The peak learning rate's multiplier at ``step``: warmup (the backbone's starts after the head warmup),
         then the decay."""
@@ -290,7 +294,7 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
     saved = None if started else state.step  # the step of this schedule's last checkpoint
     try:
         for step, batch in zip(range(state.step, stop), batches):
-            if schedule.progress(step, state.stage_wall_s) >= 1.0:
+            if schedule.ended(state):  # resumed after its end
                 break
             head_only = step - schedule.start_step < schedule.head_warmup
             for g, peak, is_head in zip(optimizer.param_groups, peaks, (False, True)):
@@ -335,7 +339,7 @@ def train(run: str, stage: str, options: dict, new_schedule: bool = False, seed:
             bar.set_postfix(lm=f"{lm_loss:.3f}", dense=f"{d_loss.item():.3f}", patch=f"{accuracies['patch_acc']:.2f}",
                             outline=f"{accuracies['outline_acc']:.2f}", ans=f"{tok_acc:.2f}", refresh=False)  # fmt: skip
             bar.update(1)
-            finished = schedule.progress(state.step, state.stage_wall_s) >= 1.0
+            finished = schedule.ended(state)
             if state.step % save_every == 0 or finished or time.time() - t_saved >= save_minutes * 60:
                 log.flush()
                 save_checkpoint(run, model, head, optimizer, state)
@@ -376,7 +380,7 @@ def where_it_stands(run: str, stage: str, state: RunState, schedule: Schedule, s
     if saved is None:
         return (f"{done}; no checkpoint of this new schedule was written ({run_paths(run)['checkpoint']} keeps the "
                 "run as it was before this call): run the same command again to start it")  # fmt: skip
-    if schedule.progress(state.step, state.stage_wall_s) >= 1.0:
+    if schedule.ended(state):
         return f"{done}, checkpoint at step {saved}; its schedule has ended (more of this stage needs --new-schedule)"
     options = "".join(f" --{k.replace('_', '-')} {v}" for k, v in call.items() if v != defaults[k])
     return (f"{done}, checkpoint at step {saved} in {run_paths(run)['checkpoint']}; continue with: python -m "
